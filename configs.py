@@ -1,0 +1,272 @@
+"""Every typed config of an fvfunc run.
+
+Frozen dataclasses, each field documented where it is declared (tyro shows the docstrings in
+`--help`). A run is one dataclass per method (`FinetuneRun`, `DMD2Run`) holding the shared sections
+(roles, training, data, validation, tracking) and the method's own config. The same config loads
+from a schema-v2 YAML/JSON file (see `fvfunc/config_file.py`); CLI flags override the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+# ----------------------------------------------------------------------------------------- roles
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """One named model of a run."""
+
+    family: str = "wan"
+    """Model family (a key of fvfunc.models.FAMILIES)."""
+    path: str = ""
+    """A diffusers model folder: the transformer folder, or a pipeline folder with transformer/.
+    Empty means the role is absent."""
+    trainable: bool = False
+    """Whether the method updates this role. A teacher is never trainable."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype the params are held in: float32 for trainable masters, bfloat16 saves memory for a
+    frozen teacher."""
+
+
+def _role(trainable: bool, dtype: str = "float32") -> RoleConfig:
+    return RoleConfig(trainable=trainable, dtype=dtype)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class RolesConfig:
+    """The models a method uses; each method says which it needs."""
+
+    student: RoleConfig = field(default_factory=lambda: _role(True))
+    """The model being trained (and exported)."""
+    teacher: RoleConfig = field(default_factory=lambda: _role(False, "bfloat16"))
+    """A frozen many-step model (DMD2's real score)."""
+    critic: RoleConfig = field(default_factory=lambda: _role(True))
+    """DMD2's fake score, trained on the student's samples; usually initialised from the teacher."""
+
+
+# -------------------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How to turn noise into a video with a flow model."""
+
+    kind: Literal["ode", "sde", "unipc"] = "unipc"
+    """ode: Euler on the flow; sde: predict x0 then re-noise to the next sigma (DMD-style few-step);
+    unipc: second-order UniPC multistep (bh2, x0-prediction)."""
+    num_steps: int = 50
+    """Number of steps of a shifted schedule (ignored when `timesteps` is given)."""
+    shift: float = 5.0
+    """Flow shift s of the schedule, sigma' = s*sigma / (1 + (s-1)*sigma) (Wan uses 3 to 8)."""
+    timesteps: tuple[int, ...] = ()
+    """Explicit timesteps in (0, 1000], strictly descending, e.g. 1000 750 500 250 for a few-step
+    student. Overrides num_steps and shift."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance w: v = v_uncond + w * (v_cond - v_uncond); 1 disables it."""
+    seed: int = 0
+    """Seed of the initial noise and of the SDE's noise."""
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The optimisation loop shared by every method."""
+
+    output_dir: str = "runs/fvfunc"
+    """Folder for the resolved config, metrics.jsonl, checkpoints, exports, videos and wandb."""
+    max_steps: int = 1000
+    """Number of optimiser steps (of the method's step function)."""
+    batch_size: int = 1
+    """Global batch size per step (all ranks, all micro-batches)."""
+    micro_batches: int = 1
+    """Gradient accumulation: the batch is split into this many micro-batches per step."""
+    lr: float = 1e-5
+    """Peak learning rate of the student (DMD2's critic has its own in the method config)."""
+    lr_schedule: Literal["constant", "linear_warmup", "cosine"] = "constant"
+    """Shape of the learning rate over steps."""
+    warmup_steps: int = 0
+    """Linear warmup steps (linear_warmup and cosine)."""
+    min_lr_ratio: float = 0.0
+    """Cosine decays to lr * min_lr_ratio at max_steps."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas of the student."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip each role's gradient to this global norm; 0 disables clipping."""
+    ema_decay: float = 0.0
+    """Decay of an EMA of the student's params (e.g. 0.98); 0 keeps no EMA."""
+    seed: int = 0
+    """Seed of the run: noise, sigmas, dropout and data order all derive from it and the step."""
+    precision: Literal["float32", "bfloat16"] = "bfloat16"
+    """Compute dtype of the forward passes; params stay in their role dtype (fp32 masters)."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
+    attention: Literal["auto", "math", "flash", "efficient", "cudnn"] = "auto"
+    """Scaled-dot-product attention backend; auto lets torch pick."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep; 0 keeps all."""
+    resume: str = ""
+    """Resume from 'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint
+    folder path. Empty starts fresh (and refuses an output_dir that already holds checkpoints)."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    export: bool = True
+    """At the end, export the student (its EMA when kept) as a diffusers folder in output_dir/export."""
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """FastVideo-preprocessed parquet datasets (read as is)."""
+
+    path: tuple[str, ...] = ()
+    """Dataset folders of *.parquet files, each 'DIR' or 'DIR:N' to repeat it N times."""
+    text_len: int = 512
+    """Text embeddings are padded with zeros (or refused when longer) to this many tokens."""
+    num_workers: int = 2
+    """Background threads that read and decode rows ahead of the step."""
+    normalize_latents: bool = True
+    """Normalise latents with the VAE latents_mean/latents_std of the student's folder (vae/config.json)."""
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Videos sampled from the student during training."""
+
+    every: int = 0
+    """Validate every N steps (and at the end); 0 disables validation."""
+    prompts: str = ""
+    """A text-only parquet folder of prompts; empty takes the first rows of the training data."""
+    num_prompts: int = 2
+    """How many prompts to sample."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """The sampler; its defaults come from the method (dmd2: sde over its step list)."""
+    num_frames: int = 0
+    """Latent frames of the sampled videos; 0 takes the shape of the training data's latents."""
+    height: int = 0
+    """Latent height; 0 takes it from the training data."""
+    width: int = 0
+    """Latent width; 0 takes it from the training data."""
+    fps: int = 16
+    """Frame rate of the written mp4 files."""
+    use_ema: bool = True
+    """Sample with the student's EMA weights when an EMA is kept."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where metrics go. metrics.jsonl is always written; wandb on rank 0."""
+
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode; offline never touches the network (sync later with `wandb sync`)."""
+    project: str = "fvfunc"
+    """wandb project."""
+    run_name: str = ""
+    """wandb run name; empty uses the output folder's name."""
+
+
+# --------------------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Flow-matching finetuning (Wan / FastVideo conventions)."""
+
+    weighting_scheme: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    """How u in [0, 1] is drawn before the shift: uniform, sigmoid(N(logit_mean, logit_std)), or
+    the SD3 'mode' scheme 1 - u - mode_scale*(cos(pi u/2)^2 - 1 + u)."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal scheme."""
+    logit_std: float = 1.0
+    """Std of the logit-normal scheme."""
+    mode_scale: float = 1.29
+    """Scale of the mode scheme."""
+    flow_shift: float = 3.0
+    """Shift applied to the training sigmas, sigma = s*u / (1 + (s-1)*u)."""
+    precondition_outputs: bool = False
+    """Compare x0 predictions (x_t - sigma*v vs x0) instead of flow predictions."""
+    cfg_rate: float = 0.1
+    """Probability of replacing a sample's text embedding with zeros (for classifier-free guidance)."""
+
+
+@dataclass(frozen=True)
+class DMD2Config:
+    """Distribution Matching Distillation 2 (Yin et al. 2024), FastVideo's defaults."""
+
+    dmd_denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    """The student's few-step timestep list, strictly descending in (0, 1000]."""
+    rollout_mode: Literal["simulate", "data"] = "simulate"
+    """Where the student's input comes from: 'simulate' runs its own few-step SDE from pure noise
+    (data-free, text only); 'data' noises a dataset latent to the chosen step."""
+    generator_update_interval: int = 5
+    """Update the student every N steps; the critic updates every step."""
+    real_score_guidance_scale: float = 4.5
+    """Teacher CFG w in the standard form uncond + w*(cond - uncond) (FastVideo's older
+    cond + w*(cond - uncond) with 3.5 equals 4.5 here)."""
+    flow_shift: float = 8.0
+    """Shift of the score sigmas (teacher / critic noise levels)."""
+    min_timestep_ratio: float = 0.02
+    """Lower clamp of the score sigma."""
+    max_timestep_ratio: float = 0.98
+    """Upper clamp of the score sigma."""
+    critic_lr: float = 8e-6
+    """Learning rate of the critic."""
+    critic_betas: tuple[float, float] = (0.0, 0.999)
+    """AdamW betas of the critic."""
+    critic_weight_decay: float = 0.01
+    """AdamW weight decay of the critic."""
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    """Finetune the student with the flow-matching loss on a latent dataset."""
+
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=lambda: ValidationConfig(
+        sampler=SamplerConfig(kind="unipc", num_steps=50, guidance_scale=5.0)))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    method: FinetuneConfig = field(default_factory=FinetuneConfig)
+    config: str = ""
+    """A schema-v2 YAML/JSON run file; flags given on the command line override it."""
+
+
+@dataclass(frozen=True)
+class DMD2Run:
+    """Distil a many-step teacher into a few-step student with DMD2."""
+
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(
+        lr=2e-6, betas=(0.0, 0.999), max_steps=4000))
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=lambda: ValidationConfig(
+        sampler=SamplerConfig(kind="sde", timesteps=(1000, 750, 500, 250))))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    method: DMD2Config = field(default_factory=DMD2Config)
+    config: str = ""
+    """A schema-v2 YAML/JSON run file; flags given on the command line override it."""
+
+
+RUNS: dict[str, type] = {"finetune": FinetuneRun, "dmd2": DMD2Run}
+"""Method name -> run config type; train.py builds one subcommand per entry."""
+
+
+def replace(cfg, **changes):
+    """dataclasses.replace, re-exported for readers of configs."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,335 @@
+"""Wan2.1 text-to-video transformer as a params dict plus a pure `apply`.
+
+Params are keyed exactly by diffusers' `WanTransformer3DModel` state-dict names, so a diffusers
+folder loads with safetensors alone and `save` writes a folder diffusers loads back. The forward
+follows diffusers' module step by step (it is the numerical reference, see tests/test_wan.py),
+including where it computes in fp32: the time embedder, the modulation tables and the LayerNorms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint as remat
+
+from fvfunc import random
+from fvfunc.ops import (apply_rope, attention, layer_norm, modulate, patchify, rms_norm, rope_3d,
+                        timestep_embedding, unpatchify)
+
+CLASS_NAME = "WanTransformer3DModel"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+class ModelError(ValueError):
+    """A model folder, config or params dict that fvfunc cannot use."""
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """The fields of a diffusers `WanTransformer3DModel` config.json (same names, same defaults)."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+def config_from_dict(d: dict, source: str = "config") -> WanConfig:
+    """A WanConfig from a diffusers config dict, refusing what fvfunc does not implement."""
+    if d.get("_class_name", CLASS_NAME) != CLASS_NAME:
+        raise ModelError(f"{source}: _class_name is {d['_class_name']!r}, not a Wan transformer ({CLASS_NAME})")
+    names = {f.name for f in dataclasses.fields(WanConfig)}
+    unknown = sorted(k for k in d if not k.startswith("_") and k not in names)
+    if unknown:
+        raise ModelError(f"{source}: unsupported Wan config keys {unknown}")
+    values = {k: v for k, v in d.items() if k in names}
+    if "patch_size" in values:
+        values["patch_size"] = tuple(values["patch_size"])
+    cfg = WanConfig(**values)
+    if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None or cfg.pos_embed_seq_len is not None:
+        raise ModelError(f"{source}: a Wan image-to-video config (image_dim / added_kv_proj_dim / "
+                         "pos_embed_seq_len set); fvfunc supports text-to-video Wan only for now")
+    if cfg.qk_norm != "rms_norm_across_heads":
+        raise ModelError(f"{source}: qk_norm {cfg.qk_norm!r} is unsupported (only 'rms_norm_across_heads')")
+    if cfg.attention_head_dim % 2:
+        raise ModelError(f"{source}: attention_head_dim {cfg.attention_head_dim} must be even for RoPE")
+    return cfg
+
+
+def config_to_dict(cfg: WanConfig) -> dict:
+    d = {"_class_name": CLASS_NAME, "_diffusers_version": "0.35.0"}
+    d.update({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()})
+    return d
+
+
+# ----------------------------------------------------------------------------------- param layout
+
+
+def param_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter name and shape, in diffusers' order."""
+    D, F_, T = cfg.dim, cfg.ffn_dim, cfg.text_dim
+    pt, ph, pw = cfg.patch_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embedding.weight": (D, cfg.in_channels, pt, ph, pw),
+        "patch_embedding.bias": (D,),
+    }
+
+    def linear(name, n_in, n_out):
+        shapes[f"{name}.weight"] = (n_out, n_in)
+        shapes[f"{name}.bias"] = (n_out,)
+
+    linear("condition_embedder.time_embedder.linear_1", cfg.freq_dim, D)
+    linear("condition_embedder.time_embedder.linear_2", D, D)
+    linear("condition_embedder.time_proj", D, 6 * D)
+    linear("condition_embedder.text_embedder.linear_1", T, D)
+    linear("condition_embedder.text_embedder.linear_2", D, D)
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}"
+        for attn in ("attn1", "attn2"):
+            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                linear(f"{b}.{attn}.{proj}", D, D)
+            shapes[f"{b}.{attn}.norm_q.weight"] = (D,)
+            shapes[f"{b}.{attn}.norm_k.weight"] = (D,)
+        if cfg.cross_attn_norm:
+            shapes[f"{b}.norm2.weight"] = (D,)
+            shapes[f"{b}.norm2.bias"] = (D,)
+        linear(f"{b}.ffn.net.0.proj", D, F_)
+        linear(f"{b}.ffn.net.2", F_, D)
+        shapes[f"{b}.scale_shift_table"] = (1, 6, D)
+    linear("proj_out", D, cfg.out_channels * pt * ph * pw)
+    shapes["scale_shift_table"] = (1, 2, D)
+    return shapes
+
+
+def init(cfg: WanConfig, key: torch.Tensor, dtype: torch.dtype = torch.float32, device=None) -> dict:
+    """Random params with torch's default Linear/Conv init (U(+-1/sqrt(fan_in))), unit norms and
+    N(0, 1/D) modulation tables, as diffusers initialises the module. Each leaf's numbers depend
+    only on the key and its name."""
+    shapes = param_shapes(cfg)
+    params = {}
+    for name, shape in shapes.items():
+        k = random.fold_in(key, zlib.crc32(name.encode()))
+        if name.endswith("scale_shift_table"):
+            p = random.normal(k, shape, device=device) / math.sqrt(cfg.dim)
+        elif ".norm" in name and name.endswith(".weight"):
+            p = torch.ones(shape, device=device)
+        elif ".norm" in name and name.endswith(".bias"):
+            p = torch.zeros(shape, device=device)
+        else:
+            weight = name.removesuffix(".bias") + ".weight" if name.endswith(".bias") else name
+            fan_in = math.prod(shapes[weight][1:])
+            bound = 1.0 / math.sqrt(fan_in)
+            p = random.uniform(k, shape, device=device, low=-bound, high=bound)
+        params[name] = p.to(dtype)
+    return params
+
+
+def check_params(cfg: WanConfig, params: dict, source: str = "params") -> None:
+    """Raise ModelError naming the first missing, extra or mis-shaped key."""
+    expected = param_shapes(cfg)
+    missing = [k for k in expected if k not in params]
+    extra = [k for k in params if k not in expected]
+    if missing:
+        raise ModelError(f"{source}: missing {len(missing)} key(s), first {missing[:3]}")
+    if extra:
+        raise ModelError(f"{source}: {len(extra)} unexpected key(s), first {extra[:3]}")
+    for k, shape in expected.items():
+        if tuple(params[k].shape) != shape:
+            raise ModelError(f"{source}: {k} has shape {list(params[k].shape)}, config expects {list(shape)}")
+
+
+# ------------------------------------------------------------------------------------------ apply
+
+def _linear(x, params, name, dtype):
+    return F.linear(x, params[f"{name}.weight"].to(dtype), params[f"{name}.bias"].to(dtype))
+
+
+def _attention(params, p, x, context, rope, cfg, dtype, backend):
+    heads = cfg.num_attention_heads
+    kv = x if context is None else context
+    q = rms_norm(_linear(x, params, f"{p}.to_q", dtype), params[f"{p}.norm_q.weight"], cfg.eps)
+    k = rms_norm(_linear(kv, params, f"{p}.to_k", dtype), params[f"{p}.norm_k.weight"], cfg.eps)
+    v = _linear(kv, params, f"{p}.to_v", dtype)
+    q, k, v = (a.unflatten(-1, (heads, -1)) for a in (q, k, v))
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    out = attention(q, k, v, backend).flatten(-2).to(dtype)
+    return _linear(out, params, f"{p}.to_out.0", dtype)
+
+
+def _block(params, i, cfg, x, context, mod, rope, dtype, backend):
+    b = f"blocks.{i}"
+    shift, scale, gate, c_shift, c_scale, c_gate = (params[f"{b}.scale_shift_table"] + mod).chunk(6, dim=1)
+    # 1. self-attention, modulated and gated
+    h = modulate(layer_norm(x, eps=cfg.eps), shift, scale).to(dtype)
+    x = (x.float() + _attention(params, f"{b}.attn1", h, None, rope, cfg, dtype, backend) * gate).to(dtype)
+    # 2. cross-attention to the text, ungated
+    if cfg.cross_attn_norm:
+        h = layer_norm(x, params[f"{b}.norm2.weight"], params[f"{b}.norm2.bias"], cfg.eps).to(dtype)
+    else:
+        h = x
+    x = x + _attention(params, f"{b}.attn2", h, context, None, cfg, dtype, backend)
+    # 3. feed-forward (GELU-tanh), modulated and gated
+    h = modulate(layer_norm(x, eps=cfg.eps), c_shift, c_scale).to(dtype)
+    h = F.gelu(_linear(h, params, f"{b}.ffn.net.0.proj", dtype), approximate="tanh")
+    h = _linear(h, params, f"{b}.ffn.net.2", dtype)
+    return (x.float() + h.float() * c_gate).to(dtype)
+
+
+def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
+          dtype: torch.dtype | None = None, attention: str = "auto", checkpoint: bool = False) -> torch.Tensor:
+    """The flow prediction v = noise - x0 for latents x [B, C, T, H, W] at timesteps t [B] (floats in
+    [0, 1000]) given text embeddings context [B, L, text_dim].
+
+    dtype: the compute dtype (None: the params' dtype); params are cast on the fly, so fp32 masters
+    stay untouched. attention: the SDPA backend (fvfunc.ops.attention). checkpoint: recompute each
+    block in the backward pass (torch.utils.checkpoint; works with torch.autograd, not torch.func.grad).
+    Returns v in the compute dtype.
+    """
+    dtype = dtype or params["proj_out.weight"].dtype
+    B, _, T, H, W = x.shape
+    pt, ph, pw = cfg.patch_size
+    grid = (T // pt, H // ph, W // pw)
+    if t.shape != (B,):
+        raise ValueError(f"t must have shape [B] = [{B}], got {list(t.shape)}")
+    rope = rope_3d(cfg.attention_head_dim, grid, device=x.device)
+
+    w = params["patch_embedding.weight"]
+    h = patchify(x.to(dtype), cfg.patch_size) @ w.reshape(w.shape[0], -1).to(dtype).T
+    h = h + params["patch_embedding.bias"].to(dtype)
+
+    # time: sinusoid -> MLP in fp32 -> temb (in the text's dtype, as diffusers) -> 6 modulation rows
+    temb = timestep_embedding(t, cfg.freq_dim)
+    temb = _linear(temb, params, "condition_embedder.time_embedder.linear_1", torch.float32)
+    temb = _linear(F.silu(temb), params, "condition_embedder.time_embedder.linear_2", torch.float32).to(dtype)
+    mod = _linear(F.silu(temb), params, "condition_embedder.time_proj", dtype).unflatten(1, (6, -1)).float()
+
+    ctx = _linear(context.to(dtype), params, "condition_embedder.text_embedder.linear_1", dtype)
+    ctx = _linear(F.gelu(ctx, approximate="tanh"), params, "condition_embedder.text_embedder.linear_2", dtype)
+
+    for i in range(cfg.num_layers):
+        if checkpoint and torch.is_grad_enabled():
+            h = remat(_block, params, i, cfg, h, ctx, mod, rope, dtype, attention, use_reentrant=False)
+        else:
+            h = _block(params, i, cfg, h, ctx, mod, rope, dtype, attention)
+
+    shift, scale = (params["scale_shift_table"] + temb[:, None]).chunk(2, dim=1)
+    h = modulate(layer_norm(h, eps=cfg.eps), shift, scale).to(dtype)
+    h = _linear(h, params, "proj_out", dtype)
+    return unpatchify(h, grid, cfg.patch_size)
+
+
+# ------------------------------------------------------------------------------------ load / save
+
+
+def resolve_folder(path: str | os.PathLike) -> Path:
+    """The transformer folder of `path` (itself, or its transformer/ subfolder)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"{p}: model folder does not exist")
+    for cand in (p, p / "transformer"):
+        if (cand / "config.json").is_file() and ((cand / WEIGHTS).is_file() or (cand / INDEX).is_file()):
+            return cand
+    raise ModelError(f"{p}: not a Wan transformer folder (need config.json and {WEIGHTS} or {INDEX}, "
+                     "here or in transformer/)")
+
+
+def load_config(path) -> WanConfig:
+    folder = resolve_folder(path)
+    try:
+        d = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{folder / 'config.json'}: invalid JSON ({e})") from None
+    return config_from_dict(d, str(folder / "config.json"))
+
+
+def load(path, dtype: torch.dtype | None = None, device=None) -> tuple[WanConfig, dict]:
+    """(cfg, params) from a diffusers folder (single or sharded safetensors). dtype None keeps the
+    stored dtype."""
+    folder = resolve_folder(path)
+    cfg = load_config(folder)
+    if (folder / WEIGHTS).is_file():
+        files = {folder / WEIGHTS: None}
+    else:
+        index = json.loads((folder / INDEX).read_text())
+        files = {folder / f: None for f in sorted(set(index["weight_map"].values()))}
+    params = {}
+    for f in files:
+        if not f.is_file():
+            raise ModelError(f"{f}: shard listed in {INDEX} is missing")
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for k in sf.keys():
+                if "norm_added_q" in k:  # diffusers ignores this legacy key too
+                    continue
+                t = sf.get_tensor(k)
+                # a fresh, aligned copy: tensors straight from safetensors can be unaligned
+                params[k] = t.to(dtype=dtype or t.dtype, device=device, copy=True)
+    check_params(cfg, params, str(folder))
+    return cfg, params
+
+
+def save(path, cfg: WanConfig, params: dict, max_shard_bytes: int = 10 * 2**30) -> Path:
+    """Write a diffusers folder (config.json + safetensors, sharded with an index when large)."""
+    check_params(cfg, params)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: params[k].detach().to("cpu").contiguous() for k in param_shapes(cfg)}
+    shards, cur, size = [], {}, 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += n
+    shards.append(cur)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / name), metadata=meta)
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                               indent=2))
+    (folder / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    return folder
+
+
+# What the family registry needs to know about a config.
+def latent_channels(cfg: WanConfig) -> int:
+    return cfg.in_channels
+
+
+def patch_size(cfg: WanConfig) -> tuple[int, int, int]:
+    return tuple(cfg.patch_size)
