@@ -111,6 +111,12 @@ class TrainingConfig:
     """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
     attention: Literal["auto", "math", "flash", "efficient", "cudnn"] = "auto"
     """Scaled-dot-product attention backend; auto lets torch pick."""
+    grad_transform: Literal["autograd", "func"] = "autograd"
+    """How a loss becomes gradients: torch.func.grad ('func'), or torch.autograd.grad on the same
+    pure loss ('autograd': same gradients, lower peak memory, works with remat)."""
+    remat: bool = False
+    """Recompute each transformer block in the backward pass (activation checkpointing; needs
+    grad_transform='autograd')."""
     checkpoint_every: int = 500
     """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
     keep_checkpoints: int = 3
@@ -227,6 +233,9 @@ class DMD2Config:
     """AdamW betas of the critic."""
     critic_weight_decay: float = 0.01
     """AdamW weight decay of the critic."""
+    latent_shape: tuple[int, int, int] = (21, 60, 104)
+    """(T, H, W) of the latents the student generates in simulate mode (81x480x832 video for Wan);
+    ignored in data mode, where the data's latents set the shape."""
 
 
 # ------------------------------------------------------------------------------------------ runs
