@@ -114,9 +114,11 @@ class TrainingConfig:
     grad_transform: Literal["autograd", "func"] = "autograd"
     """How a loss becomes gradients: torch.func.grad ('func'), or torch.autograd.grad on the same
     pure loss ('autograd': same gradients, lower peak memory, works with remat)."""
-    remat: bool = False
-    """Recompute each transformer block in the backward pass (activation checkpointing; needs
-    grad_transform='autograd')."""
+    remat: Literal["none", "full"] = "none"
+    """Activation rematerialisation: 'full' recomputes each transformer block in the backward pass
+    (activation checkpointing; needs grad_transform='autograd')."""
+    compile: bool = False
+    """torch.compile each role's apply (GPU runs; slow to start, faster steps)."""
     checkpoint_every: int = 500
     """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
     keep_checkpoints: int = 3

@@ -27,6 +27,7 @@ from fvfunc.ops import (apply_rope, attention, layer_norm, modulate, patchify, r
                         timestep_embedding, unpatchify)
 
 CLASS_NAME = "WanTransformer3DModel"
+REMAT = ("none", "full")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -204,15 +205,18 @@ def _block(params, i, cfg, x, context, mod, rope, dtype, backend):
 
 
 def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
-          dtype: torch.dtype | None = None, attention: str = "auto", checkpoint: bool = False) -> torch.Tensor:
+          dtype: torch.dtype | None = None, attention: str = "auto", remat: str = "none") -> torch.Tensor:
     """The flow prediction v = noise - x0 for latents x [B, C, T, H, W] at timesteps t [B] (floats in
     [0, 1000]) given text embeddings context [B, L, text_dim].
 
     dtype: the compute dtype (None: the params' dtype); params are cast on the fly, so fp32 masters
-    stay untouched. attention: the SDPA backend (fvfunc.ops.attention). checkpoint: recompute each
-    block in the backward pass (torch.utils.checkpoint; works with torch.autograd, not torch.func.grad).
+    stay untouched. attention: the SDPA backend (fvfunc.ops.attention). remat: "none", or "full" to
+    recompute each block in the backward pass (torch.utils.checkpoint; works with torch.autograd, not
+    with torch.func.grad).
     Returns v in the compute dtype.
     """
+    if remat not in REMAT:
+        raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
     dtype = dtype or params["proj_out.weight"].dtype
     B, _, T, H, W = x.shape
     pt, ph, pw = cfg.patch_size
@@ -235,7 +239,7 @@ def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
     ctx = _linear(F.gelu(ctx, approximate="tanh"), params, "condition_embedder.text_embedder.linear_2", dtype)
 
     for i in range(cfg.num_layers):
-        if checkpoint and torch.is_grad_enabled():
+        if remat == "full" and torch.is_grad_enabled():
             h = remat(_block, params, i, cfg, h, ctx, mod, rope, dtype, attention, use_reentrant=False)
         else:
             h = _block(params, i, cfg, h, ctx, mod, rope, dtype, attention)
