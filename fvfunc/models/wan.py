@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.checkpoint import checkpoint as remat
+from torch.utils.checkpoint import checkpoint as recompute
 
 from fvfunc import random
 from fvfunc.ops import (apply_rope, attention, layer_norm, modulate, patchify, rms_norm, rope_3d,
@@ -240,7 +240,7 @@ def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
 
     for i in range(cfg.num_layers):
         if remat == "full" and torch.is_grad_enabled():
-            h = remat(_block, params, i, cfg, h, ctx, mod, rope, dtype, attention, use_reentrant=False)
+            h = recompute(_block, params, i, cfg, h, ctx, mod, rope, dtype, attention, use_reentrant=False)
         else:
             h = _block(params, i, cfg, h, ctx, mod, rope, dtype, attention)
 
