@@ -1,0 +1,237 @@
+"""Crash-safe checkpoints of plain tensor trees: safetensors files plus one meta.json, never pickle.
+
+A checkpoint is a folder `output_dir/checkpoint-<step>/` holding one `<name>.safetensors` per tree
+("student", "student.opt", "critic", "ema", "state", ...) and a `meta.json`:
+
+    {"format_version": 1, "step": 500, "files": {"student.safetensors": 1234, ...}, "meta": {...}}
+
+where "meta" is the caller's dict as given. A folder is *complete* when meta.json parses and every
+file it lists exists with the listed size. `save` builds the folder under a hidden temporary name,
+fsyncs it, writes meta.json last and only then renames it into place, so a killed run leaves either
+the old set of checkpoints or the old set plus a complete new one -- never a half-written
+`checkpoint-<step>` that `latest` could pick.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"checkpoint-(\d+)")
+_TEMP = re.compile(r"\.checkpoint-\d+\.(tmp|old)")
+_SUFFIX = ".safetensors"
+
+Trees = dict[str, dict[str, torch.Tensor]]
+
+
+class CheckpointError(ValueError):
+    """A folder is not a complete, readable checkpoint; the message names the folder or file."""
+
+
+# ------------------------------------------------------------------------------------------ save
+
+
+def save(output_dir: str | os.PathLike, step: int, trees: Trees, meta: dict, keep: int = 0) -> Path:
+    """Write `trees` and `meta` as `output_dir/checkpoint-<step>/` and return that folder.
+
+    A folder of the same step is replaced. Afterwards the newest `keep` complete checkpoints are kept
+    (0 keeps all); the one just written always counts among them, even when newer steps exist (a run
+    resumed from an older checkpoint must not delete its own fresh save)."""
+    step = int(step)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if "step" in meta and meta["step"] != step:
+        raise ValueError(f"meta['step'] = {meta['step']!r} but saving step {step}")
+    for name in trees:
+        if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or os.sep in name:
+            raise ValueError(f"tree name {name!r} must be a non-empty file name (no '/', no leading '.')")
+    json.dumps(meta)  # a meta that is not JSON fails here, before anything touches the disk
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    tmp.mkdir()
+
+    files = {}
+    for name, tree in trees.items():
+        path = tmp / (name + _SUFFIX)
+        safetensors.torch.save_file(_to_cpu(name, tree), str(path))
+        _fsync(path)
+        files[path.name] = path.stat().st_size
+    record = {"format_version": FORMAT_VERSION, "step": step, "files": files, "meta": meta}
+    (tmp / "meta.json").write_text(json.dumps(record, indent=2) + "\n")
+    _fsync(tmp / "meta.json")
+    _fsync(tmp)
+
+    if final.exists():
+        _swap_in(tmp, final)
+    else:
+        os.rename(tmp, final)
+    _fsync(out)
+    if keep > 0:
+        others = [p for p in list_checkpoints(out) if p != final]
+        for old in others[: max(len(others) - (keep - 1), 0)]:
+            shutil.rmtree(old)
+    return final
+
+
+def _to_cpu(name: str, tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, with no two sharing storage (safetensors refuses aliased tensors, e.g.
+    tied weights or views of one buffer: those get their own copy)."""
+    seen, out = set(), {}
+    for k, v in tree.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise TypeError(f"tree {name!r}: entries must be str -> Tensor, got {type(k).__name__} -> "
+                            f"{type(v).__name__} for {k!r}")
+        t = v.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[k] = t
+    return out
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Put the complete folder `new` at `final`, which already exists, then delete the old one.
+
+    Linux's renameat2(RENAME_EXCHANGE) swaps the two names in one step, so `final` is always a
+    complete checkpoint. Elsewhere two renames leave a moment in which `final` is absent (its older
+    steps still are present and complete)."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if not _rename_exchange(new, final):
+        os.rename(final, old)
+        os.rename(new, final)
+        new = old
+    shutil.rmtree(new)  # after the swap `new` holds the replaced checkpoint
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False when that is unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # not supported here: fall back
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    # left behind by a killed save; only one process saves into an output_dir at a time
+    for p in out.iterdir():
+        if _TEMP.fullmatch(p.name) and p.is_dir():
+            shutil.rmtree(p)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ read
+
+
+def _verify(path: Path) -> dict:
+    """The parsed meta.json of a complete checkpoint folder; CheckpointError naming what is wrong."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint (no such folder)")
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path}: incomplete or not a checkpoint (no meta.json)")
+    try:
+        record = json.loads(meta_path.read_text())
+        files, version, step = record["files"], record["format_version"], int(record["step"])
+        record["meta"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable meta.json ({type(e).__name__}: {e})") from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: format version {version} is newer than this fvfunc's "
+                              f"{FORMAT_VERSION}")
+    m = _NAME.fullmatch(path.name)
+    if m and int(m.group(1)) != step:
+        raise CheckpointError(f"{meta_path}: says step {step} but the folder is {path.name}")
+    for fname, size in files.items():
+        if not fname.endswith(_SUFFIX) or Path(fname).name != fname:
+            raise CheckpointError(f"{meta_path}: bad file name {fname!r} in the manifest")
+        f = path / fname
+        if not f.is_file():
+            raise CheckpointError(f"{path}: incomplete, missing file {fname}")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f}: size mismatch, {f.stat().st_size} bytes on disk, {size} in "
+                                  f"meta.json (truncated?)")
+    return record
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints `output_dir/checkpoint-<step>`, sorted by step (oldest first)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = _NAME.fullmatch(p.name)
+        if m and p.is_dir():
+            try:
+                _verify(p)
+            except CheckpointError:
+                continue
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in `output_dir`, or None when there is none."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve(output_dir: str | os.PathLike, resume: str) -> Path | None:
+    """What `TrainingConfig.resume` points at: '' -> None (fresh start); 'latest' -> the newest
+    complete checkpoint in `output_dir` or None; else a checkpoint folder, taken as given when it
+    exists and otherwise relative to `output_dir` ('checkpoint-500'). That folder must be complete."""
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest(output_dir)
+    path = Path(resume)
+    if not path.exists() and not path.is_absolute() and (Path(output_dir) / path).exists():
+        path = Path(output_dir) / path
+    _verify(path)
+    return path
+
+
+def load(path: str | os.PathLike) -> tuple[Trees, dict]:
+    """`(trees, meta)` of a complete checkpoint folder: fresh, aligned, contiguous CPU tensors (cloned
+    out of the file mapping) and the caller's meta as it was saved."""
+    path = Path(path)
+    record = _verify(path)
+    trees = {}
+    for fname in record["files"]:
+        f = path / fname
+        try:
+            with safetensors.safe_open(str(f), framework="pt", device="cpu") as sf:
+                trees[fname[: -len(_SUFFIX)]] = {k: sf.get_tensor(k).clone() for k in sf.keys()}
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+    return trees, record["meta"]
