@@ -274,6 +274,37 @@ class DMD2Run:
     """A schema-v2 YAML/JSON run file; flags given on the command line override it."""
 
 
+@dataclass(frozen=True)
+class SampleRun:
+    """Sample videos from a model folder or from a training checkpoint."""
+
+    model: str = ""
+    """A diffusers model folder (pipeline or transformer), or a run's checkpoint folder (its
+    student, or the student's EMA when kept; the model config comes from the run's student folder)."""
+    family: str = "wan"
+    """Model family of a model folder."""
+    prompts: str = ""
+    """A parquet folder (text-only or T2V schema) whose first rows are the prompts."""
+    num_prompts: int = 2
+    """How many prompts to sample."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """The sampler."""
+    latent_shape: tuple[int, int, int] = (21, 60, 104)
+    """(T, H, W) of the sampled latents (81x480x832 video for Wan)."""
+    output_dir: str = "samples"
+    """Where the mp4 files go."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
+    precision: Literal["float32", "bfloat16"] = "bfloat16"
+    """Compute dtype."""
+    fps: int = 16
+    """Frame rate of the mp4 files."""
+    use_ema: bool = True
+    """From a checkpoint, sample with the EMA weights when it has them."""
+    text_len: int = 512
+    """Prompt embeddings are padded to this many tokens."""
+
+
 RUNS: dict[str, type] = {"finetune": FinetuneRun, "dmd2": DMD2Run}
 """Method name -> run config type; train.py builds one subcommand per entry."""
 

@@ -126,8 +126,9 @@ def student_input(student: Model, params, batch, sigmas, k: int, mode: str) -> t
     return x
 
 
-def make(cfg, training, models: dict[str, Model]) -> Method:
-    """The DMD2 (init, step) pair for a DMD2Config `cfg` and a TrainingConfig."""
+def make(cfg, training, models: dict[str, Model], reduce=None) -> Method:
+    """The DMD2 (init, step) pair for a DMD2Config `cfg` and a TrainingConfig; `reduce` averages
+    gradients over data-parallel ranks (None: one process)."""
     sigmas = timesteps_to_sigmas(cfg.dmd_denoising_steps)
     num_steps = len(cfg.dmd_denoising_steps)
     interval = cfg.generator_update_interval
@@ -165,7 +166,7 @@ def make(cfg, training, models: dict[str, Model]) -> Method:
             grads, value = accumulate(generator_loss, training.grad_transform, params["student"], gen_batch,
                                       training.micro_batches, models, params, cfg)
             params["student"], opt["student"], norm = update(opt_s, params["student"], grads, opt["student"],
-                                                              training.max_grad_norm)
+                                                              training.max_grad_norm, reduce)
             if ema is not None:
                 ema = ema_update(ema, params["student"], training.ema_decay)
             metrics.update(generator_loss=value, student_grad_norm=norm,
@@ -176,7 +177,7 @@ def make(cfg, training, models: dict[str, Model]) -> Method:
         grads, value = accumulate(critic_loss, training.grad_transform, params["critic"], critic_batch,
                                   training.micro_batches, models)
         params["critic"], opt["critic"], norm = update(opt_c, params["critic"], grads, opt["critic"],
-                                                        training.max_grad_norm)
+                                                        training.max_grad_norm, reduce)
         metrics.update(critic_loss=value, critic_grad_norm=norm, critic_lr=sched_c(int(opt["critic"].step) - 1),
                        student_updated=float(state.step % interval == 0))
         return TrainState(state.step + 1, state.key, params, opt, ema), metrics

@@ -74,8 +74,9 @@ def loss(params, batch, apply, cfg):
     return flow_matching_loss(v, x0, noise, sigma, cfg.precondition_outputs), {}
 
 
-def make(cfg, training, models: dict[str, Model]) -> Method:
-    """The finetune (init, step) pair for a FinetuneConfig `cfg` and a TrainingConfig."""
+def make(cfg, training, models: dict[str, Model], reduce=None) -> Method:
+    """The finetune (init, step) pair for a FinetuneConfig `cfg` and a TrainingConfig; `reduce`
+    averages gradients over data-parallel ranks (None: one process)."""
     apply = models["student"].apply
     opt, schedule = make_optimizer(training, training.lr, training.betas, training.weight_decay,
                                    training.max_steps)
@@ -93,7 +94,7 @@ def make(cfg, training, models: dict[str, Model]) -> Method:
         student = state.params["student"]
         grads, value = accumulate(loss, training.grad_transform, student, batch, training.micro_batches,
                                   apply, cfg)
-        student, opt_state, norm = update(opt, student, grads, state.opt["student"], training.max_grad_norm)
+        student, opt_state, norm = update(opt, student, grads, state.opt["student"], training.max_grad_norm, reduce)
         ema = ema_update(state.ema, student, training.ema_decay) if state.ema is not None else None
         metrics = {"loss": value, "grad_norm": norm, "lr": schedule(int(opt_state.step) - 1)}
         return TrainState(state.step + 1, state.key, dict(state.params, student=student),

@@ -75,8 +75,12 @@ def accumulate(loss: Callable, transform: str, params: Params, batch: dict, n: i
     return total, total_loss / n
 
 
-def update(opt: optim.Optimizer, params: Params, grads: Params, opt_state, max_grad_norm: float):
-    """Clip to a global norm, then one optimizer step: (params, opt_state, grad_norm)."""
+def update(opt: optim.Optimizer, params: Params, grads: Params, opt_state, max_grad_norm: float,
+           reduce: Callable[[Params], Params] | None = None):
+    """Average over data-parallel ranks (`reduce`, None for one process), clip to a global norm, then
+    one optimizer step: (params, opt_state, grad_norm)."""
+    if reduce is not None:
+        grads = reduce(grads)
     grads, norm = optim.clip_by_global_norm(grads, max_grad_norm)
     params, opt_state = opt.update(grads, opt_state, params)
     return params, opt_state, norm
