@@ -1,0 +1,241 @@
+"""The command line of train.py: one tyro subcommand per method, a run file as defaults, `check`.
+
+    python train.py dmd2 --roles.student.path DIR --roles.teacher.path DIR --roles.critic.path DIR \\
+        --data.path DATA
+    python train.py dmd2 --config examples/dmd2.yaml --training.lr 1e-6   # flags override the file
+    python train.py --config examples/dmd2.yaml                            # method from recipe.method
+
+`parse` turns argv into (method, run config): `--config FILE` is found before tyro runs, the file
+(schema v2, `fvfunc/config_file.py`) becomes the chosen subcommand's defaults, and tyro applies the
+flags on top. `check` then refuses a run that cannot work, before any model loads, with one
+`ConfigError` naming the field. `main` prints that as `error: ...` and returns 2 (tyro's own usage
+errors exit 2 too), else hands the run to `fvfunc.trainer.run`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import tyro
+
+import configs
+from fvfunc import config_file
+from fvfunc.config_file import ConfigError
+
+__all__ = ["ConfigError", "check", "main", "parse"]
+
+DESCRIPTION = ("Distil or finetune a video diffusion model (Wan2.1). `train.py METHOD --help` lists every "
+               "field; `--config FILE` loads a schema-v2 YAML/JSON run as defaults, flags override it.")
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    """The value of the last --config in argv, if any (tyro would take the last one too)."""
+    path = None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+    return path
+
+
+def parse(argv: list[str]) -> tuple[str, Any]:
+    """(method, run config) from the command line. Raises ConfigError for a bad run file and
+    SystemExit for --help and tyro's usage errors (code 2, with a did-you-mean)."""
+    argv = list(argv)
+    method = argv[0] if argv and argv[0] in configs.RUNS else None
+    defaults: dict[str, Any] = {}
+    path = _config_arg(argv)
+    if path:
+        method, defaults[method] = config_file.load(path, method)
+        if argv[0] != method:  # `train.py --config FILE`: the file names the method
+            argv.insert(0, method)
+    choices = tuple(
+        Annotated[run, tyro.conf.subcommand(name, default=defaults.get(name, run()),
+                                            description=run.__doc__)]
+        for name, run in configs.RUNS.items())
+    cfg = tyro.cli(Union[choices], args=argv, prog="train.py", description=DESCRIPTION)  # noqa: UP007
+    return next(name for name, run in configs.RUNS.items() if type(cfg) is run), cfg
+
+
+# ------------------------------------------------------------------------------------------ check
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_timesteps(timesteps, where: str) -> None:
+    from fvfunc.samplers import timesteps_to_sigmas
+
+    try:
+        timesteps_to_sigmas(list(timesteps))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_betas(betas, where: str) -> None:
+    _need(all(0 <= b < 1 for b in betas), f"{where} {tuple(betas)} must each be in [0, 1)")
+
+
+def _check_training(t: configs.TrainingConfig) -> None:
+    _need(bool(t.output_dir), "training.output_dir is empty")
+    _need(t.max_steps >= 1, f"training.max_steps must be >= 1, got {t.max_steps}")
+    _need(t.batch_size >= 1, f"training.batch_size must be >= 1, got {t.batch_size}")
+    _need(t.micro_batches >= 1, f"training.micro_batches must be >= 1, got {t.micro_batches}")
+    _need(t.batch_size % t.micro_batches == 0, f"training.batch_size ({t.batch_size}) must be divisible by "
+          f"training.micro_batches ({t.micro_batches})")
+    _need(math.isfinite(t.lr) and t.lr > 0, f"training.lr must be > 0, got {t.lr:g}")
+    _need(t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _need(t.lr_schedule != "cosine" or t.warmup_steps < t.max_steps, "training.warmup_steps "
+          f"({t.warmup_steps}) must be < training.max_steps ({t.max_steps}) for the cosine schedule")
+    _need(0 <= t.min_lr_ratio <= 1, f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio:g}")
+    _check_betas(t.betas, "training.betas")
+    _need(t.eps > 0, f"training.eps must be > 0, got {t.eps:g}")
+    _need(t.weight_decay >= 0, f"training.weight_decay must be >= 0, got {t.weight_decay:g}")
+    _need(t.max_grad_norm >= 0, f"training.max_grad_norm must be >= 0 (0 disables clipping), got "
+          f"{t.max_grad_norm:g}")
+    _need(0 <= t.ema_decay < 1, f"training.ema_decay must be in [0, 1) (0 keeps no EMA), got {t.ema_decay:g}")
+    _need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
+          f"training.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _need(t.remat == "none" or t.grad_transform == "autograd", f"training.remat {t.remat!r} needs "
+          "training.grad_transform 'autograd' (torch.func.grad cannot run through activation checkpointing)")
+    _need(t.checkpoint_every >= 0, f"training.checkpoint_every must be >= 0, got {t.checkpoint_every}")
+    _need(t.keep_checkpoints >= 0, f"training.keep_checkpoints must be >= 0 (0 keeps all), got "
+          f"{t.keep_checkpoints}")
+    _need(t.log_every >= 1, f"training.log_every must be >= 1, got {t.log_every}")
+
+
+def _check_method(method: str, m) -> None:
+    _need(m.flow_shift > 0, f"method.flow_shift must be > 0, got {m.flow_shift:g}")
+    if method == "finetune":
+        _need(0 <= m.cfg_rate <= 1, f"method.cfg_rate must be in [0, 1], got {m.cfg_rate:g}")
+        _need(m.logit_std > 0, f"method.logit_std must be > 0, got {m.logit_std:g}")
+    if method == "dmd2":
+        _check_timesteps(m.dmd_denoising_steps, "method.dmd_denoising_steps")
+        _need(m.generator_update_interval >= 1, f"method.generator_update_interval must be >= 1, got "
+              f"{m.generator_update_interval}")
+        _need(0 <= m.min_timestep_ratio < m.max_timestep_ratio <= 1, "method.min_timestep_ratio and "
+              f"max_timestep_ratio must satisfy 0 <= min < max <= 1, got {m.min_timestep_ratio:g} and "
+              f"{m.max_timestep_ratio:g}")
+        _need(math.isfinite(m.critic_lr) and m.critic_lr > 0,
+              f"method.critic_lr must be > 0, got {m.critic_lr:g}")
+        _check_betas(m.critic_betas, "method.critic_betas")
+        _need(m.critic_weight_decay >= 0,
+              f"method.critic_weight_decay must be >= 0, got {m.critic_weight_decay:g}")
+        _need(all(n >= 1 for n in m.latent_shape), f"method.latent_shape {tuple(m.latent_shape)} must be "
+              "positive (T, H, W)")
+
+
+def _check_validation(v: configs.ValidationConfig) -> None:
+    _need(v.every >= 0, f"validation.every must be >= 0 (0 disables validation), got {v.every}")
+    if v.sampler.timesteps:
+        _check_timesteps(v.sampler.timesteps, "validation.sampler.timesteps")
+    else:
+        _need(v.sampler.num_steps >= 1,
+              f"validation.sampler.num_steps must be >= 1, got {v.sampler.num_steps}")
+        _need(v.sampler.shift > 0, f"validation.sampler.shift must be > 0, got {v.sampler.shift:g}")
+    _need(v.num_prompts >= 1, f"validation.num_prompts must be >= 1, got {v.num_prompts}")
+    _need(min(v.num_frames, v.height, v.width) >= 0, "validation.num_frames, height and width must be >= 0 "
+          "(0 takes the training data's shape)")
+    _need(v.fps >= 1, f"validation.fps must be >= 1, got {v.fps}")
+    if v.every and v.prompts:
+        _need(Path(v.prompts).is_dir(), f"validation.prompts: folder {v.prompts} does not exist")
+
+
+def _check_data(method: str, cfg, needs_latents: bool) -> None:
+    from fvfunc.data import DataError, parse_specs
+
+    what = "the text embeddings and VAE latents" if needs_latents else "the text embeddings"
+    _need(bool(cfg.data.path), f"data.path is empty: {method} reads {what} of a FastVideo-preprocessed "
+          "parquet dataset; pass --data.path DIR")
+    try:
+        specs = parse_specs(cfg.data.path)
+    except DataError as e:
+        raise ConfigError(f"data.path: {e}") from None
+    for folder, _ in specs:
+        _need(folder.is_dir(), f"data.path: folder {folder} does not exist")
+    _need(cfg.data.text_len >= 1, f"data.text_len must be >= 1, got {cfg.data.text_len}")
+    _need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+
+
+def _check_roles(method: str, roles_needed, trainable, roles: configs.RolesConfig) -> None:
+    """Each role the method needs: a known family, a model folder, the right trainable flag; and
+    all of them on the same latents (channels, patch size)."""
+    from fvfunc.models import family
+
+    first = None
+    for name in roles_needed:
+        role, where = getattr(roles, name), f"roles.{name}"
+        try:
+            fam = family(role.family)
+        except ValueError as e:
+            raise ConfigError(f"{where}.family: {e}") from None
+        _need(bool(role.path), f"{where}.path is empty: {method} needs a {name} model (a diffusers model "
+              f"folder); pass --{where}.path DIR")
+        if name in trainable:
+            _need(role.trainable, f"{where}.trainable is false, but {method} trains the {name}")
+        else:
+            _need(not role.trainable, f"{where}.trainable is true, but {method} never updates the {name}: "
+                  f"it stays frozen (set --{where}.no-trainable)")
+        try:
+            model_cfg = fam.load_config(role.path)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{where}.path: {e}") from None
+        latents = (fam.latent_channels(model_cfg), tuple(fam.patch_size(model_cfg)))
+        if first is None:
+            first = (name, latents)
+            continue
+        ref, (channels, patch) = first[0], first[1]
+        _need(latents[0] == channels, f"{where}.path: {latents[0]} latent channels, but roles.{ref} has "
+              f"{channels}; every role must work on the same latents")
+        _need(latents[1] == patch, f"{where}.path: patch size {latents[1]}, but roles.{ref} has {patch}; "
+              "every role must use the same patch size")
+
+
+def check(method: str, cfg) -> None:
+    """Refuse a run that cannot work, before any model loads: raises one ConfigError whose message
+    names the field (`roles.teacher.path`, `training.batch_size`, ...). Reads only config.json files."""
+    from fvfunc.losses import METHODS
+
+    _need(method in METHODS, f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    spec = METHODS[method]
+    _check_training(cfg.training)
+    _check_method(method, cfg.method)
+    _check_validation(cfg.validation)
+    _check_data(method, cfg, spec.needs_latents(cfg.method))
+    _check_roles(method, spec.ROLES, spec.TRAINABLE, cfg.roles)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, check, train. Returns the exit code: 0 done, 2 a bad command line or run config, 1 a run
+    that stopped on bad data, a bad model or a training error."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        method, cfg = parse(argv)
+        check(method, cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help (0) or a tyro usage error (2)
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    # imported here so that --help and config errors stay fast (no torch, no model code)
+    trainer = importlib.import_module("fvfunc.trainer")
+    from fvfunc.data import DataError
+    from fvfunc.models.wan import ModelError
+
+    try:
+        trainer.run(method, cfg)
+    except (trainer.TrainingError, DataError, ModelError) as e:  # the run's own, already clear errors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,639 @@
+"""Schema-v2 run files: FastVideo's distillation YAML read into an fvfunc run config, and written back.
+
+The layout is the one FastVideo's distillation framework uses (`recipe`, `roles`, `training`,
+`pipeline_config`, `method_config`) plus fvfunc's own sections:
+
+    recipe:          {family: wan, method: dmd2}   method must match the subcommand; family is the
+                                                   default family of every role
+    roles:           {student: {family, path, trainable, dtype}, teacher: ..., critic: ...}
+    training:        configs.TrainingConfig        + FastVideo's TrainingArgs keys below
+    pipeline_config: FastVideo's pipeline keys below
+    method_config:   configs.FinetuneConfig / configs.DMD2Config (+ FastVideo's keys below)
+    data:            configs.DataConfig
+    validation:      configs.ValidationConfig      (with a nested `sampler:`)
+    tracking:        configs.TrackingConfig
+
+Every section takes fvfunc's own field names (what `dump` writes; `method_config` holds the fields of
+the run's `method`). The file is decoded with msgspec into typed structs that forbid unknown keys: a
+key that is neither an fvfunc field nor a FastVideo key listed here is an error naming its path
+(`training.learing_rate`), with a did-you-mean. A value given twice (an fvfunc name and a FastVideo
+key for the same field, with different values) is an error too.
+
+FastVideo keys and the fvfunc field each sets (same meaning unless noted):
+
+    training.output_dir, seed, weight_decay,     the same names
+      max_grad_norm, min_lr_ratio, ema_decay
+    training.max_train_steps                     training.max_steps
+    training.learning_rate                       training.lr
+    training.betas: "0.9,0.999"                  training.betas (a "b1,b2" string or a list)
+    training.train_batch_size,                   training.batch_size = train_batch_size
+      gradient_accumulation_steps,                 * gradient_accumulation_steps * num_gpus / sp_size
+      num_gpus, sp_size                            (FastVideo's batch is per data-parallel rank and
+                                                   micro-batch, fvfunc's is the global batch);
+                                                 training.micro_batches = gradient_accumulation_steps
+    training.lr_scheduler                        training.lr_schedule: constant -> constant,
+                                                   constant_with_warmup -> linear_warmup, cosine ->
+                                                   cosine, cosine_with_min_lr -> cosine with
+                                                   min_lr_ratio 0.5 (FastVideo's default) unless given
+    training.lr_warmup_steps                     training.warmup_steps
+    training.mixed_precision: bf16 | fp32 | no   training.precision
+    training.enable_gradient_checkpointing_type  training.remat (full -> full, null -> none)
+    training.use_ema: false                      training.ema_decay = 0 (true needs ema_decay; a
+                                                   non-zero ema_start_step is refused)
+    training.training_state_checkpointing_steps  training.checkpoint_every
+      (or checkpointing_steps)
+    training.checkpoints_total_limit             training.keep_checkpoints (0 keeps all in both)
+    training.resume_from_checkpoint              training.resume
+    training.data_path: "A,B:2"                  data.path (comma-separated specs, or a list)
+    training.dataloader_num_workers              data.num_workers
+    training.tracker_project_name                tracking.project
+    training.wandb_run_name                      tracking.run_name
+    training.log_validation + validation_steps   validation.every (0 unless log_validation)
+    training.validation_sampling_steps: "50"     validation.sampler.num_steps (one value)
+    training.validation_guidance_scale: "5.0"    validation.sampler.guidance_scale (finetune only:
+                                                   a DMD2 student samples without CFG)
+    training.validation_preprocessed_path        validation.prompts
+    training.num_latent_t, num_height,           dmd2: method.latent_shape = (num_latent_t,
+      num_width (num_frames)                       num_height / 8, num_width / 8) (Wan's VAE; T from
+                                                   (num_frames - 1) / 4 + 1 without num_latent_t);
+                                                   finetune: unused (the data's latents set the shape)
+    training.training_cfg_rate                   finetune: method.cfg_rate; dmd2: must be 0
+    training.precondition_outputs,               finetune: method.<same name>; dmd2: unused
+      weighting_scheme, logit_mean, logit_std,
+      mode_scale
+    training.generator_update_interval,          dmd2: method.<same name> (FastVideo's phase-2
+      real_score_guidance_scale,                   location; unused by finetune)
+      min_timestep_ratio, max_timestep_ratio
+    training/method_config.fake_score_learning_rate  method.critic_lr (0 means the student's lr)
+    training/method_config.fake_score_betas      method.critic_betas
+    training/method_config.fake_score_lr_scheduler  must name the same schedule as lr_scheduler (fvfunc
+                                                   shapes every role's learning rate alike)
+    training/method_config.simulate_generator_forward  method.rollout_mode (true -> simulate,
+                                                   false -> data)
+    training/method_config.warp_denoising_step   false only (warping is not implemented)
+    pipeline_config.flow_shift                   method.flow_shift, and validation.sampler.shift
+                                                   unless the file sets it (FastVideo uses one shift)
+    pipeline_config.sampler_kind: ode | sde      validation.sampler.kind
+    pipeline_config / method_config / training   method.dmd_denoising_steps, and (dmd2)
+      .dmd_denoising_steps                         validation.sampler.timesteps unless the file sets it
+    method_config.attn_kind                      dense only (no sparse attention in fvfunc)
+    roles.<role>.disable_custom_init_weights     unused: fvfunc loads weights as stored
+
+Read and not used (device layout, FastVideo-only outputs): training.tp_size, hsdp_replicate_dim,
+hsdp_shard_dim, train_sp_batch_size, weight_only_checkpointing_steps, validation_dataset_file (raw
+prompts need a text encoder), trackers, log_visualization, visualization_steps.
+
+`real_score_guidance_scale` means one thing in fvfunc, flags and files alike: the standard-form w of
+uncond + w (cond - uncond), as in FastVideo's newer `fastvideo/train` code. FastVideo's schema-v2
+framework (`fastvideo/distillation`) used cond + w' (cond - uncond), so its files' 3.5 is 4.5 here
+(w = w' + 1). The value is read as written; a file in FastVideo's vocabulary that sets it gets a
+warning on stderr saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import logging
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+import configs
+
+log = logging.getLogger(__name__)
+
+ROLE_NAMES = tuple(f.name for f in dataclasses.fields(configs.RolesConfig))
+WAN_VAE_SPATIAL, WAN_VAE_TEMPORAL = 8, 4  # Wan2.1 VAE compression (pixels -> latents)
+SCHEDULES = {"constant": "constant", "constant_with_warmup": "linear_warmup", "cosine": "cosine",
+             "cosine_with_min_lr": "cosine"}
+PRECISIONS = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
+              "no": "float32"}
+
+
+class ConfigError(ValueError):
+    """A run config (from flags or a file) that fvfunc refuses; the message names the field."""
+
+
+# FastVideo keys each section accepts besides fvfunc's own field names, with their types.
+_Betas = tuple[float, float] | str
+_FASTVIDEO_TRAINING: dict[str, Any] = {
+    "max_train_steps": int, "learning_rate": float, "betas": _Betas, "train_batch_size": int,
+    "gradient_accumulation_steps": int, "num_gpus": int, "sp_size": int, "tp_size": int,
+    "hsdp_replicate_dim": int, "hsdp_shard_dim": int, "train_sp_batch_size": int,
+    "lr_scheduler": str, "lr_warmup_steps": int, "mixed_precision": str,
+    "enable_gradient_checkpointing_type": str | None, "use_ema": bool, "ema_start_step": int,
+    "checkpointing_steps": int, "training_state_checkpointing_steps": int,
+    "weight_only_checkpointing_steps": int, "checkpoints_total_limit": int, "resume_from_checkpoint": str,
+    "data_path": str | list[str], "dataloader_num_workers": int, "tracker_project_name": str,
+    "wandb_run_name": str, "trackers": list[str], "log_validation": bool, "validation_steps": float,
+    "validation_sampling_steps": str | int, "validation_guidance_scale": str | float,
+    "validation_preprocessed_path": str, "validation_dataset_file": str, "log_visualization": bool,
+    "visualization_steps": int, "num_latent_t": int, "num_height": int, "num_width": int,
+    "num_frames": int, "training_cfg_rate": float, "precondition_outputs": bool, "weighting_scheme": str,
+    "logit_mean": float, "logit_std": float, "mode_scale": float, "generator_update_interval": int,
+    "real_score_guidance_scale": float, "min_timestep_ratio": float, "max_timestep_ratio": float,
+    "dmd_denoising_steps": list[int], "fake_score_learning_rate": float, "fake_score_betas": _Betas,
+    "fake_score_lr_scheduler": str, "simulate_generator_forward": bool, "warp_denoising_step": bool,
+}
+_FASTVIDEO_METHOD: dict[str, Any] = {
+    "fake_score_learning_rate": float, "fake_score_betas": _Betas, "fake_score_lr_scheduler": str,
+    "simulate_generator_forward": bool, "warp_denoising_step": bool, "attn_kind": str,
+}
+_FASTVIDEO_PIPELINE: dict[str, Any] = {"flow_shift": float, "sampler_kind": str,
+                                       "dmd_denoising_steps": list[int]}
+_FASTVIDEO_ROLE: dict[str, Any] = {"disable_custom_init_weights": bool}
+
+
+# ------------------------------------------------------------------------------ typed file schema
+
+
+def _optional(t) -> Any:
+    return t | msgspec.UnsetType
+
+
+def _struct(name: str, dc: type | None, extra: dict[str, Any]) -> type[msgspec.Struct]:
+    """A msgspec struct with the fields of dataclass `dc` (nested dataclasses become structs) plus
+    `extra`, every one optional (UNSET when absent), refusing unknown keys."""
+    fields = {}
+    if dc is not None:
+        hints = typing.get_type_hints(dc)
+        for f in dataclasses.fields(dc):
+            t = hints[f.name]
+            if dataclasses.is_dataclass(t):
+                t = _struct(f"{name}_{f.name}", t, {}) | None
+            fields[f.name] = t
+    fields.update(extra)
+    return msgspec.defstruct(name, [(k, _optional(t), msgspec.UNSET) for k, t in fields.items()],
+                             kw_only=True, forbid_unknown_fields=True)
+
+
+@functools.cache
+def _file_struct(method: str) -> type[msgspec.Struct]:
+    run = configs.RUNS[method]
+    hints = typing.get_type_hints(run)
+    role = _struct("Role", configs.RoleConfig, _FASTVIDEO_ROLE)
+    section = lambda name, dc, extra=None: _struct(name, dc, extra or {}) | None
+    return _struct(f"RunFile_{method}", None, {
+        "recipe": section("Recipe", None, {"family": str, "method": str}),
+        "roles": section("Roles", None, dict.fromkeys(ROLE_NAMES, role | None)),
+        "training": section("Training", configs.TrainingConfig, _FASTVIDEO_TRAINING),
+        "pipeline_config": section("PipelineConfig", None, _FASTVIDEO_PIPELINE),
+        "method_config": section("MethodConfig", hints["method"], _FASTVIDEO_METHOD),
+        "data": section("Data", configs.DataConfig, {"path": str | list[str]}),
+        "validation": section("Validation", configs.ValidationConfig),
+        "tracking": section("Tracking", configs.TrackingConfig),
+    })
+
+
+def _struct_type(t) -> type[msgspec.Struct] | None:
+    """The struct inside an (optional) field type, if any."""
+    for a in typing.get_args(t) or (t,):
+        if isinstance(a, type) and issubclass(a, msgspec.Struct):
+            return a
+    return None
+
+
+def _field_types(root: type[msgspec.Struct], path: list[str]) -> dict[str, Any]:
+    """{key: type} of the file section at `path` ([] is the top level); {} when there is none."""
+    t = root
+    for p in path:
+        types = {f.name: f.type for f in msgspec.structs.fields(t)}
+        t = _struct_type(types.get(p))
+        if t is None:
+            return {}
+    return {f.name: f.type for f in msgspec.structs.fields(t)}
+
+
+def _choices(t) -> str:
+    """' (expected one of a, b)' for a Literal field type (also inside a Union), else ''."""
+    literals = [a for a in (t, *typing.get_args(t)) if typing.get_origin(a) is typing.Literal]
+    return f" (expected one of {', '.join(map(str, typing.get_args(literals[0])))})" if literals else ""
+
+
+def _validation_message(e: msgspec.ValidationError, root: type[msgspec.Struct]) -> str:
+    """msgspec's error rewritten with the key path as it reads in the file (`training.lr`)."""
+    msg = str(e)
+    m = re.fullmatch(r"(.*?)(?: - at `\$(.*)`)?", msg, re.S)
+    text, where = m.group(1), (m.group(2) or "").lstrip(".")
+    unknown = re.fullmatch(r"Object contains unknown field `(.+)`", text)
+    if unknown:
+        key = unknown.group(1)
+        parent = [p for p in where.split(".") if p]
+        path = ".".join([*parent, key])
+        msg = f"unknown key {path}"
+        known = list(_field_types(root, parent))
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        if not parent and key in ("distill", "models"):
+            msg += " (a schema-v1 name: schema v2 calls the sections recipe: and roles:)"
+        elif close:
+            msg += f" (did you mean {'.'.join([*parent, close[0]])}?)"
+        elif 0 < len(known) <= 10:
+            msg += f" (known: {', '.join(known)})"
+        return msg
+    text = text[0].lower() + text[1:]
+    if text.startswith("invalid enum value"):
+        *parent, key = where.split(".")
+        text += _choices(_field_types(root, parent).get(key))
+    return f"{where}: {text}" if where else text
+
+
+# ------------------------------------------------------------------------------ file -> run config
+
+
+_Assignments = dict[str, tuple[Any, str, bool]]
+"""target field ("training.lr") -> (value, the file key that set it ("training.learning_rate"), weak)"""
+
+
+def _put(out: _Assignments, target: str, value, source: str, weak: bool = False) -> None:
+    """Set `target` from file key `source`. A weak value (a default derived from another key) never
+    overrides; two strong values that differ are an error."""
+    if value is msgspec.UNSET:
+        return
+    if isinstance(value, list):  # YAML lists and tuple fields compare equal
+        value = tuple(value)
+    if target in out:
+        old, old_source, old_weak = out[target]
+        if weak:
+            return
+        if not old_weak and old != value:
+            raise ConfigError(f"{source} ({value!r}) and {old_source} ({old!r}) both set {target}; keep one")
+    out[target] = (value, source, weak)
+
+
+def _given(s) -> dict[str, Any]:
+    """The keys a file section (a struct, None or UNSET) sets."""
+    if s is None or s is msgspec.UNSET:
+        return {}
+    return {k: v for k, v in msgspec.structs.asdict(s).items() if v is not msgspec.UNSET}
+
+
+def _betas(v, where: str) -> tuple[float, float]:
+    if isinstance(v, str):
+        try:
+            b1, b2 = (float(x) for x in v.split(","))
+        except ValueError:
+            raise ConfigError(f"{where}: expected 'beta1,beta2', got {v!r}") from None
+        return b1, b2
+    return tuple(v)
+
+
+def _one_number(v, cast, where: str):
+    """FastVideo writes validation settings as comma-separated strings; fvfunc takes one value."""
+    parts = [p for p in str(v).split(",") if p.strip()] if isinstance(v, str) else [v]
+    if len(parts) != 1:
+        raise ConfigError(f"{where}: fvfunc validates with one setting, got {v!r}")
+    try:
+        return cast(parts[0])
+    except ValueError:
+        raise ConfigError(f"{where}: expected a number, got {v!r}") from None
+
+
+def _data_specs(v) -> tuple[str, ...]:
+    parts = v.split(",") if isinstance(v, str) else v
+    return tuple(p.strip() for p in parts if p.strip())
+
+
+def _latent_size(t: dict, key: str, default: int) -> int:
+    if key not in t:
+        return default
+    if t[key] % WAN_VAE_SPATIAL:
+        raise ConfigError(f"training.{key} ({t[key]}) must be a multiple of {WAN_VAE_SPATIAL} (the Wan VAE's "
+                          "spatial compression)")
+    return t[key] // WAN_VAE_SPATIAL
+
+
+def _schedule(name: str, where: str) -> str:
+    if name not in SCHEDULES:
+        raise ConfigError(f"{where}: FastVideo schedule {name!r} has no fvfunc equivalent; use one of "
+                          f"{sorted(SCHEDULES)} (or training.lr_schedule)")
+    return SCHEDULES[name]
+
+
+def _from_training(t: dict, method: str, out: _Assignments) -> None:
+    """training: fvfunc's TrainingConfig fields, then FastVideo's TrainingArgs keys."""
+    own = {f.name for f in dataclasses.fields(configs.TrainingConfig)}
+    for k, v in t.items():
+        if k in own:
+            _put(out, f"training.{k}", _betas(v, "training.betas") if k == "betas" else v, f"training.{k}")
+
+    def put(target: str, key: str, value=msgspec.UNSET, weak: bool = False) -> None:
+        """Set `target` from training.`key` (its value, or `value` derived from it)."""
+        _put(out, target, t.get(key, msgspec.UNSET) if value is msgspec.UNSET else value, f"training.{key}",
+             weak)
+
+    put("training.max_steps", "max_train_steps")
+    put("training.lr", "learning_rate")
+    put("training.warmup_steps", "lr_warmup_steps")
+    put("training.keep_checkpoints", "checkpoints_total_limit")
+    put("training.resume", "resume_from_checkpoint")
+    put("training.checkpoint_every", "checkpointing_steps")
+    put("training.checkpoint_every", "training_state_checkpointing_steps")
+    put("tracking.project", "tracker_project_name")
+    put("tracking.run_name", "wandb_run_name")
+    put("data.num_workers", "dataloader_num_workers")
+    put("validation.prompts", "validation_preprocessed_path")
+    if "data_path" in t:
+        put("data.path", "data_path", _data_specs(t["data_path"]))
+
+    accum = t.get("gradient_accumulation_steps", 1)
+    put("training.micro_batches", "gradient_accumulation_steps")
+    if "train_batch_size" in t:
+        gpus, sp = t.get("num_gpus", 1), t.get("sp_size", 1)
+        if gpus < 1 or sp < 1 or gpus % sp:
+            raise ConfigError(f"training.num_gpus ({gpus}) must be a positive multiple of training.sp_size "
+                              f"({sp})")
+        put("training.batch_size", "train_batch_size", t["train_batch_size"] * accum * (gpus // sp))
+    if "lr_scheduler" in t:
+        put("training.lr_schedule", "lr_scheduler", _schedule(t["lr_scheduler"], "training.lr_scheduler"))
+        if t["lr_scheduler"] == "cosine_with_min_lr":
+            put("training.min_lr_ratio", "lr_scheduler", 0.5, weak=True)
+    if "mixed_precision" in t:
+        p = t["mixed_precision"]
+        if p not in PRECISIONS:
+            raise ConfigError(f"training.mixed_precision: {p!r} is not supported; use bf16 or fp32")
+        put("training.precision", "mixed_precision", PRECISIONS[p])
+    if "enable_gradient_checkpointing_type" in t:
+        kind = t["enable_gradient_checkpointing_type"]
+        if kind not in (None, "", "full"):
+            raise ConfigError(f"training.enable_gradient_checkpointing_type: {kind!r} is not supported; "
+                              "fvfunc recomputes whole blocks ('full') or nothing (null)")
+        put("training.remat", "enable_gradient_checkpointing_type", "full" if kind == "full" else "none")
+    if t.get("use_ema") is False:
+        put("training.ema_decay", "use_ema", 0.0)
+    if t.get("use_ema") is True and "ema_decay" not in t:
+        raise ConfigError("training.use_ema is true but training.ema_decay is not set (e.g. 0.98)")
+    if t.get("ema_start_step", 0) != 0:
+        raise ConfigError("training.ema_start_step: fvfunc keeps its EMA from step 0; set it to 0")
+    if "log_validation" in t or "validation_steps" in t:
+        every = int(t.get("validation_steps", 0)) if t.get("log_validation", False) else 0
+        put("validation.every", "log_validation" if "log_validation" in t else "validation_steps", every)
+    if "validation_sampling_steps" in t:
+        n = _one_number(t["validation_sampling_steps"], int, "training.validation_sampling_steps")
+        put("validation.sampler.num_steps", "validation_sampling_steps", n)
+    if "validation_guidance_scale" in t and method != "dmd2":
+        w = _one_number(t["validation_guidance_scale"], float, "training.validation_guidance_scale")
+        put("validation.sampler.guidance_scale", "validation_guidance_scale", w)
+
+    if method == "finetune":
+        put("method.cfg_rate", "training_cfg_rate")
+        for k in ("precondition_outputs", "weighting_scheme", "logit_mean", "logit_std", "mode_scale"):
+            put(f"method.{k}", k)
+    if method == "dmd2":
+        if t.get("training_cfg_rate", 0.0) != 0.0:
+            raise ConfigError("training.training_cfg_rate: fvfunc's dmd2 drops no text; set it to 0")
+        for k in ("generator_update_interval", "real_score_guidance_scale", "min_timestep_ratio",
+                  "max_timestep_ratio", "dmd_denoising_steps"):
+            put(f"method.{k}", k)
+        _dmd2_keys(t, "training", out)
+        shape_keys = [k for k in ("num_latent_t", "num_frames", "num_height", "num_width") if k in t]
+        if shape_keys:  # the size of the videos the student generates in simulate mode
+            T, H, W = configs.DMD2Config().latent_shape
+            if "num_frames" in t:
+                T = (t["num_frames"] - 1) // WAN_VAE_TEMPORAL + 1
+            T = t.get("num_latent_t", T)
+            H = _latent_size(t, "num_height", H)
+            W = _latent_size(t, "num_width", W)
+            put("method.latent_shape", shape_keys[0], (T, H, W))
+
+
+def _dmd2_keys(s: dict, section: str, out: _Assignments) -> None:
+    """FastVideo's DMD2 critic/rollout keys (in training: or method_config:)."""
+
+    def put(target: str, key: str, value) -> None:
+        _put(out, target, value, f"{section}.{key}")
+    if "fake_score_learning_rate" in s:
+        lr = s["fake_score_learning_rate"]
+        if lr == 0.0:  # FastVideo: 0 means "the student's learning rate"
+            lr = out.get("training.lr", (configs.DMD2Run().training.lr,))[0]
+        put("method.critic_lr", "fake_score_learning_rate", lr)
+    if "fake_score_betas" in s:
+        betas = _betas(s["fake_score_betas"], f"{section}.fake_score_betas")
+        put("method.critic_betas", "fake_score_betas", betas)
+    if "fake_score_lr_scheduler" in s:  # fvfunc shapes every role's lr alike: it must agree
+        where = f"{section}.fake_score_lr_scheduler"
+        critic = _schedule(s["fake_score_lr_scheduler"], where)
+        student = out.get("training.lr_schedule", (configs.DMD2Run().training.lr_schedule,))[0]
+        if critic != student:
+            raise ConfigError(f"{where}: the critic's schedule ({critic}) must match the student's "
+                              f"({student}); fvfunc shapes every role's learning rate alike")
+    if "simulate_generator_forward" in s:
+        put("method.rollout_mode", "simulate_generator_forward",
+            "simulate" if s["simulate_generator_forward"] else "data")
+    if s.get("warp_denoising_step", False):
+        raise ConfigError(f"{section}.warp_denoising_step: not implemented in fvfunc; set it to false")
+
+
+def _from_method(m: dict, method: str, out: _Assignments) -> None:
+    """method_config: the method's fvfunc fields, then FastVideo's method keys."""
+    own = {f.name for f in dataclasses.fields(typing.get_type_hints(configs.RUNS[method])["method"])}
+    for k, v in m.items():
+        if k in own:
+            _put(out, f"method.{k}", v, f"method_config.{k}")
+    if m.get("attn_kind", "dense") != "dense":
+        raise ConfigError(f"method_config.attn_kind: {m['attn_kind']!r} is not supported; fvfunc uses dense "
+                          "attention")
+    fastvideo_dmd = {"fake_score_learning_rate", "fake_score_betas", "fake_score_lr_scheduler",
+                     "simulate_generator_forward", "warp_denoising_step"} & m.keys()
+    if fastvideo_dmd and method != "dmd2":
+        raise ConfigError(f"method_config.{sorted(fastvideo_dmd)[0]}: a DMD2 key, but the method is {method}")
+    _dmd2_keys(m, "method_config", out)
+
+
+def _from_pipeline(p: dict, method: str, out: _Assignments) -> None:
+    """pipeline_config: FastVideo's keys only (fvfunc keeps these in method_config / validation)."""
+    if "flow_shift" in p:
+        _put(out, "method.flow_shift", p["flow_shift"], "pipeline_config.flow_shift")
+        _put(out, "validation.sampler.shift", p["flow_shift"], "pipeline_config.flow_shift", weak=True)
+    if "sampler_kind" in p:
+        kind = p["sampler_kind"]
+        if kind not in ("ode", "sde"):
+            raise ConfigError(f"pipeline_config.sampler_kind: expected ode or sde, got {kind!r}")
+        _put(out, "validation.sampler.kind", kind, "pipeline_config.sampler_kind")
+    if "dmd_denoising_steps" in p:
+        if method != "dmd2":
+            raise ConfigError(f"pipeline_config.dmd_denoising_steps: a DMD2 key, but the method is {method}")
+        _put(out, "method.dmd_denoising_steps", p["dmd_denoising_steps"],
+             "pipeline_config.dmd_denoising_steps")
+
+
+def _from_sections(f, out: _Assignments) -> None:
+    """fvfunc's own sections: data, validation (with its nested sampler), tracking."""
+    for section in ("data", "validation", "tracking"):
+        for k, v in _given(getattr(f, section)).items():
+            if section == "data" and k == "path":
+                v = _data_specs(v)
+            if section == "validation" and k == "sampler":
+                for sk, sv in _given(v).items():
+                    _put(out, f"validation.sampler.{sk}", sv, f"validation.sampler.{sk}")
+                continue
+            _put(out, f"{section}.{k}", v, f"{section}.{k}")
+
+
+def _fastvideo_vocabulary(f) -> bool:
+    """Whether a decoded file uses any FastVideo-only key (a file `dump` wrote never does)."""
+    own_training = {x.name for x in dataclasses.fields(configs.TrainingConfig)}
+    roles = _given(f.roles)
+    return (bool(_given(f.pipeline_config))
+            or any(k not in own_training for k in _given(f.training))
+            or any(k in _FASTVIDEO_METHOD for k in _given(f.method_config))
+            or any(_FASTVIDEO_ROLE.keys() & _given(roles.get(r)).keys() for r in ROLE_NAMES))
+
+
+@functools.cache
+def _hints(dc: type) -> dict[str, Any]:
+    return typing.get_type_hints(dc)
+
+
+def _replace(obj, changes: dict, out: _Assignments, prefix: str):
+    """`obj` with nested `changes`, each value converted to its field's type (errors name the key
+    of the file that set it)."""
+    kwargs = {}
+    for k, v in changes.items():
+        target = f"{prefix}{k}"
+        if isinstance(v, dict):
+            kwargs[k] = _replace(getattr(obj, k), v, out, target + ".")
+            continue
+        t = _hints(type(obj))[k]
+        try:
+            kwargs[k] = msgspec.convert(v, t, strict=False)
+        except msgspec.ValidationError as e:
+            text = str(e)[0].lower() + str(e)[1:]
+            raise ConfigError(f"{out[target][1]}: {text}{_choices(t)}") from None
+    return dataclasses.replace(obj, **kwargs)
+
+
+def from_dict(raw: Any, method: str | None = None, where: str = "run file") -> tuple[str, Any]:
+    """(method, run config) from a decoded schema-v2 mapping: the run type's defaults overridden by
+    the file. `method` is the subcommand; None takes recipe.method."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with recipe:, roles:, training:, ..., got "
+                          f"{type(raw).__name__}")
+    recipe = raw.get("recipe") or {}
+    file_method = recipe.get("method") if isinstance(recipe, dict) else None
+    if method is None:
+        method = file_method
+        if method is None:
+            raise ConfigError(f"{where}: recipe.method is missing; name the method "
+                              f"({', '.join(configs.RUNS)})")
+    if method not in configs.RUNS:
+        raise ConfigError(f"unknown method {method!r}; known: {', '.join(configs.RUNS)}")
+    if file_method is not None and file_method != method:
+        raise ConfigError(f"recipe.method is {file_method!r} but the subcommand is {method!r}")
+
+    root = _file_struct(method)
+    try:
+        f = msgspec.convert(raw, root, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(_validation_message(e, root)) from None
+
+    out: _Assignments = {}
+    family = _given(f.recipe).get("family", msgspec.UNSET)
+    roles = _given(f.roles)
+    for name in ROLE_NAMES:
+        _put(out, f"roles.{name}.family", family, "recipe.family", weak=True)
+        for k, v in _given(roles.get(name)).items():
+            if k not in _FASTVIDEO_ROLE:
+                _put(out, f"roles.{name}.{k}", v, f"roles.{name}.{k}")
+    _from_training(_given(f.training), method, out)
+    _from_pipeline(_given(f.pipeline_config), method, out)
+    _from_method(_given(f.method_config), method, out)
+    _from_sections(f, out)
+    if method == "dmd2" and "method.dmd_denoising_steps" in out:
+        value, source, _ = out["method.dmd_denoising_steps"]
+        _put(out, "validation.sampler.timesteps", value, source, weak=True)
+
+    if "method.real_score_guidance_scale" in out and _fastvideo_vocabulary(f):
+        value, source, _ = out["method.real_score_guidance_scale"]
+        log.warning("note: %s = %g is read as fvfunc's standard CFG scale, uncond + w (cond - uncond); "
+                    "FastVideo's schema-v2 DMD2 used cond + w (cond - uncond), where %g means %g here",
+                    source, value, value, value + 1)
+
+    changes: dict = {}
+    for target, (value, _, _) in out.items():
+        *parents, leaf = target.split(".")
+        d = changes
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[leaf] = value
+    return method, _replace(configs.RUNS[method](), changes, out, "")
+
+
+def read(path: str | Path) -> Any:
+    """The decoded contents of a YAML (or, by suffix, JSON) file."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config {p}: cannot read it ({e.strerror or e})") from None
+    try:
+        return msgspec.json.decode(data) if p.suffix == ".json" else msgspec.yaml.decode(data)
+    except msgspec.DecodeError as e:
+        kind = "JSON" if p.suffix == ".json" else "YAML"
+        raise ConfigError(f"config {p}: not valid {kind} ({e})") from None
+
+
+def load(path: str | Path, method: str | None = None) -> tuple[str, Any]:
+    """(method, run config) from a schema-v2 YAML/JSON file; `config` records the file."""
+    method, cfg = from_dict(read(path), method, where=f"config {path}")
+    return method, dataclasses.replace(cfg, config=str(path))
+
+
+# ------------------------------------------------------------------------------ run config -> file
+
+
+def _plain(x):
+    if dataclasses.is_dataclass(x):
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (tuple, list)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def dump(method: str, cfg) -> dict:
+    """The resolved run as a schema-v2 mapping with fvfunc's field names; `from_dict` reads it back
+    to an equal config (less `config`, the file it came from). Roles equal to their defaults are left
+    out."""
+    family = cfg.roles.student.family
+    defaults = configs.RolesConfig()
+    roles = {}
+    for name in ROLE_NAMES:
+        role = getattr(cfg.roles, name)
+        if name == "student" or role != dataclasses.replace(getattr(defaults, name), family=family):
+            roles[name] = _plain(role)
+    return {
+        "recipe": {"family": family, "method": method},
+        "roles": roles,
+        "training": _plain(cfg.training),
+        "method_config": _plain(cfg.method),
+        "data": _plain(cfg.data),
+        "validation": _plain(cfg.validation),
+        "tracking": _plain(cfg.tracking),
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block mappings, lists on one line (timesteps, betas, data paths)."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def write(path: str | Path, method: str, cfg) -> Path:
+    """Write `dump(method, cfg)` as YAML (JSON when the suffix is .json)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    d = dump(method, cfg)
+    if p.suffix == ".json":
+        p.write_text(json.dumps(d, indent=2) + "\n")
+    else:
+        header = (f"# The resolved fvfunc run (schema v2, fvfunc field names).\n"
+                  f"# Rerun it with: python train.py {method} --config {p}\n")
+        p.write_text(header + yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=100))
+    return p
