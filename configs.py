@@ -110,15 +110,22 @@ class TrainingConfig:
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
     attention: Literal["auto", "math", "flash", "efficient", "cudnn"] = "auto"
-    """Scaled-dot-product attention backend; auto lets torch pick."""
+    """Scaled-dot-product attention backend; auto lets torch pick (on H100, cudnn is the fastest:
+    bench/RESULTS.md)."""
     grad_transform: Literal["autograd", "func"] = "autograd"
     """How a loss becomes gradients: torch.func.grad ('func'), or torch.autograd.grad on the same
     pure loss ('autograd': same gradients, lower peak memory, works with remat)."""
-    remat: Literal["none", "full"] = "none"
-    """Activation rematerialisation: 'full' recomputes each transformer block in the backward pass
-    (activation checkpointing; needs grad_transform='autograd')."""
+    remat: Literal["none", "full", "attention"] = "none"
+    """Activation rematerialisation (needs grad_transform='autograd'): 'full' recomputes each
+    transformer block in the backward pass (activation checkpointing); 'attention' keeps each block's
+    attention outputs and recomputes the cheap rest (selective checkpointing: near 'none''s speed at
+    a fraction of its memory)."""
     compile: bool = False
     """torch.compile each role's apply (GPU runs; slow to start, faster steps)."""
+    donate: bool = False
+    """Let each step write the new params and optimizer moments into the old ones' buffers (like
+    jax.jit's donate_argnums): a step's input state must not be used after the step. Halves the
+    optimizer's peak memory; a DMD2 run of two trainable 1.3B roles on one 80 GB card needs it."""
     checkpoint_every: int = 500
     """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
     keep_checkpoints: int = 3
@@ -160,7 +167,8 @@ class ValidationConfig:
     num_prompts: int = 2
     """How many prompts to sample."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    """The sampler; its defaults come from the method (dmd2: sde over its step list)."""
+    """The sampler; its defaults come from the method (dmd2: sde over its own dmd_denoising_steps
+    when no timesteps are given)."""
     num_frames: int = 0
     """Latent frames of the sampled videos; 0 takes the shape of the training data's latents."""
     height: int = 0
@@ -267,7 +275,7 @@ class DMD2Run:
         lr=2e-6, betas=(0.0, 0.999), max_steps=4000))
     data: DataConfig = field(default_factory=DataConfig)
     validation: ValidationConfig = field(default_factory=lambda: ValidationConfig(
-        sampler=SamplerConfig(kind="sde", timesteps=(1000, 750, 500, 250))))
+        sampler=SamplerConfig(kind="sde")))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     method: DMD2Config = field(default_factory=DMD2Config)
     config: str = ""

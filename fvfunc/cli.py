@@ -55,12 +55,13 @@ def parse(argv: list[str]) -> tuple[str, Any]:
         method, defaults[method] = config_file.load(path, method)
         if argv[0] != method:  # `train.py --config FILE`: the file names the method
             argv.insert(0, method)
+    commands = {**configs.RUNS, "sample": configs.SampleRun}
     choices = tuple(
         Annotated[run, tyro.conf.subcommand(name, default=defaults.get(name, run()),
                                             description=run.__doc__)]
-        for name, run in configs.RUNS.items())
+        for name, run in commands.items())
     cfg = tyro.cli(Union[choices], args=argv, prog="train.py", description=DESCRIPTION)  # noqa: UP007
-    return next(name for name, run in configs.RUNS.items() if type(cfg) is run), cfg
+    return next(name for name, run in commands.items() if type(cfg) is run), cfg
 
 
 # ------------------------------------------------------------------------------------------ check
@@ -199,11 +200,25 @@ def _check_roles(method: str, roles_needed, trainable, roles: configs.RolesConfi
               "every role must use the same patch size")
 
 
+def _check_sample(cfg: configs.SampleRun) -> None:
+    _need(bool(cfg.model), "model: give a model folder or a checkpoint folder (--model DIR)")
+    _need(Path(cfg.model).exists(), f"model: {cfg.model} does not exist")
+    _need(bool(cfg.prompts) and Path(cfg.prompts).exists(),
+          f"prompts: {cfg.prompts or '(empty)'} is not a parquet folder of prompt embeddings")
+    _need(cfg.num_prompts >= 1, "num_prompts must be >= 1")
+    _need(all(n >= 1 for n in cfg.latent_shape), f"latent_shape must be positive, got {cfg.latent_shape}")
+    if cfg.sampler.timesteps:
+        _check_timesteps(cfg.sampler.timesteps, "sampler.timesteps")
+
+
 def check(method: str, cfg) -> None:
     """Refuse a run that cannot work, before any model loads: raises one ConfigError whose message
     names the field (`roles.teacher.path`, `training.batch_size`, ...). Reads only config.json files."""
     from fvfunc.losses import METHODS
 
+    if method == "sample":
+        _check_sample(cfg)
+        return
     _need(method in METHODS, f"unknown method {method!r}; known: {', '.join(METHODS)}")
     spec = METHODS[method]
     _check_training(cfg.training)
@@ -234,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     from fvfunc.models.wan import ModelError
 
     try:
-        trainer.run(method, cfg)
+        if method == "sample":
+            importlib.import_module("fvfunc.validation").sample_command(cfg)
+        else:
+            trainer.run(method, cfg)
     except (trainer.TrainingError, DataError, ModelError) as e:  # the run's own, already clear errors
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -57,3 +57,15 @@ def test_sample_command(world, tmp_path, source):
     paths = validation.sample_command(cfg)
     assert len(paths) == 2
     assert read_mp4(paths[0]).shape == (2, 8, 8, 3)
+
+
+def test_train_py_sample_subcommand(world, tmp_path):
+    from fvfunc import cli
+
+    code = cli.main(["sample", "--model", str(world["model"]), "--prompts", str(world["text"]),
+                     "--num-prompts", "1", "--latent-shape", "2", "4", "4", "--sampler.kind", "sde",
+                     "--sampler.timesteps", "1000", "500", "--output-dir", str(tmp_path / "o"),
+                     "--device", "cpu", "--precision", "float32"])
+    assert code == 0
+    assert read_mp4(tmp_path / "o" / "sample-0.mp4").shape == (2, 8, 8, 3)
+    assert cli.main(["sample", "--model", str(tmp_path / "nope"), "--prompts", str(world["text"])]) == 2
