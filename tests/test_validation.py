@@ -5,10 +5,10 @@ import dataclasses
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+from test_trainer import make_cfg
 
 import configs
 from fvfunc import checkpoint, trainer, validation
-from test_trainer import make_cfg
 
 
 def read_mp4(path):
