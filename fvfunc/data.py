@@ -25,7 +25,9 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -98,23 +100,60 @@ def parse_specs(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     return specs
 
 
-def _decode(buf: pa.Buffer | None, shape: list[int], dtype: str | None, rank: int, where: str) -> torch.Tensor:
-    """A float32 tensor from raw little-endian bytes, checked against its shape and dtype columns."""
+class _Tensor(NamedTuple):
+    """One tensor cell of a row, checked: its raw bytes (a view of arrow's memory), shape and dtype."""
+    buf: pa.Buffer
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _bytes(column: pa.ChunkedArray, r: int) -> pa.Buffer | None:
+    """Row r of a binary column as a zero-copy slice of arrow's data buffer (`column[r]`, a scalar,
+    would copy the megabytes)."""
+    for chunk in column.chunks:
+        if r < len(chunk):
+            break
+        r -= len(chunk)
+    if chunk.null_count and not chunk.is_valid()[r].as_py():
+        return None
+    if not (pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type)):
+        return chunk[r].as_buffer()  # another binary layout: take the copy
+    _, offsets, data = chunk.buffers()
+    width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+    start, end = np.frombuffer(offsets, width)[chunk.offset + r: chunk.offset + r + 2].tolist()
+    return data.slice(start, end - start)
+
+
+def _tensor(table: pa.Table, r: int, names: tuple[str, str, str], rank: int, where: str) -> _Tensor:
+    """Row r's tensor stored in the columns `names` (bytes, shape, dtype), checked against its shape
+    and dtype columns (FastVideo's own reader assumes float32; the dtype column is honoured here)."""
+    buf = _bytes(table.column(names[0]), r)
+    shape, dtype = (table.column(name)[r].as_py() for name in names[1:])
     dt = DTYPES.get((dtype or "").removeprefix("torch."))
     if dt is None:
-        raise DataError(f"{where}: unknown dtype {dtype!r} (expected one of {sorted(DTYPES)})")
+        raise DataError(f"{where}: unknown {names[2]} {dtype!r} (expected one of {sorted(DTYPES)})")
     if buf is None or shape is None:
-        raise DataError(f"{where}: null tensor bytes or shape")
+        raise DataError(f"{where}: null {names[0]} or {names[1]}")
+    if len(shape) == rank + 1 and shape[0] == 1:
+        shape = shape[1:]  # older FastVideo text rows keep the encoder's batch dim of 1
     if len(shape) != rank:
-        raise DataError(f"{where}: shape {shape} has rank {len(shape)}, expected {rank}")
+        raise DataError(f"{where}: {names[1]} {shape} has rank {len(shape)}, expected {rank}")
     if math.prod(shape) * dt.itemsize != buf.size:
-        raise DataError(f"{where}: shape {shape} in {dtype} is {math.prod(shape) * dt.itemsize} bytes, "
-                        f"the row holds {buf.size}")
-    if buf.size == 0:
-        return torch.zeros(shape)
-    # bytearray: one writable copy that the tensor owns (a view of arrow's read-only memory would
-    # alias the row-group cache); .float() is free for float32 and the one conversion otherwise.
-    return torch.frombuffer(bytearray(buf), dtype=dt).view(shape).float()
+        raise DataError(f"{where}: {names[1]} {shape} in {dtype} is {math.prod(shape) * dt.itemsize} bytes, "
+                        f"{names[0]} holds {buf.size}")
+    return _Tensor(buf, tuple(shape), dt)
+
+
+def _copy_into(out: torch.Tensor, t: _Tensor) -> None:
+    """Decode t's bytes into the float32 tensor `out`: one copy, straight from arrow's memory.
+    numpy reads the read-only buffer without complaint (torch.frombuffer would warn)."""
+    if t.buf.size == 0:
+        return
+    dst = out.view(-1).numpy()  # view(-1): `out` must be a contiguous slot, never a silent copy
+    if t.dtype is torch.bfloat16:  # a bf16 is the top half of a float32: widen by shifting 16 bits left
+        np.left_shift(np.frombuffer(t.buf, np.uint16), 16, out=dst.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(dst, np.frombuffer(t.buf, np.float16 if t.dtype is torch.float16 else np.float32))
 
 
 class ParquetDataset:
@@ -152,7 +191,8 @@ class ParquetDataset:
         self._lock = threading.Lock()
         # The text width every row must share, from the first row's shape column (a tiny read).
         f, g = self._where[0, :2].tolist()
-        shape = self._group(f, g).column("text_embedding_shape")[0].as_py() or [0]
+        with pq.ParquetFile(self.files[f]) as file:
+            shape = file.read_row_group(g, columns=["text_embedding_shape"]).column(0)[0].as_py() or [0]
         self.text_dim, self._text_dim_from = shape[-1], self.files[f]
         if need_latents and latent_stats is None:
             logger.warning("%s: no latents_mean/latents_std (VAE config) given; latents are used as stored",
@@ -202,43 +242,55 @@ class ParquetDataset:
                 slot.set_exception(DataError(f"{self.files[f]}: cannot read row group {g} ({e})"))
         return slot.result()
 
-    def read(self, i: int) -> tuple[dict, str]:
-        """Sample i with its text unpadded ([L, D]; the loader pads straight into the batch), and a
-        'file, row, id' string for error messages."""
-        f, g, r, row = self._where[self._samples[i]].tolist()
-        table = self._group(f, g)
-        col = lambda name: table.column(name)[r]
-        sid = col("id").as_py()
-        where = f"{self.files[f]}, row {row} (id {sid!r})"
-        shape = col("text_embedding_shape").as_py()
-        if shape is not None and len(shape) == 3 and shape[0] == 1:
-            shape = shape[1:]  # older FastVideo rows keep the encoder's batch dim of 1
-        text = _decode(col("text_embedding_bytes").as_buffer(), shape, col("text_embedding_dtype").as_py(), 2,
-                       where)
-        if text.shape[1] != self.text_dim:
-            raise DataError(f"{where}: text embedding width {text.shape[1]}, but the first row of "
-                            f"{self._text_dim_from} has {self.text_dim}")
-        if text.shape[0] > self.text_len:
-            raise DataError(f"{where}: text embedding has {text.shape[0]} tokens, more than text_len "
-                            f"{self.text_len}")
-        sample = {"id": sid, "caption": col("caption").as_py() or "", "text": text}
+    def batch(self, indices: Sequence[int]) -> dict:
+        """Samples `indices` as one batch: {"ids", "captions", "text" [B, text_len, D], "text_len" [B],
+        "latents" [B, C, T, H, W] (when need_latents)}, tensors float32, each decoded once from the
+        file's bytes straight into its slot of the batch."""
+        rows = []  # (table, row in group, where); holding the tables keeps each group to one read
+        for i in indices:
+            f, g, r, row = self._where[self._samples[i]].tolist()
+            table = self._group(f, g)
+            sid = table.column("id")[r].as_py()
+            rows.append((table, r, f"{self.files[f]}, row {row} (id {sid!r})"))
+        texts = [_tensor(t, r, TEXT, 2, where) for t, r, where in rows]
+        for t, (_, _, where) in zip(texts, rows, strict=True):
+            if t.shape[1] != self.text_dim:
+                raise DataError(f"{where}: text embedding width {t.shape[1]}, but the first row of "
+                                f"{self._text_dim_from} has {self.text_dim}")
+            if t.shape[0] > self.text_len:
+                raise DataError(f"{where}: text embedding has {t.shape[0]} tokens, more than text_len "
+                                f"{self.text_len}")
+        text = torch.empty(len(rows), self.text_len, self.text_dim)
+        for b, t in enumerate(texts):
+            _copy_into(text[b, : t.shape[0]], t)
+            text[b, t.shape[0]:] = 0
+        batch = {"ids": [t.column("id")[r].as_py() for t, r, _ in rows], "text": text,
+                 "text_len": torch.tensor([t.shape[0] for t in texts], dtype=torch.long),
+                 "captions": [t.column("caption")[r].as_py() or "" for t, r, _ in rows]}
         if self.need_latents:
-            x = _decode(col("vae_latent_bytes").as_buffer(), col("vae_latent_shape").as_py(),
-                        col("vae_latent_dtype").as_py(), 4, where)
+            lats = [_tensor(t, r, LATENT, 4, where) for t, r, where in rows]
+            if len({x.shape for x in lats}) > 1:
+                listing = "; ".join(f"{w}: {list(x.shape)}" for x, (_, _, w) in zip(lats, rows, strict=True))
+                raise DataError(f"latents of different shapes in one batch ({listing}); use batch_size 1 "
+                                f"or one resolution per dataset")
+            latents = torch.empty(len(rows), *lats[0].shape)
+            for b, x in enumerate(lats):
+                _copy_into(latents[b], x)
             if self.latent_stats is not None:
                 mean, std = (s.view(-1, 1, 1, 1) for s in self.latent_stats)
-                if len(mean) != x.shape[0]:
-                    raise DataError(f"{where}: latent has {x.shape[0]} channels, latents_mean has {len(mean)}")
-                x.sub_(mean).div_(std)  # in place: x is this sample's own copy
-            sample["latents"] = x
-        return sample, where
+                if len(mean) != latents.shape[1]:
+                    raise DataError(f"{rows[0][2]}: latent has {latents.shape[1]} channels, latents_mean "
+                                    f"{len(mean)}")
+                latents.sub_(mean).div_(std)  # in place: the batch is ours
+            batch["latents"] = latents
+        return batch
 
     def __getitem__(self, i: int) -> dict:
-        """{"id", "caption", "text" [text_len, D] float32, "text_len" int, "latents" [C, T, H, W]?}."""
-        sample, _ = self.read(i)
-        text = torch.zeros(self.text_len, self.text_dim)
-        text[: len(sample["text"])] = sample["text"]
-        return {**sample, "text": text, "text_len": len(sample["text"])}
+        """Sample i: {"id", "caption", "text" [text_len, D], "text_len" (int), "latents" [C, T, H, W]?}."""
+        b = self.batch([i])
+        sample = {"id": b["ids"][0], "caption": b["captions"][0], "text": b["text"][0],
+                  "text_len": int(b["text_len"][0])}
+        return sample | ({"latents": b["latents"][0]} if self.need_latents else {})
 
 
 class Loader:
@@ -248,11 +300,13 @@ class Loader:
     slice r. `position` is (epoch, index) of the next batch, index being its offset in the epoch's
     order, so `Loader(..., position=saved)` continues the exact sequence (even with another batch size).
     With drop_last=False the epoch's last batch is filled up from the start of the same order, so every
-    rank always gets a full batch. Batches come out in order whatever the threads do.
+    rank always gets a full batch. Batches come out in order whatever the threads do. A batch is
+    `ParquetDataset.batch`'s dict: ids, captions, text [B, text_len, D], text_len [B], latents?
     """
 
-    def __init__(self, dataset: ParquetDataset, batch_size: int, seed: int, position: tuple[int, int] = (0, 0),
-                 rank: int = 0, world_size: int = 1, num_workers: int = 2, drop_last: bool = True):
+    def __init__(self, dataset: ParquetDataset, batch_size: int, seed: int,
+                 position: tuple[int, int] = (0, 0), rank: int = 0, world_size: int = 1, num_workers: int = 2,
+                 drop_last: bool = True):
         self._pool = None  # first, so that close() works even if a check below fails
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, "
@@ -261,8 +315,8 @@ class Loader:
         self.rank, self.drop_last = rank, drop_last
         self.global_batch = batch_size * world_size
         if drop_last and len(dataset) < self.global_batch:
-            raise DataError(f"{', '.join(dataset.files)}: {len(dataset)} samples cannot fill one global batch "
-                            f"of {self.global_batch} (batch_size x world_size); use drop_last=False")
+            raise DataError(f"{', '.join(dataset.files)}: {len(dataset)} samples cannot fill one global "
+                            f"batch of {self.global_batch} (batch_size x world_size); use drop_last=False")
         epoch, index = position
         if epoch < 0 or index < 0:
             raise ValueError(f"position must be non-negative, got {position}")
@@ -301,24 +355,6 @@ class Loader:
         batch = order[index: index + self.global_batch]
         return batch[self.rank * self.batch_size: (self.rank + 1) * self.batch_size].tolist()
 
-    def _load(self, indices: list[int]) -> dict:
-        ds = self.dataset
-        samples, wheres = zip(*(ds.read(i) for i in indices))
-        text = torch.zeros(len(samples), ds.text_len, ds.text_dim)
-        for b, s in enumerate(samples):
-            text[b, : len(s["text"])] = s["text"]
-        batch = {"ids": [s["id"] for s in samples], "text": text,
-                 "text_len": torch.tensor([len(s["text"]) for s in samples], dtype=torch.long),
-                 "captions": [s["caption"] for s in samples]}
-        if ds.need_latents:
-            shapes = [tuple(s["latents"].shape) for s in samples]
-            if len(set(shapes)) > 1:
-                listing = "; ".join(f"{w}: {list(s)}" for w, s in zip(wheres, shapes))
-                raise DataError(f"latents of different shapes in one batch ({listing}); use batch_size 1 "
-                                f"or one resolution per dataset")
-            batch["latents"] = torch.stack([s["latents"] for s in samples])
-        return batch
-
     def __iter__(self):
         return self
 
@@ -326,10 +362,10 @@ class Loader:
         if self._closed:
             raise RuntimeError("this Loader is closed")
         if self._pool is None:
-            batch = self._load(self._indices(self._next))
+            batch = self.dataset.batch(self._indices(self._next))
         else:
             while len(self._pending) < self._prefetch:
-                self._pending.append(self._pool.submit(self._load, self._indices(self._submitted)))
+                self._pending.append(self._pool.submit(self.dataset.batch, self._indices(self._submitted)))
                 self._submitted = self._roll(self._submitted[0], self._submitted[1] + self.global_batch)
             try:
                 batch = self._pending.popleft().result()
@@ -399,8 +435,10 @@ def write_parquet(path, rows: Iterable[dict], rows_per_group: int = 1, compressi
                 cols["id"].append(str(row["id"]))
                 for prefix, key in (("vae_latent", "latent"), ("text_embedding", "text_embedding")):
                     if f"{prefix}_bytes" in cols:
-                        for suffix, value in zip(("bytes", "shape", "dtype"), _encode(row[key], key, where)):
-                            cols[f"{prefix}_{suffix}"].append(value)
+                        data, shape, dtype = _encode(row[key], key, where)
+                        cols[f"{prefix}_bytes"].append(data)
+                        cols[f"{prefix}_shape"].append(shape)
+                        cols[f"{prefix}_dtype"].append(dtype)
                 for name in METADATA:
                     cols[name].append(row.get(name))
             writer.write_table(pa.table(cols, schema=writer.schema), row_group_size=rows_per_group)

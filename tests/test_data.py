@@ -14,9 +14,9 @@ from fvfunc import data
 from fvfunc.data import DataError, Loader, ParquetDataset, epoch_order, latents_stats, write_parquet
 
 C, T, H, W, D = 4, 2, 3, 5, 8
-FASTVIDEO_T2V = ["id", "vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype", "text_embedding_bytes",
-                 "text_embedding_shape", "text_embedding_dtype", "file_name", "caption", "media_type", "width",
-                 "height", "num_frames", "duration_sec", "fps"]
+FASTVIDEO_T2V = ["id", "vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype",
+                 "text_embedding_bytes", "text_embedding_shape", "text_embedding_dtype",
+                 "file_name", "caption", "media_type", "width", "height", "num_frames", "duration_sec", "fps"]
 
 
 def bf16_bytes(x: np.ndarray) -> bytes:
@@ -34,7 +34,8 @@ def encode(x: np.ndarray, dtype: str) -> bytes:
 def expected(x: np.ndarray, dtype: str) -> torch.Tensor:
     """What the reader must return: the stored values, rounded the same way, as float32."""
     t = torch.from_numpy(x.astype(np.float32))
-    return {"float32": t, "float16": t.half().float(), "bfloat16": t.bfloat16().float()}[dtype.removeprefix("torch.")]
+    rounded = {"float32": t, "float16": t.half().float(), "bfloat16": t.bfloat16().float()}
+    return rounded[dtype.removeprefix("torch.")]
 
 
 def make_rows(n, seed=0, prefix="s", text_dtype="torch.bfloat16", latent_dtype="float32"):
@@ -45,35 +46,46 @@ def make_rows(n, seed=0, prefix="s", text_dtype="torch.bfloat16", latent_dtype="
             for i in range(n)]
 
 
-def write_fastvideo(path, rows, latents=True, row_group_size=2, drop=(), **override):
-    """A parquet file with FastVideo's exact columns, built column by column (not via write_parquet)."""
+INT64, FLOAT64, BINARY = pa.int64(), pa.float64(), pa.binary()
+
+
+def write_fastvideo(path, rows, latents=True, row_group_size=2, drop=(), int_type=INT64, float_type=FLOAT64,
+                    binary=BINARY, **override):
+    """A parquet file with FastVideo's columns, built column by column (not via write_parquet). The
+    types default to the documented schema; FastVideo's preprocessing actually writes int32 / float32
+    for shapes and metadata, which must read the same."""
+    shape_type = pa.list_(int_type)
     cols = {"id": pa.array([r["id"] for r in rows], pa.string())}
     if latents:
-        cols["vae_latent_bytes"] = pa.array([encode(r["latent"], r["latent_dtype"]) for r in rows], pa.binary())
-        cols["vae_latent_shape"] = pa.array([list(r["latent"].shape) for r in rows], pa.list_(pa.int64()))
+        cols["vae_latent_bytes"] = pa.array([encode(r["latent"], r["latent_dtype"]) for r in rows], binary)
+        cols["vae_latent_shape"] = pa.array([list(r["latent"].shape) for r in rows], shape_type)
         cols["vae_latent_dtype"] = pa.array([r["latent_dtype"] for r in rows], pa.string())
-    cols["text_embedding_bytes"] = pa.array([encode(r["text"], r["text_dtype"]) for r in rows], pa.binary())
-    cols["text_embedding_shape"] = pa.array([list(r["text"].shape) for r in rows], pa.list_(pa.int64()))
+    cols["text_embedding_bytes"] = pa.array([encode(r["text"], r["text_dtype"]) for r in rows], binary)
+    cols["text_embedding_shape"] = pa.array([list(r["text"].shape) for r in rows], shape_type)
     cols["text_embedding_dtype"] = pa.array([r["text_dtype"] for r in rows], pa.string())
     n = len(rows)
-    cols |= {"file_name": pa.array([f"{r['id']}.mp4" for r in rows]), "caption": pa.array([r["caption"] for r in rows]),
-             "media_type": pa.array(["video"] * n), "width": pa.array([8 * W] * n, pa.int64()),
-             "height": pa.array([8 * H] * n, pa.int64()), "num_frames": pa.array([4 * T - 3] * n, pa.int64()),
-             "duration_sec": pa.array([1.0] * n, pa.float64()), "fps": pa.array([16.0] * n, pa.float64())}
+    cols |= {"file_name": pa.array([f"{r['id']}.mp4" for r in rows]),
+             "caption": pa.array([r["caption"] for r in rows]),
+             "media_type": pa.array(["video"] * n), "width": pa.array([8 * W] * n, int_type),
+             "height": pa.array([8 * H] * n, int_type), "num_frames": pa.array([4 * T - 3] * n, int_type),
+             "duration_sec": pa.array([1.0] * n, float_type), "fps": pa.array([16.0] * n, float_type)}
     cols |= override
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({k: v for k, v in cols.items() if k not in drop}), path, row_group_size=row_group_size)
+    table = pa.table({k: v for k, v in cols.items() if k not in drop})
+    pq.write_table(table, path, row_group_size=row_group_size)
     return path
 
 
 @pytest.fixture
 def t2v(tmp_path):
-    """Two files (one in a subfolder), 7 rows, bf16 / fp16 / fp32 tensors, row groups of 2."""
+    """Two files (one in a subfolder, with the int32 / float32 / large_binary types), 7 rows,
+    bf16 / fp16 / fp32 tensors, row groups of 2."""
     a = make_rows(4, seed=1, prefix="a", text_dtype="torch.bfloat16", latent_dtype="float32")
     b = make_rows(3, seed=2, prefix="b", text_dtype="float32", latent_dtype="torch.bfloat16")
     b[0]["text_dtype"] = "float16"
     write_fastvideo(tmp_path / "ds" / "0.parquet", a)
-    write_fastvideo(tmp_path / "ds" / "sub" / "1.parquet", b)
+    write_fastvideo(tmp_path / "ds" / "sub" / "1.parquet", b, int_type=pa.int32(), float_type=pa.float32(),
+                    binary=pa.large_binary())
     return tmp_path / "ds", a + b
 
 
@@ -112,11 +124,12 @@ def test_write_parquet_round_trip(tmp_path):
     assert pq.read_schema(path).names == FASTVIDEO_T2V
     assert write_parquet(tmp_path / "out", rows[:1]).name == "part-00001.parquet"
     ds = ParquetDataset(tmp_path / "out", need_latents=True, text_len=4)
-    for r, s in zip(rows, (ds[i] for i in range(3))):
+    for r, s in zip(rows, (ds[i] for i in range(3)), strict=True):
         assert s["id"] == r["id"] and s["caption"] == r["caption"]
         assert torch.equal(s["latents"], r["latent"].float())
         assert torch.equal(s["text"][: s["text_len"]], r["text_embedding"].float())
-    text_only = write_parquet(tmp_path / "t.parquet", [{k: v for k, v in r.items() if k != "latent"} for r in rows])
+    text_rows = [{k: v for k, v in r.items() if k != "latent"} for r in rows]
+    text_only = write_parquet(tmp_path / "t.parquet", text_rows)
     assert pq.read_schema(text_only).names == [n for n in FASTVIDEO_T2V if not n.startswith("vae_")]
     with pytest.raises(DataError, match="every row has a latent or none"):
         write_parquet(tmp_path / "mixed.parquet", [rows[0], {"id": "x", "text_embedding": torch.zeros(1, D)}])
@@ -130,12 +143,17 @@ def _bad_row(rows, **changes):
 @pytest.mark.parametrize("case, build, match", [
     ("missing column", lambda p, r: write_fastvideo(p, r, drop=("text_embedding_dtype",)),
      r"bad\.parquet: missing column\(s\) text_embedding_dtype"),
-    ("bytes vs shape", lambda p, r: write_fastvideo(p, r, **{"vae_latent_shape": pa.array(
-        [[C, T, H, W]] + [[C, T, H, W + 1]] * 3, pa.list_(pa.int64()))}), r"bad\.parquet, row 1 \(id 's1'\).*bytes"),
+    ("bytes vs shape", lambda p, r: write_fastvideo(p, r, vae_latent_shape=pa.array(
+        [[C, T, H, W], [C, T, H, W + 1], [C, T, H, W], [C, T, H, W]], pa.list_(pa.int64()))),
+     r"bad\.parquet, row 1 \(id 's1'\): vae_latent_shape \[4, 2, 3, 6\] in float32 is 576 bytes, "
+     r"vae_latent_bytes holds 480"),
     ("rank", lambda p, r: write_fastvideo(p, _bad_row(r, text=r[1]["text"][None, None])),
-     r"bad\.parquet, row 1 \(id 's1'\).*rank 4, expected 2"),
+     r"bad\.parquet, row 1 \(id 's1'\): text_embedding_shape \[1, 1, \d+, 8\] has rank 4, expected 2"),
+    ("null bytes", lambda p, r: write_fastvideo(p, r, vae_latent_bytes=pa.array(
+        [encode(x["latent"], "float32") if i != 1 else None for i, x in enumerate(r)], pa.binary())),
+     r"bad\.parquet, row 1 \(id 's1'\): null vae_latent_bytes"),
     ("unknown dtype", lambda p, r: write_fastvideo(p, _bad_row(r, latent_dtype="float64")),
-     r"bad\.parquet, row 1 \(id 's1'\): unknown dtype 'float64'"),
+     r"bad\.parquet, row 1 \(id 's1'\): unknown vae_latent_dtype 'float64'"),
     ("text width", lambda p, r: write_fastvideo(p, _bad_row(r, text=np.zeros((3, D + 1), np.float32))),
      r"bad\.parquet, row 1 \(id 's1'\): text embedding width 9"),
     ("text too long", lambda p, r: write_fastvideo(p, _bad_row(r, text=np.zeros((17, D), np.float32))),
@@ -171,7 +189,8 @@ def test_latent_normalisation(tmp_path, t2v, caplog):
     mean, std = [0.5, -1.0, 2.0, 0.0], [2.0, 0.5, 1.0, 4.0]
     (tmp_path / "pipe" / "vae").mkdir(parents=True)
     (tmp_path / "pipe" / "transformer").mkdir()
-    (tmp_path / "pipe" / "vae" / "config.json").write_text(json.dumps({"latents_mean": mean, "latents_std": std}))
+    config = {"latents_mean": mean, "latents_std": std, "z_dim": C}
+    (tmp_path / "pipe" / "vae" / "config.json").write_text(json.dumps(config))
     stats = latents_stats(tmp_path / "pipe" / "transformer")
     assert torch.equal(stats[0], torch.tensor(mean)) and torch.equal(stats[1], torch.tensor(std))
     assert torch.equal(latents_stats(tmp_path / "pipe")[1], torch.tensor(std))
@@ -180,7 +199,7 @@ def test_latent_normalisation(tmp_path, t2v, caplog):
         normed = ParquetDataset(folder, need_latents=True, text_len=16, latent_stats=stats)
     assert not caplog.records
     want = (x - torch.tensor(mean).view(C, 1, 1, 1)) / torch.tensor(std).view(C, 1, 1, 1)
-    torch.testing.assert_close(normed[5]["latents"], want, rtol=0, atol=0)
+    assert torch.equal(normed[5]["latents"], want)
 
     assert latents_stats(tmp_path / "no_vae" / "transformer") is None
     with caplog.at_level(logging.WARNING, logger="fvfunc.data"):
@@ -239,6 +258,15 @@ def test_resume_continues_the_exact_sequence(ds10, k):
         assert ids(resumed, 4) == rest
 
 
+def test_position_is_an_offset_in_the_epoch_order(ds10):
+    with Loader(ds10, batch_size=2, seed=7, num_workers=0) as loader:
+        ids(loader, 3)
+        assert loader.position == (0, 6)
+    with Loader(ds10, batch_size=3, seed=7, position=(0, 6)) as other:  # a new batch size resumes too
+        assert next(other)["ids"] == [f"s{i}" for i in epoch_order(10, 7, 0)[6:9].tolist()]
+        assert other.position == (1, 0)  # no full batch of 3 starts at 9
+
+
 def test_ranks_partition_each_global_batch(ds10):
     with Loader(ds10, batch_size=4, seed=1, num_workers=0) as whole:
         want = ids(whole, 4)
@@ -258,7 +286,7 @@ def test_drop_last_false_fills_the_last_batch(ds10):
 
 
 def test_threads_do_not_change_the_sequence(ds10):
-    with Loader(ds10, batch_size=2, seed=5, num_workers=0) as a, Loader(ds10, batch_size=2, seed=5, num_workers=2) as b:
+    with Loader(ds10, 2, seed=5, num_workers=0) as a, Loader(ds10, 2, seed=5, num_workers=2) as b:
         for _ in range(8):
             x, y = next(a), next(b)
             assert x["ids"] == y["ids"] and x["captions"] == y["captions"]
@@ -281,3 +309,11 @@ def test_too_few_samples_for_a_global_batch(ds10):
     with pytest.raises(DataError, match="cannot fill one global batch"):
         Loader(ds10, batch_size=6, seed=0, world_size=2)
     assert data.schema(latents=True).names == FASTVIDEO_T2V
+
+
+def test_binary_cells_are_sliced_without_copies():
+    values = [b"ab", None, b"", b"cdef", b"g"]
+    for typ in (pa.binary(), pa.large_binary()):
+        column = pa.chunked_array([pa.array(values[:2], typ), pa.array(values[1:], typ).slice(1)])
+        got = [data._bytes(column, r) for r in range(len(values))]
+        assert [None if g is None else g.to_pybytes() for g in got] == values
