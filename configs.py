@@ -29,6 +29,10 @@ class RoleConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype the params are held in: float32 for trainable masters, bfloat16 saves memory for a
     frozen teacher."""
+    sharding: Literal["replicated", "sharded"] = "replicated"
+    """Across data-parallel ranks (torchrun): 'replicated' keeps the whole params (and optimizer state)
+    on every rank; 'sharded' splits them over the ranks (ZeRO-3 / FSDP style: each rank holds 1/W,
+    a block is gathered whole just before use). One process ignores it."""
 
 
 def _role(trainable: bool, dtype: str = "float32") -> RoleConfig:

@@ -10,6 +10,12 @@ file it lists exists with the listed size. `save` builds the folder under a hidd
 fsyncs it, writes meta.json last and only then renames it into place, so a killed run leaves either
 the old set of checkpoints or the old set plus a complete new one -- never a half-written
 `checkpoint-<step>` that `latest` could pick.
+
+A sharded run (fvfunc.distributed) writes one checkpoint from all its ranks: the trees every rank
+holds alike once, from rank 0, and each rank's pieces of the sharded trees as
+`<name>.shard-<rank>-of-<world>.safetensors` (the rows of dim 0 that rank holds, as `torch.chunk`
+splits them), all into the same temporary folder before rank 0 writes meta.json and renames it.
+`load` joins the pieces back into whole tensors, or reads only one rank's pieces.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ FORMAT_VERSION = 1
 _NAME = re.compile(r"checkpoint-(\d+)")
 _TEMP = re.compile(r"\.checkpoint-\d+\.(tmp|old)")
 _SUFFIX = ".safetensors"
+_SHARD = re.compile(r"(?P<tree>.+)\.shard-(?P<rank>\d+)-of-(?P<world>\d+)")
 
 Trees = dict[str, dict[str, torch.Tensor]]
 
@@ -41,48 +48,73 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------ save
 
 
-def save(output_dir: str | os.PathLike, step: int, trees: Trees, meta: dict, keep: int = 0) -> Path:
+def shard_name(tree: str, rank: int, world_size: int) -> str:
+    """The file stem of one rank's piece of a sharded tree."""
+    return f"{tree}.shard-{rank:05d}-of-{world_size:05d}"
+
+
+def save(output_dir: str | os.PathLike, step: int, trees: Trees, meta: dict, keep: int = 0, *,
+         shards: Trees | None = None, rank: int = 0, world_size: int = 1, sync=None) -> Path:
     """Write `trees` and `meta` as `output_dir/checkpoint-<step>/` and return that folder.
 
     A folder of the same step is replaced. Afterwards the newest `keep` complete checkpoints are kept
     (0 keeps all); the one just written always counts among them, even when newer steps exist (a run
-    resumed from an older checkpoint must not delete its own fresh save)."""
+    resumed from an older checkpoint must not delete its own fresh save).
+
+    Several ranks (world_size > 1) all call `save` with the same step and meta: rank 0 writes `trees`,
+    every rank writes its `shards` ({tree: this rank's piece}), and `sync(obj) -> [every rank's obj]`
+    (fvfunc.distributed.exchange) orders the phases: folder made, files written, checkpoint renamed."""
     step = int(step)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if "step" in meta and meta["step"] != step:
         raise ValueError(f"meta['step'] = {meta['step']!r} but saving step {step}")
-    for name in trees:
+    if (world_size > 1) != (sync is not None):
+        raise ValueError("a checkpoint of several ranks needs `sync`, and only such a checkpoint")
+    files = {name: tree for name, tree in (trees if rank == 0 else {}).items()}
+    files.update({shard_name(name, rank, world_size): tree for name, tree in (shards or {}).items()})
+    for name in files:
         if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or os.sep in name:
             raise ValueError(f"tree name {name!r} must be a non-empty file name (no '/', no leading '.')")
     json.dumps(meta)  # a meta that is not JSON fails here, before anything touches the disk
 
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
-    tmp.mkdir()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out)
+        tmp.mkdir()
+    if sync is not None:
+        sync(None)  # the temporary folder exists
 
-    files = {}
-    for name, tree in trees.items():
+    sizes = {}
+    for name, tree in files.items():
         path = tmp / (name + _SUFFIX)
         safetensors.torch.save_file(_to_cpu(name, tree), str(path))
         _fsync(path)
-        files[path.name] = path.stat().st_size
-    record = {"format_version": FORMAT_VERSION, "step": step, "files": files, "meta": meta}
-    (tmp / "meta.json").write_text(json.dumps(record, indent=2) + "\n")
-    _fsync(tmp / "meta.json")
-    _fsync(tmp)
+        sizes[path.name] = path.stat().st_size
+    if sync is not None:
+        every = sync(sizes)
+        sizes = {k: v for s in every for k, v in s.items()}
+        if sum(map(len, every)) != len(sizes):
+            raise ValueError("two ranks wrote a checkpoint file of the same name")
 
-    if final.exists():
-        _swap_in(tmp, final)
-    else:
-        os.rename(tmp, final)
-    _fsync(out)
-    if keep > 0:
-        others = [p for p in list_checkpoints(out) if p != final]
-        for old in others[: max(len(others) - (keep - 1), 0)]:
-            shutil.rmtree(old)
+    if rank == 0:
+        record = {"format_version": FORMAT_VERSION, "step": step, "files": sizes, "meta": meta}
+        (tmp / "meta.json").write_text(json.dumps(record, indent=2) + "\n")
+        _fsync(tmp / "meta.json")
+        _fsync(tmp)
+        if final.exists():
+            _swap_in(tmp, final)
+        else:
+            os.rename(tmp, final)
+        _fsync(out)
+        if keep > 0:
+            others = [p for p in list_checkpoints(out) if p != final]
+            for old in others[: max(len(others) - (keep - 1), 0)]:
+                shutil.rmtree(old)
+    if sync is not None:
+        sync(None)  # the checkpoint is in place for every rank
     return final
 
 
@@ -221,17 +253,44 @@ def resolve(output_dir: str | os.PathLike, resume: str) -> Path | None:
     return path
 
 
-def load(path: str | os.PathLike) -> tuple[Trees, dict]:
+def _read(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safetensors.safe_open(str(f), framework="pt", device="cpu") as sf:
+            return {k: sf.get_tensor(k).clone() for k in sf.keys()}
+    except (safetensors.SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+
+
+def load(path: str | os.PathLike, shard: tuple[int, int] | None = None) -> tuple[Trees, dict]:
     """`(trees, meta)` of a complete checkpoint folder: fresh, aligned, contiguous CPU tensors (cloned
-    out of the file mapping) and the caller's meta as it was saved."""
+    out of the file mapping) and the caller's meta as it was saved.
+
+    Sharded trees (written by several ranks) come back whole, their pieces joined along dim 0 in rank
+    order. With `shard=(rank, world_size)` and a checkpoint sharded over that many ranks, only this
+    rank's pieces are read (and returned as they are); over another number of ranks, whole as above."""
     path = Path(path)
     record = _verify(path)
-    trees = {}
+    trees: Trees = {}
+    pieces: dict[str, dict[int, str]] = {}
+    worlds = set()
     for fname in record["files"]:
-        f = path / fname
-        try:
-            with safetensors.safe_open(str(f), framework="pt", device="cpu") as sf:
-                trees[fname[: -len(_SUFFIX)]] = {k: sf.get_tensor(k).clone() for k in sf.keys()}
-        except (safetensors.SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+        stem = fname[: -len(_SUFFIX)]
+        m = _SHARD.fullmatch(stem)
+        if m is None:
+            trees.setdefault(stem, {}).update(_read(path / fname))
+        else:
+            pieces.setdefault(m["tree"], {})[int(m["rank"])] = fname
+            worlds.add(int(m["world"]))
+    if len(worlds) > 1:
+        raise CheckpointError(f"{path}: shards of different world sizes {sorted(worlds)}")
+    world = worlds.pop() if worlds else 0
+    for name, files in pieces.items():
+        if sorted(files) != list(range(world)):
+            raise CheckpointError(f"{path}: tree {name!r} has shards {sorted(files)} of {world} ranks")
+        if shard is not None and shard[1] == world:
+            parts = [_read(path / files[shard[0]])]
+        else:
+            parts = [_read(path / files[r]) for r in range(world)]
+        joined = {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+        trees.setdefault(name, {}).update(joined)
     return trees, record["meta"]

@@ -1,8 +1,8 @@
 """Functional optimizer pieces over params dicts, optax style: AdamW as an `(init, update)` pair,
 LR schedules as functions of the step, global-norm clipping and EMA as pure functions.
 
-Nothing here modifies its inputs: every result lives in fresh buffers (the `_foreach_*_` in-place
-ops below only ever touch tensors this module just allocated).
+Nothing here modifies its inputs: every result lives in fresh buffers (the in-place ops below only
+ever touch tensors this module just allocated), unless the caller donates them to `adamw`'s update.
 """
 
 from __future__ import annotations
@@ -37,10 +37,17 @@ def _check_keys(what: str, got: Params, params: Params) -> None:
 
 
 def adamw(lr: float | Schedule, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: float = 0.01) -> Optimizer:
+          weight_decay: float = 0.01, *, fused: bool | None = None, donate: bool = False) -> Optimizer:
     """torch.optim.AdamW as a pure `(init, update)` pair. `lr` is a float or a schedule called with
     the number of updates taken before this one (the first update uses `lr(0)`, like LambdaLR).
-    Grads of any float dtype are cast to fp32 (the moments' dtype); new params keep their dtype."""
+    Grads of any float dtype are cast to fp32 (the moments' dtype); new params keep their dtype.
+
+    fused: one kernel per update (torch's fused AdamW, `torch.optim.AdamW(fused=True)`) instead of a
+    chain of `_foreach` ops; None picks it for CUDA params.
+    donate: the update may write the new params and moments into the buffers of the ones it is given,
+    as `jax.jit(..., donate_argnums=...)` does: the caller must not use the params or state it passed
+    in afterwards. This halves the optimizer's peak memory (no second copy of params and moments).
+    """
     schedule = lr if callable(lr) else constant(lr)
     beta1, beta2 = betas
 
@@ -55,22 +62,31 @@ def adamw(lr: float | Schedule, betas: tuple[float, float] = (0.9, 0.999), eps: 
         keys = list(params)
         step = int(state.step)
         lr_t = float(schedule(step))
-        p = [params[k].float() for k in keys]  # may alias the inputs: read only
-        g = [grads[k].float() for k in keys]
-        # Loshchilov & Hutter 2019 (decoupled weight decay), op for op as torch.optim.adam's
-        # _multi_tensor_adam: p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g^2;
-        # p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps), with t = step + 1.
-        new_p = torch._foreach_mul(p, 1.0 - lr_t * weight_decay)
-        mu = torch._foreach_lerp([state.mu[k] for k in keys], g, 1.0 - beta1)
-        nu = torch._foreach_mul([state.nu[k] for k in keys], beta2)
-        torch._foreach_addcmul_(nu, g, g, value=1.0 - beta2)
+        g = [grads[k].float() for k in keys]  # may alias the inputs: read only
+        # the buffers the update writes: fresh copies, or the inputs themselves when donated
+        p = [params[k].to(torch.float32, copy=not donate) for k in keys]
+        mu = [state.mu[k] if donate else state.mu[k].clone() for k in keys]
+        nu = [state.nu[k] if donate else state.nu[k].clone() for k in keys]
         t = step + 1
-        step_size = -lr_t / (1.0 - beta1**t)
-        denom = torch._foreach_sqrt(nu)
-        torch._foreach_div_(denom, (1.0 - beta2**t) ** 0.5)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(new_p, mu, denom, value=step_size)
-        new_params = {k: v.to(params[k].dtype) for k, v in zip(keys, new_p, strict=True)}
+        use_fused = fused if fused is not None else bool(p) and p[0].is_cuda
+        if use_fused:
+            steps = [torch.full((), float(t), device=p[0].device)] * len(p)
+            torch._fused_adamw_(p, g, mu, nu, [], steps, lr=lr_t, beta1=beta1, beta2=beta2,
+                                weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+        else:
+            # Loshchilov & Hutter 2019 (decoupled weight decay), op for op as torch.optim.adam's
+            # _multi_tensor_adam: p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g^2;
+            # p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps), with t = step + 1.
+            torch._foreach_mul_(p, 1.0 - lr_t * weight_decay)
+            torch._foreach_lerp_(mu, g, 1.0 - beta1)
+            torch._foreach_mul_(nu, beta2)
+            torch._foreach_addcmul_(nu, g, g, value=1.0 - beta2)
+            step_size = -lr_t / (1.0 - beta1**t)
+            denom = torch._foreach_sqrt(nu)
+            torch._foreach_div_(denom, (1.0 - beta2**t) ** 0.5)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(p, mu, denom, value=step_size)
+        new_params = {k: v.to(params[k].dtype) for k, v in zip(keys, p, strict=True)}
         new_state = AdamWState(state.step + 1, dict(zip(keys, mu, strict=True)),
                                dict(zip(keys, nu, strict=True)))
         return new_params, new_state

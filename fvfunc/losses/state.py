@@ -49,7 +49,7 @@ def make_optimizer(training, lr: float, betas, weight_decay: float, total_update
     is the role's own update count."""
     schedule = optim.make_schedule(training.lr_schedule, lr, training.warmup_steps, total_updates,
                                    training.min_lr_ratio)
-    return optim.adamw(schedule, tuple(betas), training.eps, weight_decay), schedule
+    return optim.adamw(schedule, tuple(betas), training.eps, weight_decay, donate=training.donate), schedule
 
 
 def split_batch(batch: dict, n: int) -> list[dict]:

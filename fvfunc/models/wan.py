@@ -9,6 +9,7 @@ including where it computes in fp32: the time embedder, the modulation tables an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.utils.checkpoint import checkpoint as recompute
 
 from fvfunc import random
@@ -27,7 +29,7 @@ from fvfunc.ops import (apply_rope, attention, layer_norm, modulate, patchify, r
                         timestep_embedding, unpatchify)
 
 CLASS_NAME = "WanTransformer3DModel"
-REMAT = ("none", "full")
+REMAT = ("none", "full", "attention")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -172,12 +174,23 @@ def _linear(x, params, name, dtype):
     return F.linear(x, params[f"{name}.weight"].to(dtype), params[f"{name}.bias"].to(dtype))
 
 
+def _linears(x, params, names, dtype):
+    """`_linear` of x by several layers at once: one matmul with their weights stacked, split back
+    into one output per layer (fewer, wider matmuls; the same dot products)."""
+    w = torch.cat([params[f"{n}.weight"].to(dtype) for n in names])
+    b = torch.cat([params[f"{n}.bias"].to(dtype) for n in names])
+    return F.linear(x, w, b).chunk(len(names), dim=-1)
+
+
 def _attention(params, p, x, context, rope, cfg, dtype, backend):
     heads = cfg.num_attention_heads
-    kv = x if context is None else context
-    q = rms_norm(_linear(x, params, f"{p}.to_q", dtype), params[f"{p}.norm_q.weight"], cfg.eps)
-    k = rms_norm(_linear(kv, params, f"{p}.to_k", dtype), params[f"{p}.norm_k.weight"], cfg.eps)
-    v = _linear(kv, params, f"{p}.to_v", dtype)
+    if context is None:
+        q, k, v = _linears(x, params, (f"{p}.to_q", f"{p}.to_k", f"{p}.to_v"), dtype)
+    else:
+        q = _linear(x, params, f"{p}.to_q", dtype)
+        k, v = _linears(context, params, (f"{p}.to_k", f"{p}.to_v"), dtype)
+    q = rms_norm(q, params[f"{p}.norm_q.weight"], cfg.eps)
+    k = rms_norm(k, params[f"{p}.norm_k.weight"], cfg.eps)
     q, k, v = (a.unflatten(-1, (heads, -1)) for a in (q, k, v))
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -185,34 +198,91 @@ def _attention(params, p, x, context, rope, cfg, dtype, backend):
     return _linear(out, params, f"{p}.to_out.0", dtype)
 
 
-def _block(params, i, cfg, x, context, mod, rope, dtype, backend):
-    b = f"blocks.{i}"
-    shift, scale, gate, c_shift, c_scale, c_gate = (params[f"{b}.scale_shift_table"] + mod).chunk(6, dim=1)
+def _block(params, cfg, x, context, mod, rope, dtype, backend):
+    """One transformer block; `params` holds this block's leaves without the "blocks.{i}." prefix,
+    so every block is the same function of the same structure (one compiled graph serves them all)."""
+    shift, scale, gate, c_shift, c_scale, c_gate = (params["scale_shift_table"] + mod).chunk(6, dim=1)
     # 1. self-attention, modulated and gated
     h = modulate(layer_norm(x, eps=cfg.eps), shift, scale).to(dtype)
-    x = (x.float() + _attention(params, f"{b}.attn1", h, None, rope, cfg, dtype, backend) * gate).to(dtype)
+    x = (x.float() + _attention(params, "attn1", h, None, rope, cfg, dtype, backend) * gate).to(dtype)
     # 2. cross-attention to the text, ungated
     if cfg.cross_attn_norm:
-        h = layer_norm(x, params[f"{b}.norm2.weight"], params[f"{b}.norm2.bias"], cfg.eps).to(dtype)
+        h = layer_norm(x, params["norm2.weight"], params["norm2.bias"], cfg.eps).to(dtype)
     else:
         h = x
-    x = x + _attention(params, f"{b}.attn2", h, context, None, cfg, dtype, backend)
+    x = x + _attention(params, "attn2", h, context, None, cfg, dtype, backend)
     # 3. feed-forward (GELU-tanh), modulated and gated
     h = modulate(layer_norm(x, eps=cfg.eps), c_shift, c_scale).to(dtype)
-    h = F.gelu(_linear(h, params, f"{b}.ffn.net.0.proj", dtype), approximate="tanh")
-    h = _linear(h, params, f"{b}.ffn.net.2", dtype)
+    h = F.gelu(_linear(h, params, "ffn.net.0.proj", dtype), approximate="tanh")
+    h = _linear(h, params, "ffn.net.2", dtype)
     return (x.float() + h.float() * c_gate).to(dtype)
 
 
+# The fused attention kernels. remat="attention" keeps their outputs (and log-sum-exp) for the
+# backward pass and recomputes everything else of a block: projections, norms, RoPE, FFN. Attention
+# is most of a block's time at video lengths (DESIGN.md section 4), the rest is cheap to redo.
+_ATTENTION_OPS = {
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _save_attention(ctx, op, *args, **kwargs):
+    del ctx, args, kwargs
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _gathered_block(gather, params, *args):
+    return _block(gather(params), *args)
+
+
+def _remat_block(params, cfg, x, context, mod, rope, dtype, backend, remat, gather=None):
+    """`_block` under the remat policy (only where a backward pass will follow). With `gather`, the
+    block's params are made whole inside the block, so remat gathers them again in the backward."""
+    args = (params, cfg, x, context, mod, rope, dtype, backend)
+    block = _block if gather is None else functools.partial(_gathered_block, gather)
+    if remat == "none" or not torch.is_grad_enabled():
+        return block(*args)
+    # (no context_fn at all for "full": torch.compile refuses an explicit noop_context_fn)
+    policy = {} if remat == "full" else {
+        "context_fn": functools.partial(create_selective_checkpoint_contexts, _save_attention)}
+    return recompute(block, *args, use_reentrant=False, **policy)
+
+
+@functools.cache
+def _compiled_block(backend: str):
+    # dynamic=False: one specialised graph per (shape, dtype, grad mode); a run sees only a few
+    return torch.compile(_remat_block, backend=backend, dynamic=False)
+
+
+def block_params(params: dict, num_layers: int) -> list[dict]:
+    """params["blocks.{i}.<name>"] as one dict {<name>: tensor} per block (views, no copies)."""
+    blocks = [{} for _ in range(num_layers)]
+    for name, value in params.items():
+        if name.startswith("blocks."):
+            i, rest = name[len("blocks."):].split(".", 1)
+            blocks[int(i)][rest] = value
+    return blocks
+
+
 def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
-          dtype: torch.dtype | None = None, attention: str = "auto", remat: str = "none") -> torch.Tensor:
+          dtype: torch.dtype | None = None, attention: str = "auto", remat: str = "none",
+          compile: bool | str = False, gather=None) -> torch.Tensor:
     """The flow prediction v = noise - x0 for latents x [B, C, T, H, W] at timesteps t [B] (floats in
     [0, 1000]) given text embeddings context [B, L, text_dim].
 
     dtype: the compute dtype (None: the params' dtype); params are cast on the fly, so fp32 masters
-    stay untouched. attention: the SDPA backend (fvfunc.ops.attention). remat: "none", or "full" to
-    recompute each block in the backward pass (torch.utils.checkpoint; works with torch.autograd, not
-    with torch.func.grad).
+    stay untouched. attention: the SDPA backend (fvfunc.ops.attention; "cudnn" is the fastest on H100).
+    remat: activation rematerialisation in the backward pass, per block: "none"; "full" recomputes
+    each block (torch.utils.checkpoint); "attention" keeps the attention outputs and recomputes the
+    rest of the block (selective checkpointing: about a third of "none"'s activation memory for a
+    fraction of a forward's time). Remat works with torch.autograd, not with torch.func.grad.
+    compile: torch.compile each transformer block (one graph serves all layers; the embeddings and
+    the head stay eager): True for inductor, or a torch.compile backend name ("aot_eager" in tests).
+    gather: for sharded params (fvfunc.distributed.gather), `gather(tree) -> tree` of whole tensors;
+    called on the params outside the blocks first, then on each block's params inside the block.
     Returns v in the compute dtype.
     """
     if remat not in REMAT:
@@ -224,6 +294,9 @@ def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
     if t.shape != (B,):
         raise ValueError(f"t must have shape [B] = [{B}], got {list(t.shape)}")
     rope = rope_3d(cfg.attention_head_dim, grid, device=x.device)
+    blocks = block_params(params, cfg.num_layers)
+    if gather is not None:
+        params = gather({k: v for k, v in params.items() if not k.startswith("blocks.")})
 
     w = params["patch_embedding.weight"]
     h = patchify(x.to(dtype), cfg.patch_size) @ w.reshape(w.shape[0], -1).to(dtype).T
@@ -238,11 +311,9 @@ def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
     ctx = _linear(context.to(dtype), params, "condition_embedder.text_embedder.linear_1", dtype)
     ctx = _linear(F.gelu(ctx, approximate="tanh"), params, "condition_embedder.text_embedder.linear_2", dtype)
 
-    for i in range(cfg.num_layers):
-        if remat == "full" and torch.is_grad_enabled():
-            h = recompute(_block, params, i, cfg, h, ctx, mod, rope, dtype, attention, use_reentrant=False)
-        else:
-            h = _block(params, i, cfg, h, ctx, mod, rope, dtype, attention)
+    block = _compiled_block("inductor" if compile is True else compile) if compile else _remat_block
+    for bp in blocks:
+        h = block(bp, cfg, h, ctx, mod, rope, dtype, attention, remat, gather)
 
     shift, scale = (params["scale_shift_table"] + temb[:, None]).chunk(2, dim=1)
     h = modulate(layer_norm(h, eps=cfg.eps), shift, scale).to(dtype)

@@ -1,0 +1,323 @@
+"""Multi-process training on torch.distributed (launched by torchrun): data parallel and sharded params.
+
+One process a GPU (NCCL), or a few CPU processes (gloo, for tests). `init(device)` reads torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or takes a process group the caller has
+already started; a lone process gets `Process(0, 1, device, None)` and nothing here communicates.
+
+Data parallel. Every rank reads its own slice of the global batch (`data.Loader(rank, world_size)`),
+draws each sample's noise from the sample's global index, and averages its gradient with the others
+(`make_reduce`, the `reduce` hook of `fvfunc.losses.state.update`) before clipping and AdamW. With
+equal slices the mean over ranks of per-rank means is the global mean, so W ranks over a global batch
+take the step one process takes over the same batch (tests/test_distributed.py).
+
+Sharded params (ZeRO-3 / FSDP style). A sharded role keeps its params dict and its keys; each leaf is a
+DTensor sharded on dim 0 over a 1-D DeviceMesh, split as `torch.chunk` splits (rank r holds rows
+[r c, (r + 1) c) with c = ceil(n / W), maybe none). Gradients, AdamW moments and the EMA come out as
+DTensors of the same layout, so the elementwise AdamW and the global-norm clip (DTensor reduces the
+partial norms) run unchanged on the local pieces: optimizer state is sharded for free. The model's
+apply calls `gather(tree)` right before it uses a unit (each transformer block, and the params outside
+the blocks): one `all_gather_into_tensor` of the unit's flattened pieces, whose backward
+is one `reduce_scatter_tensor` (a sum over ranks; `make_reduce` then divides by W). Gathering inside
+the block means remat (activation checkpointing) frees a block's gathered weights after its forward
+and gathers them again for the backward, so only one block is whole at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+
+Params = dict[str, torch.Tensor]
+SHARDINGS = ("replicated", "sharded")
+BUCKET_BYTES = 256 * 2**20
+"""All-reduce gradients in flat buckets of about this size (few large collectives, bounded extra memory)."""
+
+
+class Process(NamedTuple):
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh | None
+    """The 1-D mesh of all ranks, None in a lone process."""
+    owner: bool
+    """Whether `init` started the process group (and `shutdown` ends it)."""
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # one GPU a process: torchrun's LOCAL_RANK picks it
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def init(device: str = "auto") -> Process:
+    """This process's place in the run; starts the process group under torchrun (WORLD_SIZE > 1),
+    NCCL when the device is a GPU, else gloo. `device` is TrainingConfig.device ('auto' and 'cuda' mean
+    cuda:LOCAL_RANK)."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Process(0, 1, _device(device, 0), None, False)
+    dev = _device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    owner = not dist.is_initialized()
+    if owner:
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    mesh = init_device_mesh(dev.type, (world,)) if world > 1 else None
+    return Process(dist.get_rank(), world, dev, mesh, owner)
+
+
+def shutdown(process: Process, clean: bool = True) -> None:
+    """End the process group if `init` started it. `clean`: every rank got here normally, so wait for
+    all of them first (a rank that tears gloo down while a peer still talks to it can abort); after an
+    error, other ranks may never arrive, so don't."""
+    if process.owner and dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(process: Process) -> None:
+    if process.world_size > 1:
+        dist.barrier()
+
+
+def exchange(process: Process) -> Callable[[object], list] | None:
+    """`sync(obj) -> [obj of rank 0, obj of rank 1, ...]` (an all-gather that doubles as a barrier), or
+    None in a lone process: what `checkpoint.save` needs to write one checkpoint from many ranks."""
+    if process.world_size == 1:
+        return None
+
+    def sync(obj):
+        out = [None] * process.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    return sync
+
+
+# ------------------------------------------------------------------------ gradients and metrics
+
+
+def _buckets(keys: list[str], tensors: Params, limit: int) -> list[list[str]]:
+    """Consecutive keys grouped by (dtype, device), each group up to `limit` bytes (at least one key)."""
+    groups: dict[tuple, list[list[str]]] = {}
+    for k in keys:
+        t = tensors[k]
+        runs = groups.setdefault((t.dtype, t.device), [[]])
+        size = sum(tensors[j].numel() * tensors[j].element_size() for j in runs[-1])
+        if runs[-1] and size + t.numel() * t.element_size() > limit:
+            runs.append([])
+        runs[-1].append(k)
+    return [run for runs in groups.values() for run in runs if run]
+
+
+def make_reduce(process: Process, bucket_bytes: int = BUCKET_BYTES) -> Callable[[Params], Params] | None:
+    """The mean of a gradient tree over ranks (None in a lone process). Replicated leaves: flat bucketed
+    all-reduces (sum, then / W). Sharded leaves (DTensors): `gather`'s backward already summed them over
+    ranks with its reduce-scatter, so they are only divided by W."""
+    if process.world_size == 1:
+        return None
+    world = process.world_size
+
+    def reduce(grads: Params) -> Params:
+        out = dict(grads)
+        sharded = [k for k, g in grads.items() if isinstance(g, DTensor)]
+        if sharded:
+            out.update(zip(sharded, torch._foreach_div([grads[k] for k in sharded], world), strict=True))
+        plain = [k for k, g in grads.items() if not isinstance(g, DTensor)]
+        pending = []
+        for keys in _buckets(plain, grads, bucket_bytes):
+            flat = torch.cat([grads[k].reshape(-1) for k in keys])
+            pending.append((keys, flat, dist.all_reduce(flat, async_op=True)))
+        for keys, flat, work in pending:
+            work.wait()
+            flat.div_(world)
+            pieces = flat.split([grads[k].numel() for k in keys])
+            out.update({k: p.view_as(grads[k]) for k, p in zip(keys, pieces, strict=True)})
+        return out
+
+    return reduce
+
+
+def mean_over_ranks(process: Process, values: dict[str, float]) -> dict[str, float]:
+    """Each value's mean over ranks (one all-reduce); a lone process gets its values back."""
+    if process.world_size == 1 or not values:
+        return dict(values)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=process.device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / process.world_size).tolist(), strict=True))
+
+
+def scalar(v) -> float:
+    """A metric as a float; a DTensor (e.g. a sharded role's grad norm) is made whole first."""
+    if isinstance(v, DTensor):
+        v = v.full_tensor()
+    return float(v)
+
+
+# ------------------------------------------------------------------------------------- sharding
+
+
+def _rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows [start, stop) of dim 0 that `rank` holds: torch.chunk's split, as DTensor's Shard(0) makes it."""
+    c = -(-n // world)
+    return min(rank * c, n), min((rank + 1) * c, n)
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(stride))
+
+
+def shard_tensor(t: torch.Tensor, mesh: DeviceMesh, device=None) -> torch.Tensor:
+    """This rank's rows of a whole tensor, as a Shard(0) DTensor on `device`; 0-d tensors stay whole."""
+    if t.ndim == 0:
+        return t.to(device)
+    start, stop = _rows(t.shape[0], mesh.size(), mesh.get_local_rank())
+    local = t[start:stop].to(device, copy=True).contiguous()
+    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=t.shape,
+                              stride=_contiguous_stride(t.shape))
+
+
+def shard(params: Params, mesh: DeviceMesh, device=None) -> Params:
+    """A params dict with every leaf sharded (same keys, same global shapes)."""
+    return {k: shard_tensor(v, mesh, device) for k, v in params.items()}
+
+
+def is_sharded(tree: Params) -> bool:
+    return any(isinstance(v, DTensor) for v in tree.values())
+
+
+def like(template: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` laid out as `template`: for a DTensor template, `value` is either the whole tensor (then
+    sliced) or this rank's piece (then wrapped); otherwise `value` on the template's device."""
+    if not isinstance(template, DTensor):
+        if value.shape != template.shape:
+            raise ValueError(f"shape {list(value.shape)}, expected {list(template.shape)}")
+        return value.to(template.device)
+    local = template.to_local()
+    if value.shape == template.shape:
+        return shard_tensor(value, template.device_mesh, local.device).to(template.dtype)
+    if value.shape != local.shape:
+        raise ValueError(f"shape {list(value.shape)} is neither the whole {list(template.shape)} nor this "
+                         f"rank's piece {list(local.shape)}")
+    value = value.to(local.device, template.dtype)
+    return DTensor.from_local(value, template.device_mesh, template.placements,
+                              run_check=False, shape=template.shape, stride=template.stride())
+
+
+def pieces(trees: dict[str, Params]) -> tuple[dict[str, Params], dict[str, Params]]:
+    """(the leaves every rank holds alike, this rank's pieces of the sharded leaves) of each tree: what
+    rank 0 writes once and what every rank writes as its shard of a checkpoint."""
+    whole, local = {}, {}
+    for name, tree in trees.items():
+        w = {k: v for k, v in tree.items() if not isinstance(v, DTensor)}
+        s = {k: v.to_local() for k, v in tree.items() if isinstance(v, DTensor)}
+        if w:
+            whole[name] = w
+        if s:
+            local[name] = s
+    return whole, local
+
+
+class _Layout(NamedTuple):
+    group: dist.ProcessGroup
+    world: int
+    shapes: tuple[torch.Size, ...]
+    """Whole shapes."""
+    sizes: tuple[int, ...]
+    """Elements of one rank's padded piece, ceil(n0 / W) * row."""
+
+
+# torch 2.13 renamed the flat collectives (the old names warn); torch 2.11 has only the old ones
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _pad(flat: torch.Tensor, n: int) -> torch.Tensor:
+    return flat if flat.numel() == n else torch.cat([flat, flat.new_zeros(n - flat.numel())])
+
+
+class _Gather(torch.autograd.Function):
+    """Whole tensors from the local pieces of a unit (one all-gather); backward: one reduce-scatter (sum)."""
+
+    @staticmethod
+    def forward(ctx, layout: _Layout, *local):
+        ctx.layout, ctx.rows = layout, [p.shape[0] for p in local]
+        ctx.dtype, ctx.device = local[0].dtype, local[0].device
+        flat = torch.cat([_pad(p.reshape(-1), n) for p, n in zip(local, layout.sizes, strict=True)])
+        out = flat.new_empty(layout.world * flat.numel())
+        _all_gather(out, flat, group=layout.group)
+        out = out.view(layout.world, -1)
+        whole, offset = [], 0
+        for shape, n in zip(layout.shapes, layout.sizes, strict=True):
+            whole.append(out[:, offset:offset + n].reshape(-1)[:shape.numel()].view(shape))
+            offset += n
+        return tuple(whole)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        layout = ctx.layout
+        parts = []
+        for g, shape, n in zip(grads, layout.shapes, layout.sizes, strict=True):
+            if g is None:  # a leaf the unit did not use
+                g = torch.zeros(shape.numel(), dtype=ctx.dtype, device=ctx.device)
+            g = g.reshape(-1)
+            parts.append(_pad(g, layout.world * n).view(layout.world, n))
+        flat = torch.cat(parts, dim=1)
+        out = flat.new_empty(flat.shape[1])
+        _reduce_scatter(out, flat.view(-1), group=layout.group)
+        local, offset = [], 0
+        for shape, n, rows in zip(layout.shapes, layout.sizes, ctx.rows, strict=True):
+            local.append(out[offset:offset + rows * shape[1:].numel()].view(rows, *shape[1:]))
+            offset += n
+        return (None, *local)
+
+
+def gather(params: Params) -> Params:
+    """The same tree with every sharded leaf whole, differentiable: one all-gather a dtype, and in the
+    backward one reduce-scatter that sums the gradients over ranks into the local pieces. Leaves that
+    are not sharded come back as they are. A pure function of the params (their mesh included)."""
+    out = {k: v for k, v in params.items() if not isinstance(v, DTensor)}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for k, v in params.items():
+        if isinstance(v, DTensor):
+            by_dtype.setdefault(v.dtype, []).append(k)
+    for keys in by_dtype.values():
+        mesh = params[keys[0]].device_mesh
+        world, shapes = mesh.size(), tuple(params[k].shape for k in keys)
+        sizes = tuple(-(-s[0] // world) * s[1:].numel() for s in shapes)
+        layout = _Layout(mesh.get_group(), world, shapes, sizes)
+        out.update(zip(keys, _Gather.apply(layout, *(params[k].to_local() for k in keys)), strict=True))
+    return {k: out[k] for k in params}
+
+
+@torch.no_grad()
+def whole(params: Params, device=None, bucket_bytes: int = BUCKET_BYTES) -> Params:
+    """Every leaf whole, gathered a bucket at a time onto `device` (default: where it is), for export
+    and validation. Every rank must call it: it communicates when params are sharded."""
+    out = {}
+    for keys in _buckets(list(params), params, bucket_bytes):
+        for k, v in gather({k: params[k] for k in keys}).items():
+            out[k] = v.to(device) if device is not None else v
+    return {k: out[k] for k in params}
+
+
+def num_bytes(params: Params) -> int:
+    """Bytes this rank holds for a params tree (local pieces of sharded leaves)."""
+    return sum((v.to_local() if isinstance(v, DTensor) else v).nbytes for v in params.values())
+
