@@ -25,8 +25,17 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from torch.utils.checkpoint import checkpoint as recompute
 
 from fvfunc import random
-from fvfunc.ops import (apply_rope, attention, layer_norm, modulate, patchify, rms_norm, rope_3d,
-                        timestep_embedding, unpatchify)
+from fvfunc.ops import (
+    apply_rope,
+    attention,
+    layer_norm,
+    modulate,
+    patchify,
+    rms_norm,
+    rope_3d,
+    timestep_embedding,
+    unpatchify,
+)
 
 CLASS_NAME = "WanTransformer3DModel"
 REMAT = ("none", "full", "attention")

@@ -1,0 +1,120 @@
+"""A DMD2 step written the plain way on diffusers modules: the reference bench/gpu_step.py times
+fvfunc's DMD2 step against.
+
+What a PyTorch user writes from the DMD2 paper and FastVideo's distillation code: three
+`WanTransformer3DModel`s (student and critic hold fp32 master weights, the teacher bf16), bf16 compute
+under `torch.autocast`, gradient checkpointing, `.backward()`, `clip_grad_norm_` and
+`torch.optim.AdamW(fused=True)`, one optimizer per trainable role. The math is DESIGN.md section 3's,
+written out again here on purpose (simulate rollout, CFG teacher, normalised DMD gradient, critic
+flow-matching loss), and the random draws are fvfunc's (same keys, same noise, same step k), so one
+step of each computes the same numbers (tests/test_perf_paths.py) and timed steps do the same work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fvfunc import random
+from fvfunc.losses import dmd2
+from fvfunc.samplers import shift, timesteps_to_sigmas
+
+
+def make(modules: dict[str, torch.nn.Module], cfg, training, key: torch.Tensor,
+         gradient_checkpointing: bool = True) -> Callable[[int, dict], dict]:
+    """`step(i, batch) -> metrics` over the modules {"student", "teacher", "critic"}, updated in
+    place. `cfg` is a configs.DMD2Config (simulate mode), `training` a configs.TrainingConfig
+    (constant learning rate, no EMA); step i draws from fold_in(key, i) as fvfunc's step i does."""
+    if cfg.rollout_mode != "simulate" or training.lr_schedule != "constant" or training.ema_decay:
+        raise ValueError("the reference implements simulate rollouts, a constant lr and no EMA")
+    student, teacher, critic = modules["student"], modules["teacher"], modules["critic"]
+    teacher.requires_grad_(False)
+    if gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+        critic.enable_gradient_checkpointing()
+    fused = next(student.parameters()).is_cuda
+    opt_student = torch.optim.AdamW(student.parameters(), lr=training.lr, betas=training.betas,
+                                    eps=training.eps, weight_decay=training.weight_decay, fused=fused)
+    opt_critic = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=cfg.critic_betas,
+                                   eps=training.eps, weight_decay=cfg.critic_weight_decay, fused=fused)
+    sigmas = timesteps_to_sigmas(cfg.dmd_denoising_steps).tolist()
+    num_steps = len(cfg.dmd_denoising_steps)
+    channels = student.config.in_channels
+    device = next(student.parameters()).device
+
+    def autocast():
+        if training.precision == "bfloat16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def x0_of(module, x, sigma, text):
+        """x0 = x - sigma v, with sigma a [B] tensor."""
+        with autocast():
+            v = module(x, sigma * 1000, text, return_dict=False)[0]
+        return x - sigma.view(-1, 1, 1, 1, 1) * v.float()
+
+    def draws(phase_key, batch):
+        """fvfunc's draws for one phase: rollout noise, score noise, score sigma, step k."""
+        shape = (channels, *cfg.latent_shape)
+        rollout_noise, score_noise, u = dmd2.draw(phase_key, batch["sample_index"], shape, num_steps, device)
+        k = int(random.randint(random.fold_in(phase_key, -1), (), 0, num_steps))
+        u = cfg.min_timestep_ratio + (cfg.max_timestep_ratio - cfg.min_timestep_ratio) * u
+        score_sigma = shift(u, cfg.flow_shift).clamp(cfg.min_timestep_ratio, cfg.max_timestep_ratio)
+        return rollout_noise, score_noise, score_sigma, k
+
+    @torch.no_grad()
+    def rollout(noise, k, text):
+        """The student's few-step SDE from pure noise, stopped at step k."""
+        x = noise[:, 0]
+        for j in range(k):
+            x0 = x0_of(student, x, torch.full((x.shape[0],), sigmas[j], device=device), text)
+            x = (1 - sigmas[j + 1]) * x0 + sigmas[j + 1] * noise[:, j + 1]
+        return x
+
+    def full(value, text):
+        return torch.full((text.shape[0],), value, device=device)
+
+    def step(i: int, batch: dict) -> dict:
+        step_key = random.fold_in(key, i)
+        text = batch["text"]
+        metrics = {}
+        if i % cfg.generator_update_interval == 0:
+            rollout_noise, score_noise, score_sigma, k = draws(random.fold_in(step_key, 0), batch)
+            x_k = rollout(rollout_noise, k, text)
+            x0_gen = x0_of(student, x_k, full(sigmas[k], text), text)
+            with torch.no_grad():
+                s = score_sigma.view(-1, 1, 1, 1, 1)
+                x_t = (1 - s) * x0_gen + s * score_noise
+                fake = x0_of(critic, x_t, score_sigma, text)
+                cond = x0_of(teacher, x_t, score_sigma, text)
+                uncond = x0_of(teacher, x_t, score_sigma, torch.zeros_like(text))
+                real = uncond + cfg.real_score_guidance_scale * (cond - uncond)
+                grad = (fake - real) / (x0_gen - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+                grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
+            loss = 0.5 * F.mse_loss(x0_gen, (x0_gen - grad).detach())
+            loss.backward()
+            if training.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), training.max_grad_norm)
+            opt_student.step()
+            opt_student.zero_grad(set_to_none=True)
+            metrics.update(generator_loss=loss.detach(), generator_k=k)
+        rollout_noise, score_noise, score_sigma, k = draws(random.fold_in(step_key, 1), batch)
+        with torch.no_grad():
+            x0 = x0_of(student, rollout(rollout_noise, k, text), full(sigmas[k], text), text)
+        s = score_sigma.view(-1, 1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * score_noise
+        with autocast():
+            v = critic(x_t, score_sigma * 1000, text, return_dict=False)[0]
+        loss = torch.mean((v.float() - (score_noise - x0)) ** 2)
+        loss.backward()
+        if training.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), training.max_grad_norm)
+        opt_critic.step()
+        opt_critic.zero_grad(set_to_none=True)
+        metrics.update(critic_loss=loss.detach(), critic_k=k)
+        return metrics
+
+    return step

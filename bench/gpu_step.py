@@ -1,0 +1,639 @@
+"""GPU benchmark: fvfunc's Wan2.1-1.3B forward, finetune step, DMD2 step and 4-step SDE sampling,
+against diffusers' WanTransformer3DModel measured in the same run.
+
+    python bench/gpu_step.py            # one H100: the whole benchmark (about 7 minutes)
+    python bench/gpu_step.py --tiny     # the same code paths on a tiny model (CPU or GPU smoke test)
+
+Random-init weights at the 1.3B config (dim 1536, 30 layers, 12 heads, FFN 8960, text 4096, freq
+256), batch 1, latents 16x21x60x104 (32,760 tokens) and 16x21x30x52, text 512x4096. Every figure is
+the median of timed repeats after warm-up, timed with CUDA events; peak memory is the allocator's
+high-water mark over the timed repeats; TFLOP/s counts model FLOPs (a backward pass as twice its
+forward, recomputation not counted). fvfunc runs bf16 compute, cuDNN attention, remat="attention",
+compiled blocks and donated optimizer buffers; diffusers runs its defaults (SDPA's own backend
+choice), with gradient checkpointing wherever it trains. The DMD2 rows run both implementations over
+the same steps (same keys, so the same rollout lengths k) and report the mean step.
+Prints one table and appends it to bench/RESULTS.md (unless --tiny or --no-append).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import gc  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dmd2_reference  # noqa: E402
+
+import configs  # noqa: E402
+from fvfunc import random, tiny  # noqa: E402
+from fvfunc.autodiff import value_and_grad  # noqa: E402
+from fvfunc.losses import dmd2, flow_matching  # noqa: E402
+from fvfunc.losses.state import Model  # noqa: E402
+from fvfunc.models import wan  # noqa: E402
+from fvfunc.samplers import sample, timesteps_to_sigmas  # noqa: E402
+
+WAN_1_3B = wan.WanConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
+                         text_dim=4096, freq_dim=256, in_channels=16, out_channels=16)
+STEPS = (1000, 750, 500, 250)
+GIB = 2**30
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Clock:
+    """Seconds of device work between start() and stop(): CUDA events, or the host clock on CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def stop(self):
+        """An object whose .seconds() is read after the device finished."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            begin = self.begin
+            return lambda: begin.elapsed_time(end) / 1e3
+        t = time.perf_counter() - self.t0
+        return lambda: t
+
+
+def measure(fn, device, warmup: int, reps: int):
+    """(median seconds, every time, peak GiB over the timed repeats) of fn()."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(reps):
+        c = Clock(device).start()
+        fn()
+        times.append(c.stop())
+        sync(device)
+    times = [t() for t in times]
+    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else float("nan")
+    return statistics.median(times), times, peak
+
+
+class Calls:
+    """Wraps a Model's apply to time every call (role, grad mode, batch) with device events."""
+
+    def __init__(self, device):
+        self.device, self.records = device, []
+
+    def wrap(self, role, apply):
+        def timed(params, x, t, context):
+            c = Clock(self.device).start()
+            out = apply(params, x, t, context)
+            self.records.append((role, torch.is_grad_enabled(), x.shape[0], c.stop()))
+            return out
+        return timed
+
+    def take(self):
+        records = [(role, grad, batch, t()) for role, grad, batch, t in self.records]
+        self.records = []
+        return records
+
+
+def forward_flops(cfg: wan.WanConfig, tokens: int, text_len: int) -> float:
+    """Model FLOPs of one forward of one sample (2 per multiply-add)."""
+    D, F_, S, L = cfg.dim, cfg.ffn_dim, tokens, text_len
+    patch = cfg.in_channels * 4
+    layer = (8 * S * D * D            # self-attention q, k, v, o
+             + 4 * S * S * D          # softmax(q k^T) v
+             + 4 * S * D * D          # cross-attention q, o
+             + 4 * L * D * D          # cross-attention k, v (text tokens)
+             + 4 * S * L * D          # cross-attention scores and values
+             + 4 * S * D * F_)        # FFN
+    embed = 2 * S * patch * D + 2 * L * (cfg.text_dim * D + D * D) + 2 * S * D * patch
+    return cfg.num_layers * layer + embed
+
+
+# ----------------------------------------------------------------------------------- the models
+
+
+def fvfunc_apply(cfg, opts):
+    return functools.partial(_apply, cfg, opts)
+
+
+def _apply(cfg, opts, params, x, t, context):
+    return wan.apply(params, cfg, x, t, context, dtype=torch.bfloat16, attention=opts.attention,
+                     remat=opts.remat, compile=opts.compile)
+
+
+def diffusers_module(cfg, params, dtype, device):
+    """A WanTransformer3DModel holding `params`; in bf16 it keeps diffusers' fp32 modules in fp32,
+    as `from_pretrained(..., torch_dtype=torch.bfloat16)` does."""
+    from diffusers import WanTransformer3DModel
+
+    kwargs = {k: v for k, v in wan.config_to_dict(cfg).items() if not k.startswith("_")}
+    with torch.device(device):
+        module = WanTransformer3DModel(**kwargs)
+    module.load_state_dict(params)
+    if dtype != torch.float32:
+        keep = module._keep_in_fp32_modules or []
+        for name, p in module.named_parameters():
+            if not any(k in name.split(".") for k in keep):
+                p.data = p.data.to(dtype)
+    return module
+
+
+def inputs(cfg, latent, text_len, device, batch=1, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(batch, *latent, generator=g, device=device)
+    text = torch.randn(batch, text_len, cfg.text_dim, generator=g, device=device)
+    return x, text
+
+
+# ------------------------------------------------------------------------------------- sections
+
+
+class Bench:
+    def __init__(self, args, cfg, device):
+        self.args, self.cfg, self.device = args, cfg, device
+        self.rows = []  # (section, name, seconds, peak GiB, TFLOP/s, note)
+        self.started = time.perf_counter()
+        self.notes = []
+
+    def row(self, section, name, seconds, peak=float("nan"), flops=None, note=""):
+        tflops = flops / seconds / 1e12 if flops and seconds else float("nan")
+        self.rows.append((section, name, seconds, peak, tflops, note))
+        print(f"  {name}: {seconds:.4f} s, peak {peak:.2f} GiB, {tflops:.0f} TFLOP/s {note}", flush=True)
+
+    def run(self, title, fn, *a):
+        """fn(*a), its failure recorded as a row of the section a[-1] (the label)."""
+        print(f"== {title}", flush=True)
+        if time.perf_counter() - self.started > self.args.budget:
+            self.rows.append((a[-1], f"{title}: SKIPPED", float("nan"), float("nan"), float("nan"),
+                              f"over the --budget of {self.args.budget:.0f} s"))
+            return
+        t0 = time.perf_counter()
+        try:
+            fn(*a)
+        except Exception as e:  # one failing section must not hide the others
+            msg = "OOM" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {str(e)[:200]}"
+            traceback.print_exc()
+            self.rows.append((a[-1], f"{title}: FAILED", float("nan"), float("nan"), float("nan"), msg))
+        finally:
+            free(self.device)
+        print(f"   ({time.perf_counter() - t0:.0f} s wall)", flush=True)
+
+    # -- attention kernels alone
+
+    def attention_kernels(self, tokens, keys, label):
+        """Each SDPA backend alone on the model's layout, [B, S, H, Dh] seen as [B, H, S, Dh]:
+        self-attention (keys = tokens) or the cross-attention to `keys` text tokens."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        heads, hd = self.cfg.num_attention_heads, self.cfg.attention_head_dim
+        q, k, v = (torch.randn(1, n, heads, hd, device=self.device, dtype=torch.bfloat16).transpose(1, 2)
+                   .requires_grad_() for n in (tokens, keys, keys))
+        what = "self-attention" if keys == tokens else f"cross-attention to {keys}"
+        flops = 4 * tokens * keys * heads * hd
+        for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                              ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)]:
+            if name == "math" and keys == tokens:
+                continue  # S x S scores in memory: tens of GB
+            try:
+                with sdpa_kernel([backend]):
+                    with torch.no_grad():
+                        fwd, _, _ = measure(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                                            self.device, 2, 5)
+                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                    grad = torch.randn_like(out)
+
+                    def fb(grad=grad):
+                        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                        torch.autograd.grad(o, (q, k, v), grad)
+                    both, _, _ = measure(fb, self.device, 2, 5)
+                self.row("attention", f"SDPA {name} {what}: forward x30 layers", fwd * 30, flops=flops * 30)
+                self.row("attention", f"SDPA {name} {what}: backward x30 layers", (both - fwd) * 30,
+                         flops=2.5 * flops * 30, note="(bwd FLOPs counted as 2.5x fwd, as FlashAttention)")
+            except Exception as e:
+                print(f"  {name}: unavailable ({type(e).__name__}: {str(e)[:120]})")
+
+    # -- diffusers
+
+    def diffusers_forward_and_grad(self, latent, label):
+        cfg, dev, a = self.cfg, self.device, self.args
+        tokens = latent[1] * latent[2] * latent[3] // 4
+        flops = forward_flops(cfg, tokens, a.text_len)
+        params = wan.init(cfg, random.key(0), device=dev)
+        module = diffusers_module(cfg, params, torch.bfloat16, dev)
+        del params
+        x, text = (v.to(torch.bfloat16) for v in inputs(cfg, latent, a.text_len, dev))  # as its pipeline does
+        t = torch.tensor([500.0], device=dev)
+        with torch.no_grad():
+            s, _, peak = measure(lambda: module(x, t, text, return_dict=False)[0], dev, a.warmup, a.reps)
+        self.row(label, "diffusers forward (bf16)", s, peak, flops)
+        module.enable_gradient_checkpointing()
+        module.train()
+
+        def fwd_bwd():
+            out = module(x, t, text, return_dict=False)[0]
+            out.float().square().mean().backward()
+            module.zero_grad(set_to_none=True)
+        s, _, peak = measure(fwd_bwd, dev, a.warmup, a.reps)
+        self.row(label, "diffusers forward + backward (bf16, gradient checkpointing)", s, peak, 3 * flops)
+
+    def diffusers_train_step(self, latent, label):
+        """fp32 master weights, autocast bf16, gradient checkpointing, torch.optim.AdamW(fused)."""
+        cfg, dev, a = self.cfg, self.device, self.args
+        tokens = latent[1] * latent[2] * latent[3] // 4
+        params = wan.init(cfg, random.key(0), device=dev)
+        module = diffusers_module(cfg, params, torch.float32, dev)
+        del params
+        module.enable_gradient_checkpointing()
+        module.train()
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-5, weight_decay=0.01, fused=dev.type == "cuda")
+        x0, text = inputs(cfg, latent, a.text_len, dev)
+        noise = torch.randn_like(x0)
+        sigma = torch.tensor([0.6], device=dev)
+
+        def step():
+            x_t = (1 - sigma) * x0 + sigma * noise
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                v = module(x_t, sigma * 1000, text, return_dict=False)[0]
+            loss = torch.mean((v.float() - (noise - x0)) ** 2)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        s, _, peak = measure(step, dev, a.warmup, a.reps)
+        self.row(label, "diffusers finetune step (fp32 master, autocast bf16, GC, AdamW fused)", s, peak,
+                 3 * forward_flops(cfg, tokens, a.text_len))
+
+    # -- fvfunc
+
+    def fvfunc_forward_and_sampling(self, latent, label, with_sampling):
+        cfg, dev, a = self.cfg, self.device, self.args
+        tokens = latent[1] * latent[2] * latent[3] // 4
+        flops = forward_flops(cfg, tokens, a.text_len)
+        params = wan.init(cfg, random.key(0), dtype=torch.bfloat16, device=dev)
+        apply = fvfunc_apply(cfg, a)
+        x, text = inputs(cfg, latent, a.text_len, dev)
+        t = torch.tensor([500.0], device=dev)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            apply(params, x, t, text)
+            sync(dev)
+            print(f"  first call (compiles): {time.perf_counter() - t0:.1f} s")
+            s, _, peak = measure(lambda: apply(params, x, t, text), dev, a.warmup, a.reps)
+        self.row(label, "fvfunc forward (bf16)", s, peak, flops)
+        if a.profile:
+            self.profile(lambda: apply(params, x, t, text), f"fvfunc forward {label}", no_grad=True)
+        if not with_sampling:
+            return
+        sigmas = timesteps_to_sigmas(STEPS)
+
+        def sde():
+            return sample(lambda xx, tt: apply(params, xx, tt, text), x, sigmas, "sde", random.key(1))
+        with torch.no_grad():
+            s4, _, peak = measure(sde, dev, 1, a.reps)
+        self.row(label, f"fvfunc 4-step SDE sampling ({s4 / s:.2f}x forward)", s4, peak, 4 * flops)
+        self.sampling_ratio = s4 / s
+
+    def fvfunc_finetune(self, latent, label):
+        cfg, dev, a = self.cfg, self.device, self.args
+        tokens = latent[1] * latent[2] * latent[3] // 4
+        flops = forward_flops(cfg, tokens, a.text_len)
+        training = configs.TrainingConfig(lr=1e-5, max_steps=1000, precision="bfloat16",
+                                          attention=a.attention, remat=a.remat, donate=True)
+        method_cfg = configs.FinetuneConfig()
+        calls = Calls(dev)
+        apply = calls.wrap("student", fvfunc_apply(cfg, a))
+        method = flow_matching.make(method_cfg, training, {"student": Model(apply, cfg.in_channels)})
+        x0, text = inputs(cfg, latent, a.text_len, dev)
+        batch = {"latents": x0, "text": text, "sample_index": torch.arange(1)}
+        holder = {"state": method.init({"student": wan.init(cfg, random.key(0), device=dev)}, random.key(1))}
+
+        def step():
+            holder["state"], _ = method.step(holder["state"], batch)
+        t0 = time.perf_counter()
+        step()
+        sync(dev)
+        print(f"  first step (compiles): {time.perf_counter() - t0:.1f} s")
+        calls.take()
+        s, _, peak = measure(step, dev, a.warmup, a.reps)
+        fwd = statistics.median(t for _, grad, _, t in calls.take() if grad)
+        self.row(label, "fvfunc finetune step (fp32 master, bf16, fwd + bwd + AdamW)", s, peak, 3 * flops)
+        self.row(label, "  of which forward (with grad)", fwd, flops=flops)
+
+        # the step's parts alone: forward + backward, then clip + AdamW
+        student = holder["state"].params["student"]
+        noise, sigma, keep = flow_matching.draw(random.key(2), batch["sample_index"], x0.shape[1:],
+                                                method_cfg, dev)
+        loss_batch = dict(batch, noise=noise, sigma=sigma, keep_text=keep)
+        grad_fn = value_and_grad(flow_matching.loss, training.grad_transform)
+        out = {}
+
+        def fwd_bwd():
+            out["grads"] = grad_fn(student, loss_batch, apply, method_cfg)[0]
+        s_fb, _, peak_fb = measure(fwd_bwd, dev, 1, a.reps)
+        self.row(label, "  of which forward + backward", s_fb, peak_fb, 3 * flops)
+        grads = out.pop("grads")
+        from fvfunc.losses.state import make_optimizer, update
+        opt, _ = make_optimizer(training, training.lr, training.betas, training.weight_decay,
+                                training.max_steps)
+        opt_state = holder["state"].opt["student"]
+        box = {"p": student, "s": opt_state}
+
+        def adamw():
+            box["p"], box["s"], _ = update(opt, box["p"], grads, box["s"], training.max_grad_norm)
+        s_u, _, _ = measure(adamw, dev, 1, a.reps)
+        self.row(label, "  of which clip + AdamW (fused, donated)", s_u)
+        if a.profile:
+            self.profile(step, f"fvfunc finetune step {label}")
+
+    def dmd2_roles(self):
+        """fp32 student and critic (trainable masters), a bf16 teacher."""
+        cfg, dev = self.cfg, self.device
+        return {"student": wan.init(cfg, random.key(0), device=dev),
+                "teacher": wan.init(cfg, random.key(1), dtype=torch.bfloat16, device=dev),
+                "critic": wan.init(cfg, random.key(2), device=dev)}
+
+    def dmd2_configs(self, latent):
+        a = self.args
+        method_cfg = configs.DMD2Config(dmd_denoising_steps=STEPS, rollout_mode="simulate",
+                                        generator_update_interval=1, latent_shape=tuple(latent[1:]))
+        training = configs.TrainingConfig(lr=2e-6, betas=(0.0, 0.999), max_steps=1000, precision="bfloat16",
+                                          attention=a.attention, remat=a.remat, donate=True)
+        return method_cfg, training
+
+    def fvfunc_dmd2(self, latent, label):
+        cfg, dev, a = self.cfg, self.device, self.args
+        tokens = latent[1] * latent[2] * latent[3] // 4
+        flops = forward_flops(cfg, tokens, a.text_len)
+        method_cfg, training = self.dmd2_configs(latent)
+        calls = Calls(dev)
+        models = {r: Model(calls.wrap(r, fvfunc_apply(cfg, a)), cfg.in_channels)
+                  for r in dmd2.ROLES}
+        method = dmd2.make(method_cfg, training, models)
+        _, text = inputs(cfg, latent, a.text_len, dev)
+        batch = {"text": text, "sample_index": torch.arange(1)}
+        holder = {"state": method.init(self.dmd2_roles(), random.key(7))}
+        for _ in range(a.dmd2_warmup):
+            t0 = time.perf_counter()
+            holder["state"], _ = method.step(holder["state"], batch)
+            sync(dev)
+            print(f"  warm-up step: {time.perf_counter() - t0:.1f} s")
+        calls.take()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        totals, parts, step_flops = [], [], []
+        for _ in range(a.dmd2_reps):
+            c = Clock(dev).start()
+            holder["state"], _ = method.step(holder["state"], batch)
+            total = c.stop()
+            sync(dev)
+            records = calls.take()
+            totals.append(total())
+            parts.append(records)
+            step_flops.append(sum(flops * n * (3 if grad else 1) for _, grad, n, _ in records))
+        peak = torch.cuda.max_memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
+        mean = statistics.mean(totals)
+        rollouts = [sum(1 for r, g, _, _ in rec if r == "student" and not g) - 1 for rec in parts]
+        self.row(label, "fvfunc DMD2 step (3 roles, simulate, interval 1), mean", mean, peak,
+                 statistics.mean(step_flops), note=f"student rollout forwards per step {rollouts}")
+        self.dmd2_fvfunc = (mean, rollouts)
+
+        def part(role, grad):
+            return statistics.mean(sum(t for r, g, _, t in rec if r == role and g == grad) for rec in parts)
+        applies = {("student", False): "student forwards, no grad (rollouts + x0')",
+                   ("student", True): "student forward with grad",
+                   ("teacher", False): "teacher forward (cond + uncond, batch 2)",
+                   ("critic", False): "critic forward, no grad (fake score)",
+                   ("critic", True): "critic forward with grad"}
+        spent = 0.0
+        for (role, grad), name in applies.items():
+            s = part(role, grad)
+            spent += s
+            self.row(label, f"  of which {name}", s)
+        self.row(label, "  of which 2 backward passes + 2 clip/AdamW + draws", mean - spent)
+
+    def reference_dmd2(self, latent, label):
+        cfg, dev, a = self.cfg, self.device, self.args
+        method_cfg, training = self.dmd2_configs(latent)
+        roles = self.dmd2_roles()
+        modules = {r: diffusers_module(cfg, p, torch.bfloat16 if r == "teacher" else torch.float32, dev)
+                   for r, p in roles.items()}
+        del roles
+        for m in modules.values():
+            m.train()
+        step = dmd2_reference.make(modules, method_cfg, training, random.key(7))
+        _, text = inputs(cfg, latent, a.text_len, dev)
+        batch = {"text": text, "sample_index": torch.arange(1)}
+        for i in range(a.dmd2_warmup):
+            step(i, batch)
+        sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        totals, rollouts = [], []
+        for i in range(a.dmd2_warmup, a.dmd2_warmup + a.dmd2_reps):
+            c = Clock(dev).start()
+            m = step(i, batch)
+            total = c.stop()
+            sync(dev)
+            totals.append(total())
+            rollouts.append(m["generator_k"] + m["critic_k"])
+        peak = torch.cuda.max_memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
+        mean = statistics.mean(totals)
+        self.row(label, "diffusers-module DMD2 reference step (bench/dmd2_reference.py), mean", mean, peak,
+                 note=f"student rollout forwards per step {rollouts}")
+        self.dmd2_reference = (mean, rollouts)
+
+    # -- profile
+
+    def profile(self, fn, title, no_grad=False):
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with profile(activities=activities) as prof, torch.set_grad_enabled(not no_grad):
+            fn()
+            sync(self.device)
+        key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+        text = f"### profile: {title}\n\n```\n{table}\n```\n"
+        print(text, flush=True)
+        self.notes.append(text)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def versions(device):
+    import diffusers
+    v = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()}
+    if device.type == "cuda":
+        v["cuda"] = torch.version.cuda
+        v["cudnn"] = str(torch.backends.cudnn.version())
+        try:
+            import triton
+            v["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return v
+
+
+def table(rows):
+    lines = ["| section | measurement | median s | peak GiB | TFLOP/s | note |", "|---|---|---|---|---|---|"]
+    for section, name, s, peak, tf, note in rows:
+        def f(x, fmt):
+            return "" if x != x else format(x, fmt)  # NaN -> empty
+        lines.append(f"| {section} | {name} | {f(s, '.3f')} | {f(peak, '.1f')} | {f(tf, '.0f')} | {note} |")
+    return "\n".join(lines)
+
+
+def targets(b: Bench) -> list[str]:
+    """The issue's done-when checks, from this run's rows."""
+    def find(prefix, section):
+        for sec, name, s, peak, _, _ in b.rows:
+            if sec == section and name.startswith(prefix):
+                return s, peak
+        return float("nan"), float("nan")
+    big = b.labels[0]
+    out = []
+    fwd, _ = find("fvfunc forward", big)
+    out.append(f"1. fvfunc forward {fwd:.3f} s (target <= 0.50 s): {'met' if fwd <= 0.50 else 'MISSED'}")
+    ft, ft_peak = find("fvfunc finetune step", big)
+    ok = ft <= 1.9 and ft_peak < 40
+    out.append(f"2. fvfunc finetune step {ft:.3f} s at {ft_peak:.1f} GiB (target <= 1.9 s, < 40 GiB): "
+               f"{'met' if ok else 'MISSED'}")
+    ours = getattr(b, "dmd2_fvfunc", (float("nan"), None))[0]
+    ref = getattr(b, "dmd2_reference", (float("nan"), None))[0]
+    speedup = ref / ours
+    out.append(f"3. fvfunc DMD2 step {ours:.3f} s vs diffusers-module reference {ref:.3f} s: {speedup:.2f}x "
+               f"(target >= 1.5x, on one card): {'met' if speedup >= 1.5 else 'MISSED'}")
+    ratio = getattr(b, "sampling_ratio", float("nan"))
+    out.append(f"4. 4-step SDE sampling {ratio:.2f}x the forward (target <= 4.2x): "
+               f"{'met' if ratio <= 4.2 else 'MISSED'}")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="a tiny model and latents: smoke-test every path")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--attention", default=None, help="fvfunc's SDPA backend (default: cudnn on CUDA)")
+    ap.add_argument("--remat", default="attention", choices=wan.REMAT)
+    ap.add_argument("--compile", default=None, help="inductor | aot_eager | none (default: inductor on CUDA)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dmd2-warmup", type=int, default=2)
+    ap.add_argument("--dmd2-reps", type=int, default=4)
+    ap.add_argument("--only", default="", help="comma-separated sections to run: attention, forward, "
+                    "finetune, dmd2 (default: all)")
+    ap.add_argument("--skip-small", action="store_true", help="only the 32,760-token latents")
+    ap.add_argument("--budget", type=float, default=float("inf"),
+                    help="seconds after which the remaining sections are skipped (the table still prints)")
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of a forward and a step")
+    ap.add_argument("--no-append", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--save", default="", help="also write the results section to this file")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    args.attention = args.attention or ("cudnn" if device.type == "cuda" else "auto")
+    compile_ = args.compile or ("inductor" if device.type == "cuda" else "none")
+    args.compile = {"none": False, "inductor": True}.get(compile_, compile_)
+    torch._dynamo.config.cache_size_limit = 64
+    if args.tiny:
+        cfg = tiny.tiny_config()
+        args.text_len = 16
+        latents = [(16, 3, 8, 8), (16, 3, 4, 4)]
+    else:
+        cfg = WAN_1_3B
+        args.text_len = 512
+        latents = [(16, 21, 60, 104), (16, 21, 30, 52)]
+    b = Bench(args, cfg, device)
+    b.labels = [f"{x[1] * x[2] * x[3] // 4} tokens" for x in latents]
+    big, small = latents
+    only = set(filter(None, args.only.split(",")))
+
+    def want(name):
+        return not only or name in only
+    started = time.perf_counter()
+    print(f"config: {cfg}\nlatents {latents}, text {args.text_len}, device {device}, "
+          f"attention {args.attention}, remat {args.remat}, compile {compile_}", flush=True)
+    if want("attention") and device.type == "cuda":
+        tokens = big[1] * big[2] * big[3] // 4
+        b.run("attention kernels", b.attention_kernels, tokens, tokens, "attention")
+        b.run("attention kernels", b.attention_kernels, tokens, args.text_len, "attention")
+    sizes = [(big, b.labels[0])] + ([(small, b.labels[1])] if not args.skip_small else [])
+    for latent, label in sizes:
+        if want("forward"):
+            b.run(f"fvfunc forward {label}", b.fvfunc_forward_and_sampling, latent, label, latent is big)
+            b.run(f"diffusers forward/backward {label}", b.diffusers_forward_and_grad, latent, label)
+        if want("finetune"):
+            b.run(f"fvfunc finetune {label}", b.fvfunc_finetune, latent, label)
+            b.run(f"diffusers finetune {label}", b.diffusers_train_step, latent, label)
+        if want("dmd2") and latent is big:
+            b.run(f"fvfunc DMD2 {label}", b.fvfunc_dmd2, big, label)
+            b.run(f"diffusers DMD2 reference {label}", b.reference_dmd2, big, label)
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    v = versions(device)
+    command = "python bench/gpu_step.py " + " ".join(sys.argv[1:])
+    checks = targets(b) if not only else []
+    section = "\n".join([
+        "## Wan2.1-1.3B forward / finetune / DMD2 / sampling on GPU vs diffusers"
+        + (" (tiny smoke test)" if args.tiny else ""),
+        "",
+        f"- Card: {card}; date {datetime.date.today().isoformat()}; "
+        + ", ".join(f"{k} {x}" for k, x in v.items()) + ".",
+        f"- Command: `{command}` ({time.perf_counter() - started:.0f} s wall, compile included).",
+        f"- fvfunc: bf16 compute, attention={args.attention}, remat={args.remat}, compile={compile_}, "
+        "donate=True; diffusers: default attention, gradient checkpointing when training, AdamW(fused=True) "
+        "on fp32 masters.",
+        f"- Batch 1, latents {' and '.join('x'.join(map(str, x)) for x in latents)}, text {args.text_len}; "
+        f"median of {args.reps} after {args.warmup} warm-up; DMD2: mean of {args.dmd2_reps} steps after "
+        f"{args.dmd2_warmup}, the same steps (same rollout lengths) for both.",
+        "",
+        table(b.rows),
+        "",
+        *[f"- {c}" for c in checks],
+        "",
+    ])
+    print("\n" + section, flush=True)
+    if args.profile:
+        section += "\n" + "\n".join(b.notes)
+    if args.save:
+        Path(args.save).write_text(section)
+    if not (args.tiny or args.no_append or only):
+        with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as f:
+            f.write("\n" + section)
+
+
+if __name__ == "__main__":
+    main()
