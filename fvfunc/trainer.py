@@ -53,9 +53,7 @@ def role_model(fam, model_cfg, training, gather=None) -> Model:
     """A role's Model: the family's apply with the run's compute dtype, attention, remat and compile,
     and `gather` (fvfunc.distributed.gather) when its params are sharded."""
     apply = functools.partial(_apply, fam.apply, model_cfg, DTYPES[training.precision], training.attention,
-                              training.remat, gather)
-    if training.compile:
-        apply = torch.compile(apply)
+                              training.remat, training.compile, gather)
     return Model(apply, fam.latent_channels(model_cfg))
 
 
@@ -87,9 +85,12 @@ def load_roles(method, cfg, process) -> tuple[dict, dict, dict]:
     return params, model_cfgs, models
 
 
-def _apply(fam_apply, mcfg, dtype, attention, remat, gather, params, x, t, context):
+def _apply(fam_apply, mcfg, dtype, attention, remat, compile, gather, params, x, t, context):
+    # the family compiles per block (one graph serves every layer), which starts far faster than
+    # compiling the whole apply
     extra = {} if gather is None else {"gather": gather}
-    return fam_apply(params, mcfg, x, t, context, dtype=dtype, attention=attention, remat=remat, **extra)
+    return fam_apply(params, mcfg, x, t, context, dtype=dtype, attention=attention, remat=remat, compile=compile,
+                     **extra)
 
 
 # ------------------------------------------------------------------------------ state <-> disk

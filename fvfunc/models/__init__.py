@@ -2,7 +2,7 @@
 
 A family module provides: `config_from_dict`, `load(path, dtype=None, device=None) -> (cfg, params)`,
 `load_config(path)`, `save(path, cfg, params)`, `init(cfg, key)`, `apply(params, cfg, x, t, context,
-*, dtype, attention, remat)`, `latent_channels(cfg)`, `patch_size(cfg)`, `ModelError`.
+*, dtype, attention, remat, compile, gather)`, `latent_channels(cfg)`, `patch_size(cfg)`, `ModelError`.
 Adding a family is one module plus one line below.
 """
 
