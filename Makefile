@@ -25,3 +25,10 @@ demo: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+toy: setup
+	$(PY) bench/toy.py --grid bench/toy_grid.png
+
+bench-cpu: setup
+	$(PY) bench/cpu_apply.py
+	$(PY) bench/loader.py

@@ -172,6 +172,7 @@ class ParquetDataset:
         self.latent_stats = latent_stats if need_latents else None
         self.columns = ["id", "caption", *TEXT, *(LATENT if need_latents else ())]
         self.files: list[str] = []
+        self._footers: list[pq.FileMetaData] = []  # parsed once: reopening a file re-parses its footer
         where, samples = [], []  # (file, row group, row in group, row in file) of each row; sample -> row
         for folder, repeats in parse_specs(paths):
             if not folder.exists():
@@ -191,7 +192,7 @@ class ParquetDataset:
         self._lock = threading.Lock()
         # The text width every row must share, from the first row's shape column (a tiny read).
         f, g = self._where[0, :2].tolist()
-        with pq.ParquetFile(self.files[f]) as file:
+        with pq.ParquetFile(self.files[f], metadata=self._footers[f]) as file:
             shape = file.read_row_group(g, columns=["text_embedding_shape"]).column(0)[0].as_py() or [0]
         self.text_dim, self._text_dim_from = shape[-1], self.files[f]
         if need_latents and latent_stats is None:
@@ -204,6 +205,7 @@ class ParquetDataset:
             meta = pq.read_metadata(path)
         except Exception as e:
             raise DataError(f"{path}: not a readable parquet file ({e})") from e
+        self._footers.append(meta)
         names = set(meta.schema.to_arrow_schema().names)
         missing = [c for c in self.columns if c not in names]
         if missing and set(TEXT) <= names and set(missing) <= set(LATENT):
@@ -234,7 +236,7 @@ class ParquetDataset:
                 self._cache.popitem(last=False)
         if mine:
             try:
-                with pq.ParquetFile(self.files[f]) as file:
+                with pq.ParquetFile(self.files[f], metadata=self._footers[f]) as file:
                     slot.set_result(file.read_row_group(g, columns=self.columns))
             except Exception as e:
                 with self._lock:

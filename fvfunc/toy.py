@@ -162,8 +162,8 @@ def labels_for(n: int) -> torch.Tensor:
 
 
 def render(key: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
-    """RGB clips [N, 3, T, H, W] of the classes `labels`, their other properties drawn from `key`."""
-    n, t_len, size = len(labels), task.frames, task.size  # video frames
+    """RGB clips [N, 3, frames, H, W] of the classes `labels`, their other properties drawn from `key`."""
+    n, t_len, size = len(labels), task.frames, task.size
     k = random.split(key, 5)
     speed = random.uniform(k[0], (n,), low=task.speed[0], high=task.speed[1])
     width = random.uniform(k[1], (n,), low=task.width[0], high=task.width[1])
@@ -190,7 +190,7 @@ def render(key: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
 
 
 def real_latents(key: torch.Tensor, n: int, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents [n, channels, T, H, W], labels [n]) of n fresh real clips, classes balanced."""
+    """(latents [n, *Task.latent_shape], labels [n]) of n fresh real clips, classes balanced."""
     labels = labels_for(n)
     return encode(render(key, labels, task), task), labels
 
