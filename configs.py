@@ -8,7 +8,6 @@ from a schema-v2 YAML/JSON file (see `fvfunc/config_file.py`); CLI flags overrid
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -320,7 +319,3 @@ class SampleRun:
 RUNS: dict[str, type] = {"finetune": FinetuneRun, "dmd2": DMD2Run}
 """Method name -> run config type; train.py builds one subcommand per entry."""
 
-
-def replace(cfg, **changes):
-    """dataclasses.replace, re-exported for readers of configs."""
-    return dataclasses.replace(cfg, **changes)

@@ -14,7 +14,6 @@ its piece of a checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -321,7 +320,3 @@ def export(folder: Path, cfg, model_cfg, state: TrainState) -> Path:
     log.info("exported the student%s to %s", " (EMA)" if state.ema is not None else "", folder)
     return folder
 
-
-def replace(cfg, **sections):
-    """A run config with some sections replaced (tests and benchmarks)."""
-    return dataclasses.replace(cfg, **sections)

@@ -43,10 +43,6 @@ def global_norm(tree: Params) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def num_params(tree: Params) -> int:
-    return sum(v.numel() for v in tree.values())
-
-
 def allclose(a: Params, b: Params, rtol: float = 1e-5, atol: float = 0.0) -> bool:
     """True when both trees have the same keys and shapes and every leaf is close."""
     if a.keys() != b.keys():

@@ -183,23 +183,12 @@ def _linear(x, params, name, dtype):
     return F.linear(x, params[f"{name}.weight"].to(dtype), params[f"{name}.bias"].to(dtype))
 
 
-def _linears(x, params, names, dtype):
-    """`_linear` of x by several layers at once: one matmul with their weights stacked, split back
-    into one output per layer (fewer, wider matmuls; the same dot products)."""
-    w = torch.cat([params[f"{n}.weight"].to(dtype) for n in names])
-    b = torch.cat([params[f"{n}.bias"].to(dtype) for n in names])
-    return F.linear(x, w, b).chunk(len(names), dim=-1)
-
-
 def _attention(params, p, x, context, rope, cfg, dtype, backend):
     heads = cfg.num_attention_heads
-    if context is None:
-        q, k, v = _linears(x, params, (f"{p}.to_q", f"{p}.to_k", f"{p}.to_v"), dtype)
-    else:
-        q = _linear(x, params, f"{p}.to_q", dtype)
-        k, v = _linears(context, params, (f"{p}.to_k", f"{p}.to_v"), dtype)
-    q = rms_norm(q, params[f"{p}.norm_q.weight"], cfg.eps)
-    k = rms_norm(k, params[f"{p}.norm_k.weight"], cfg.eps)
+    kv = x if context is None else context
+    q = rms_norm(_linear(x, params, f"{p}.to_q", dtype), params[f"{p}.norm_q.weight"], cfg.eps)
+    k = rms_norm(_linear(kv, params, f"{p}.to_k", dtype), params[f"{p}.norm_k.weight"], cfg.eps)
+    v = _linear(kv, params, f"{p}.to_v", dtype)
     q, k, v = (a.unflatten(-1, (heads, -1)) for a in (q, k, v))
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
