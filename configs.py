@@ -112,9 +112,9 @@ class TrainingConfig:
     """Compute dtype of the forward passes; params stay in their role dtype (fp32 masters)."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
-    attention: Literal["auto", "math", "flash", "efficient", "cudnn"] = "auto"
-    """Scaled-dot-product attention backend; auto lets torch pick (on H100, cudnn is the fastest:
-    bench/RESULTS.md)."""
+    attention: Literal["auto", "math", "flash", "efficient", "cudnn", "fa4"] = "auto"
+    """Attention backend; auto lets torch's SDPA pick. On an H100 'fa4' (FlashAttention-4, the optional
+    flash-attn-4 package) is the fastest, then 'cudnn' (bench/RESULTS.md)."""
     grad_transform: Literal["autograd", "func"] = "autograd"
     """How a loss becomes gradients: torch.func.grad ('func'), or torch.autograd.grad on the same
     pure loss ('autograd': same gradients, lower peak memory, works with remat)."""
@@ -123,6 +123,9 @@ class TrainingConfig:
     transformer block in the backward pass (activation checkpointing); 'attention' keeps each block's
     attention outputs and recomputes the cheap rest (selective checkpointing: near 'none''s speed at
     a fraction of its memory)."""
+    remat_fraction: float = 1.0
+    """The share of transformer blocks that remat (the first ones); the rest keep all activations.
+    Below 1 it buys speed with spare memory (like FastVideo's selective checkpointing ratio)."""
     compile: bool = False
     """torch.compile each role's apply (GPU runs; slow to start, faster steps)."""
     donate: bool = False

@@ -8,7 +8,8 @@ Random-init weights at the 1.3B config (dim 1536, 30 layers, 12 heads, FFN 8960,
 256), batch 1, latents 16x21x60x104 (32,760 tokens) and 16x21x30x52, text 512x4096. Every figure is
 the median of timed repeats after warm-up, timed with CUDA events; peak memory is the allocator's
 high-water mark over the timed repeats; TFLOP/s counts model FLOPs (a backward pass as twice its
-forward, recomputation not counted). fvfunc runs bf16 compute, cuDNN attention, remat="attention",
+forward, recomputation not counted). fvfunc runs bf16 compute, FlashAttention-4 self-attention where
+the flash-attn-4 package and a Hopper/Blackwell GPU are there (cuDNN otherwise), remat="attention",
 compiled blocks and donated optimizer buffers; diffusers runs its defaults (SDPA's own backend
 choice), with gradient checkpointing wherever it trains. The DMD2 rows run both implementations over
 the same steps (same keys, so the same rollout lengths k) and report the mean step.
@@ -45,6 +46,7 @@ from fvfunc.autodiff import value_and_grad  # noqa: E402
 from fvfunc.losses import dmd2, flow_matching  # noqa: E402
 from fvfunc.losses.state import Model  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
+from fvfunc.ops.attention import attention, fa4_problem  # noqa: E402
 from fvfunc.samplers import sample, timesteps_to_sigmas  # noqa: E402
 
 WAN_1_3B = wan.WanConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
@@ -153,7 +155,7 @@ def fvfunc_apply(cfg, opts):
 
 def _apply(cfg, opts, params, x, t, context):
     return wan.apply(params, cfg, x, t, context, dtype=torch.bfloat16, attention=opts.attention,
-                     remat=opts.remat, compile=opts.compile)
+                     remat=opts.remat, remat_fraction=opts.remat_fraction, compile=opts.compile)
 
 
 def diffusers_module(cfg, params, dtype, device):
@@ -245,6 +247,21 @@ class Bench:
                          flops=2.5 * flops * 30, note="(bwd FLOPs counted as 2.5x fwd, as FlashAttention)")
             except Exception as e:
                 print(f"  {name}: unavailable ({type(e).__name__}: {str(e)[:120]})")
+        if fa4_problem(self.device):
+            print(f"  fa4: unavailable ({fa4_problem(self.device)})")
+            return
+        # FlashAttention-4 through fvfunc's op, on the model's own [B, S, H, Dh] layout
+        q, k, v = (a.detach().transpose(1, 2).contiguous().requires_grad_() for a in (q, k, v))
+        with torch.no_grad():
+            fwd, _, _ = measure(lambda: attention(q, k, v, "fa4"), self.device, 2, 5)
+            err = (attention(q, k, v, "fa4").float() - attention(q, k, v, "cudnn").float()).abs().max().item()
+        grad = torch.randn_like(q)
+        both, _, _ = measure(lambda: torch.autograd.grad(attention(q, k, v, "fa4"), (q, k, v), grad),
+                             self.device, 2, 5)
+        self.row("attention", f"FlashAttention-4 {what}: forward x30 layers", fwd * 30, flops=flops * 30,
+                 note=f"max abs diff vs cudnn {err:.1e}")
+        self.row("attention", f"FlashAttention-4 {what}: backward x30 layers", (both - fwd) * 30,
+                 flops=2.5 * flops * 30)
 
     # -- diffusers
 
@@ -327,12 +344,25 @@ class Bench:
         self.row(label, f"fvfunc 4-step SDE sampling ({s4 / s:.2f}x forward)", s4, peak, 4 * flops)
         self.sampling_ratio = s4 / s
 
+    def fvfunc_forward_with(self, backend, latent, label):
+        """The fvfunc forward row again with another attention backend."""
+        cfg, dev, a = self.cfg, self.device, self.args
+        flops = forward_flops(cfg, latent[1] * latent[2] * latent[3] // 4, a.text_len)
+        params = wan.init(cfg, random.key(0), dtype=torch.bfloat16, device=dev)
+        apply = fvfunc_apply(cfg, argparse.Namespace(**{**vars(a), "attention": backend}))
+        x, text = inputs(cfg, latent, a.text_len, dev)
+        t = torch.tensor([500.0], device=dev)
+        with torch.no_grad():
+            s, _, peak = measure(lambda: apply(params, x, t, text), dev, a.warmup, a.reps)
+        self.row(label, f"  fvfunc forward (bf16) with attention={backend}", s, peak, flops)
+
     def fvfunc_finetune(self, latent, label):
         cfg, dev, a = self.cfg, self.device, self.args
         tokens = latent[1] * latent[2] * latent[3] // 4
         flops = forward_flops(cfg, tokens, a.text_len)
         training = configs.TrainingConfig(lr=1e-5, max_steps=1000, precision="bfloat16",
-                                          attention=a.attention, remat=a.remat, donate=True)
+                                          attention=a.attention, remat=a.remat,
+                                          remat_fraction=a.remat_fraction, donate=True)
         method_cfg = configs.FinetuneConfig()
         calls = Calls(dev)
         apply = calls.wrap("student", fvfunc_apply(cfg, a))
@@ -391,7 +421,8 @@ class Bench:
         method_cfg = configs.DMD2Config(dmd_denoising_steps=STEPS, rollout_mode="simulate",
                                         generator_update_interval=1, latent_shape=tuple(latent[1:]))
         training = configs.TrainingConfig(lr=2e-6, betas=(0.0, 0.999), max_steps=1000, precision="bfloat16",
-                                          attention=a.attention, remat=a.remat, donate=True)
+                                          attention=a.attention, remat=a.remat,
+                                          remat_fraction=a.remat_fraction, donate=True)
         return method_cfg, training
 
     def fvfunc_dmd2(self, latent, label):
@@ -547,8 +578,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="a tiny model and latents: smoke-test every path")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--attention", default=None, help="fvfunc's SDPA backend (default: cudnn on CUDA)")
+    ap.add_argument("--attention", default=None, help="fvfunc's attention backend (default on CUDA: fa4 where "
+                    "it runs, else cudnn)")
+    ap.add_argument("--also-attention", default="", help="comma-separated backends whose fvfunc forward is also "
+                    "measured (e.g. cudnn), for a same-run comparison")
     ap.add_argument("--remat", default="attention", choices=wan.REMAT)
+    ap.add_argument("--remat-fraction", type=float, default=1.0, help="share of blocks that remat")
     ap.add_argument("--compile", default=None, help="inductor | aot_eager | none (default: inductor on CUDA)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
@@ -564,7 +599,11 @@ def main():
     ap.add_argument("--save", default="", help="also write the results section to this file")
     args = ap.parse_args()
     device = torch.device(args.device)
-    args.attention = args.attention or ("cudnn" if device.type == "cuda" else "auto")
+    if device.type != "cuda":
+        args.attention = args.attention or "auto"
+    elif not args.attention:
+        args.attention = "cudnn" if fa4_problem(device) else "fa4"
+        print(f"attention: {args.attention} ({fa4_problem(device) or 'FlashAttention-4 runs here'})")
     compile_ = args.compile or ("inductor" if device.type == "cuda" else "none")
     args.compile = {"none": False, "inductor": True}.get(compile_, compile_)
     torch._dynamo.config.cache_size_limit = 64
@@ -585,7 +624,7 @@ def main():
         return not only or name in only
     started = time.perf_counter()
     print(f"config: {cfg}\nlatents {latents}, text {args.text_len}, device {device}, "
-          f"attention {args.attention}, remat {args.remat}, compile {compile_}", flush=True)
+          f"attention {args.attention}, remat {args.remat} x{args.remat_fraction:g}, compile {compile_}", flush=True)
     if want("attention") and device.type == "cuda":
         tokens = big[1] * big[2] * big[3] // 4
         b.run("attention kernels", b.attention_kernels, tokens, tokens, "attention")
@@ -594,6 +633,8 @@ def main():
     for latent, label in sizes:
         if want("forward"):
             b.run(f"fvfunc forward {label}", b.fvfunc_forward_and_sampling, latent, label, latent is big)
+            for other in filter(None, args.also_attention.split(",")):
+                b.run(f"fvfunc forward {label}, attention {other}", b.fvfunc_forward_with, other, latent, label)
             b.run(f"diffusers forward/backward {label}", b.diffusers_forward_and_grad, latent, label)
         if want("finetune"):
             b.run(f"fvfunc finetune {label}", b.fvfunc_finetune, latent, label)
@@ -613,7 +654,8 @@ def main():
         f"- Card: {card}; date {datetime.date.today().isoformat()}; "
         + ", ".join(f"{k} {x}" for k, x in v.items()) + ".",
         f"- Command: `{command}` ({time.perf_counter() - started:.0f} s wall, compile included).",
-        f"- fvfunc: bf16 compute, attention={args.attention}, remat={args.remat}, compile={compile_}, "
+        f"- fvfunc: bf16 compute, attention={args.attention}, remat={args.remat} (fraction "
+        f"{args.remat_fraction:g}), compile={compile_}, "
         "donate=True; diffusers: default attention, gradient checkpointing when training, AdamW(fused=True) "
         "on fp32 masters.",
         f"- Batch 1, latents {' and '.join('x'.join(map(str, x)) for x in latents)}, text {args.text_len}; "

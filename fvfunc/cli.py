@@ -15,6 +15,7 @@ errors exit 2 too), else hands the run to `fvfunc.trainer.run`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import re
 import sys
@@ -107,6 +108,9 @@ def _check_training(t: configs.TrainingConfig) -> None:
           f"training.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     _need(t.remat == "none" or t.grad_transform == "autograd", f"training.remat {t.remat!r} needs "
           "training.grad_transform 'autograd' (torch.func.grad cannot run through activation checkpointing)")
+    _need(t.attention != "fa4" or importlib.util.find_spec("flash_attn") is not None,
+          "training.attention 'fa4' needs the flash-attn-4 package: pip install 'fvfunc[fa4]'")
+    _need(0 <= t.remat_fraction <= 1, f"training.remat_fraction must be in [0, 1], got {t.remat_fraction:g}")
     _need(t.checkpoint_every >= 0, f"training.checkpoint_every must be >= 0, got {t.checkpoint_every}")
     _need(t.keep_checkpoints >= 0, f"training.keep_checkpoints must be >= 0 (0 keeps all), got "
           f"{t.keep_checkpoints}")

@@ -29,6 +29,7 @@ from fvfunc import checkpoint, config_file, data, distributed, optim, random, tr
 from fvfunc.losses import METHODS
 from fvfunc.losses.state import Model, TrainState
 from fvfunc.models import family
+from fvfunc.ops.attention import fa4_problem
 
 log = logging.getLogger("fvfunc")
 
@@ -52,7 +53,7 @@ def role_model(fam, model_cfg, training, gather=None) -> Model:
     """A role's Model: the family's apply with the run's compute dtype, attention, remat and compile,
     and `gather` (fvfunc.distributed.gather) when its params are sharded."""
     apply = functools.partial(_apply, fam.apply, model_cfg, DTYPES[training.precision], training.attention,
-                              training.remat, training.compile, gather)
+                              training.remat, training.remat_fraction, training.compile, gather)
     return Model(apply, fam.latent_channels(model_cfg))
 
 
@@ -84,12 +85,12 @@ def load_roles(method, cfg, process) -> tuple[dict, dict, dict]:
     return params, model_cfgs, models
 
 
-def _apply(fam_apply, mcfg, dtype, attention, remat, compile, gather, params, x, t, context):
+def _apply(fam_apply, mcfg, dtype, attention, remat, remat_fraction, compile, gather, params, x, t, context):
     # the family compiles per block (one graph serves every layer), which starts far faster than
     # compiling the whole apply
     extra = {} if gather is None else {"gather": gather}
-    return fam_apply(params, mcfg, x, t, context, dtype=dtype, attention=attention, remat=remat, compile=compile,
-                     **extra)
+    return fam_apply(params, mcfg, x, t, context, dtype=dtype, attention=attention, remat=remat,
+                     remat_fraction=remat_fraction, compile=compile, **extra)
 
 
 # ------------------------------------------------------------------------------ state <-> disk
@@ -200,6 +201,9 @@ def _run(method_name: str, cfg, process: distributed.Process) -> Path:
     if tcfg.batch_size % world or (tcfg.batch_size // world) % tcfg.micro_batches:
         raise TrainingError(f"training.batch_size {tcfg.batch_size} must split evenly into {world} rank(s) x "
                             f"{tcfg.micro_batches} micro-batch(es)")
+
+    if tcfg.attention == "fa4" and (problem := fa4_problem(device)):
+        raise TrainingError(f"training.attention 'fa4' cannot run: {problem}")
 
     resume_from = checkpoint.resolve(out, tcfg.resume)
     if resume_from is None and checkpoint.list_checkpoints(out):

@@ -5,6 +5,7 @@ the trainer is replaced by a recorder here, so nothing trains.
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -149,6 +150,7 @@ BAD_DMD2 = [
      "training.grad_transform 'autograd'"),
     (["--training.lr-schedule", "cosine", "--training.warmup-steps", "4000"], "training.warmup_steps (4000)"),
     (["--training.device", "gpu"], "training.device must be"),
+    (["--training.remat-fraction", "1.5"], "training.remat_fraction must be in [0, 1], got 1.5"),
     (["--method.generator-update-interval", "0"], "method.generator_update_interval must be >= 1"),
     (["--method.min-timestep-ratio", "0.5", "--method.max-timestep-ratio", "0.5"],
      "method.min_timestep_ratio and max_timestep_ratio must satisfy 0 <= min < max <= 1"),
@@ -158,6 +160,10 @@ BAD_DMD2 = [
     (["--data.path"], "data.path is empty: dmd2 reads the text embeddings of"),
     (["--data.path", "{missing}"], "data.path: folder {missing} does not exist"),
 ]
+
+
+if importlib.util.find_spec("flash_attn") is None:
+    BAD_DMD2.append((["--training.attention", "fa4"], "training.attention 'fa4' needs the flash-attn-4 package"))
 
 
 @pytest.mark.parametrize("extra, message", BAD_DMD2, ids=[m.split(":")[0][:40] for _, m in BAD_DMD2])

@@ -1,7 +1,9 @@
 """The fast paths against their plain references, on tiny shapes on the CPU: selective remat, compiled
 blocks, the fused and donated AdamW, and the diffusers-module DMD2 step bench/gpu_step.py times."""
 
+import importlib
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from fvfunc import optim, random, tiny, tree
 from fvfunc.losses import dmd2, flow_matching
 from fvfunc.losses.state import Model
 from fvfunc.models import wan
+
+attention_ops = importlib.import_module("fvfunc.ops.attention")  # (the package re-exports a function of that name)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import dmd2_reference  # noqa: E402
@@ -47,19 +51,20 @@ class CountAttention(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("remat", ["full", "attention"])
-def test_remat_gives_the_same_gradients(remat):
+@pytest.mark.parametrize("remat, fraction", [("full", 1), ("attention", 1), ("attention", 0.5)])
+def test_remat_gives_the_same_gradients(remat, fraction):
     params = wan.init(CFG, random.key(0))
-    assert tree.max_rel_error(grads_of(params, remat=remat), grads_of(params)) <= 1e-6
+    assert tree.max_rel_error(grads_of(params, remat=remat, remat_fraction=fraction), grads_of(params)) <= 1e-6
 
 
-@pytest.mark.parametrize("remat, recomputed", [("none", 0), ("full", 4), ("attention", 0)])
-def test_attention_remat_does_not_rerun_attention(remat, recomputed):
-    # 2 layers x (self + cross attention): "full" reruns all 4 kernels in the backward pass,
-    # "attention" keeps their outputs like "none" does
+@pytest.mark.parametrize("remat, fraction, recomputed", [("none", 1, 0), ("full", 1, 4), ("full", 0.5, 2),
+                                                         ("full", 0, 0), ("attention", 1, 0)])
+def test_attention_remat_does_not_rerun_attention(remat, fraction, recomputed):
+    # 2 layers x (self + cross attention): "full" reruns all 4 kernels in the backward pass (the 2 of
+    # its first layer at remat_fraction 0.5), "attention" keeps their outputs like "none" does
     params = {k: v.requires_grad_() for k, v in wan.init(CFG, random.key(0)).items()}
     x, t, ctx = inputs()
-    loss = wan.apply(params, CFG, x, t, ctx, remat=remat).square().mean()
+    loss = wan.apply(params, CFG, x, t, ctx, remat=remat, remat_fraction=fraction).square().mean()
     with CountAttention() as count:
         torch.autograd.grad(loss, list(params.values()))
     assert count.calls == recomputed
@@ -75,6 +80,72 @@ def test_compiled_blocks_equal_eager():
     assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
     g = grads_of(params, remat="attention", compile="aot_eager")
     assert tree.max_rel_error(g, grads_of(params)) <= 1e-5
+
+
+def _standin_fwd(q, k, v, return_lse=False):
+    """FlashAttention-4's _flash_attn_fwd contract in plain torch: out [B, S, H, Dh], lse [B, H, S]."""
+    assert return_lse
+    scores = torch.einsum("bshd,bthd->bhst", q, k) / q.shape[-1] ** 0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bhst,bthd->bshd", torch.exp(scores - lse[..., None]), v)
+    return out.contiguous(), lse.contiguous(), None, None, None  # (the kernel writes fresh contiguous outputs)
+
+
+def _standin_bwd(q, k, v, out, dout, lse):
+    """_flash_attn_bwd's contract: (dq, dk, dv) from the saved out and lse, FlashAttention's formulas."""
+    scale = q.shape[-1] ** -0.5
+    p = torch.exp(torch.einsum("bshd,bthd->bhst", q, k) * scale - lse[..., None])
+    dv = torch.einsum("bhst,bshd->bthd", p, dout)
+    dp = torch.einsum("bshd,bthd->bhst", dout, v)
+    ds = p * (dp - (dout * out).sum(-1).transpose(1, 2)[..., None])
+    dq, dk = torch.einsum("bhst,bthd->bshd", ds, k) * scale, torch.einsum("bhst,bshd->bthd", ds, q) * scale
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@pytest.fixture
+def fa4_standin(monkeypatch):
+    """The "fa4" backend on the CPU, its two kernels replaced by the plain-torch stand-ins above: what
+    runs is fvfunc's own part (the custom ops, their autograd, remat and compile), which CI has no GPU
+    to run with the real kernels (tests/test_gpu.py does, on a GPU)."""
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd, interface._flash_attn_bwd = _standin_fwd, _standin_bwd
+    for name, module in [("flash_attn", types.ModuleType("flash_attn")),
+                         ("flash_attn.cute", types.ModuleType("flash_attn.cute")),
+                         ("flash_attn.cute.interface", interface)]:
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(attention_ops, "fa4_problem", lambda device: None)
+    monkeypatch.setitem(wan.CROSS_ATTENTION, "fa4", "math")  # (cuDNN on a GPU)
+
+
+@pytest.mark.parametrize("remat, compile", [("none", False), ("attention", False), ("attention", "aot_eager")])
+def test_fa4_op_wiring_equals_math(fa4_standin, remat, compile):
+    params = wan.init(CFG, random.key(2))
+    x, t, ctx = inputs(2)
+    with torch.no_grad():
+        want = wan.apply(params, CFG, x, t, ctx, attention="math")
+        got = wan.apply(params, CFG, x, t, ctx, attention="fa4", compile=compile)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    g = grads_of(params, attention="fa4", remat=remat, compile=compile)
+    assert tree.max_rel_error(g, grads_of(params, attention="math")) <= 1e-5
+
+
+def test_fa4_op_under_torch_func_grad(fa4_standin):
+    q, k, v = (torch.randn(2, 6, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    loss = lambda q, k, v, backend: attention_ops.attention(q, k, v, backend).sin().sum()
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v, "fa4")
+    want = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v, "math")
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("remat, recomputed", [("full", 2), ("attention", 0)])
+def test_attention_remat_keeps_fa4_outputs(fa4_standin, remat, recomputed):
+    # 2 layers' self-attention on the fa4 op (the cross-attention is not a fused kernel here)
+    params = {k: v.requires_grad_() for k, v in wan.init(CFG, random.key(0)).items()}
+    x, t, ctx = inputs()
+    loss = wan.apply(params, CFG, x, t, ctx, attention="fa4", remat=remat).square().mean()
+    with CountAttention() as count:
+        torch.autograd.grad(loss, list(params.values()))
+    assert count.calls == recomputed
 
 
 def test_block_params_are_views_of_the_params():

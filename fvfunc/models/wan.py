@@ -196,6 +196,10 @@ def _attention(params, p, x, context, rope, cfg, dtype, backend):
     return _linear(out, params, f"{p}.to_out.0", dtype)
 
 
+# FlashAttention-4 gains on long keys only: to 512 text tokens cuDNN is the faster (H100, bench/RESULTS.md)
+CROSS_ATTENTION = {"fa4": "cudnn"}
+
+
 def _block(params, cfg, x, context, mod, rope, dtype, backend):
     """One transformer block; `params` holds this block's leaves without the "blocks.{i}." prefix,
     so every block is the same function of the same structure (one compiled graph serves them all)."""
@@ -208,7 +212,7 @@ def _block(params, cfg, x, context, mod, rope, dtype, backend):
         h = layer_norm(x, params["norm2.weight"], params["norm2.bias"], cfg.eps).to(dtype)
     else:
         h = x
-    x = x + _attention(params, "attn2", h, context, None, cfg, dtype, backend)
+    x = x + _attention(params, "attn2", h, context, None, cfg, dtype, CROSS_ATTENTION.get(backend, backend))
     # 3. feed-forward (GELU-tanh), modulated and gated
     h = modulate(layer_norm(x, eps=cfg.eps), c_shift, c_scale).to(dtype)
     h = F.gelu(_linear(h, params, "ffn.net.0.proj", dtype), approximate="tanh")
@@ -224,6 +228,7 @@ _ATTENTION_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.fvfunc.fa4_attention.default,
 }
 
 
@@ -267,16 +272,19 @@ def block_params(params: dict, num_layers: int) -> list[dict]:
 
 def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
           dtype: torch.dtype | None = None, attention: str = "auto", remat: str = "none",
-          compile: bool | str = False, gather=None) -> torch.Tensor:
+          remat_fraction: float = 1.0, compile: bool | str = False, gather=None) -> torch.Tensor:
     """The flow prediction v = noise - x0 for latents x [B, C, T, H, W] at timesteps t [B] (floats in
     [0, 1000]) given text embeddings context [B, L, text_dim].
 
     dtype: the compute dtype (None: the params' dtype); params are cast on the fly, so fp32 masters
-    stay untouched. attention: the SDPA backend (fvfunc.ops.attention; "cudnn" is the fastest on H100).
+    stay untouched. attention: the backend (fvfunc.ops.attention; on an H100 "fa4" is the fastest, then
+    "cudnn").
     remat: activation rematerialisation in the backward pass, per block: "none"; "full" recomputes
     each block (torch.utils.checkpoint); "attention" keeps the attention outputs and recomputes the
     rest of the block (selective checkpointing: about a third of "none"'s activation memory for a
     fraction of a forward's time). Remat works with torch.autograd, not with torch.func.grad.
+    remat_fraction: the share of blocks (the first ones) that remat; the others keep all their
+    activations: faster backward passes for the memory a card has spare.
     compile: torch.compile each transformer block (one graph serves all layers; the embeddings and
     the head stay eager): True for inductor, or a torch.compile backend name ("aot_eager" in tests).
     gather: for sharded params (fvfunc.distributed.gather), `gather(tree) -> tree` of whole tensors;
@@ -285,6 +293,8 @@ def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
     """
     if remat not in REMAT:
         raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
+    if not 0 <= remat_fraction <= 1:
+        raise ValueError(f"remat_fraction must be in [0, 1], got {remat_fraction}")
     dtype = dtype or params["proj_out.weight"].dtype
     B, _, T, H, W = x.shape
     pt, ph, pw = cfg.patch_size
@@ -310,8 +320,9 @@ def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
     ctx = _linear(F.gelu(ctx, approximate="tanh"), params, "condition_embedder.text_embedder.linear_2", dtype)
 
     block = _compiled_block("inductor" if compile is True else compile) if compile else _remat_block
-    for bp in blocks:
-        h = block(bp, cfg, h, ctx, mod, rope, dtype, attention, remat, gather)
+    n_remat = round(remat_fraction * cfg.num_layers)
+    for i, bp in enumerate(blocks):
+        h = block(bp, cfg, h, ctx, mod, rope, dtype, attention, remat if i < n_remat else "none", gather)
 
     shift, scale = (params["scale_shift_table"] + temb[:, None]).chunk(2, dim=1)
     h = modulate(layer_norm(h, eps=cfg.eps), shift, scale).to(dtype)

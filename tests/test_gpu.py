@@ -1,0 +1,94 @@
+"""GPU-only paths against their references: FlashAttention-4 (fvfunc's "fa4" attention op) against the
+plain softmax attention and cuDNN, alone and inside Wan's apply with remat and compiled blocks. CI has
+no GPU, so these skip there; run them on a Hopper/Blackwell card with flash-attn-4 installed
+(`pytest tests/test_gpu.py`). On the CPU only the clear refusal is checked."""
+
+import pytest
+import torch
+
+from fvfunc import random, tree
+from fvfunc.models import wan
+from fvfunc.ops.attention import attention, fa4_attention, fa4_problem
+
+CUDA = torch.device("cuda")
+needs_fa4 = pytest.mark.skipif(not torch.cuda.is_available() or fa4_problem(CUDA) is not None,
+                               reason="needs a Hopper/Blackwell GPU and flash-attn-4")
+
+
+def test_fa4_refuses_the_cpu_with_a_clear_error():
+    q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="attention backend 'fa4' cannot run: it needs a CUDA GPU"):
+        attention(q, q, q, "fa4")
+
+
+def _qkv(tokens, keys, heads=4, dh=128, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(2, n, heads, dh, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+            for n in (tokens, keys, keys)]
+
+
+def _errors(backend, q, k, v, grad):
+    """Max abs error of out and of each input gradient against the fp32 math reference."""
+    ref_in = [a.detach().float().requires_grad_() for a in (q, k, v)]
+    ref = attention(*ref_in, "math")
+    ref_g = torch.autograd.grad(ref, ref_in, grad.float())
+    out = attention(q, k, v, backend)
+    got_g = torch.autograd.grad(out, (q, k, v), grad)
+    return [(a.float() - b).abs().max().item() for a, b in zip((out, *got_g), (ref, *ref_g), strict=True)]
+
+
+@needs_fa4
+@pytest.mark.parametrize("tokens, keys", [(1000, 1000), (1000, 77), (4096, 512)])
+def test_fa4_is_as_accurate_as_cudnn(tokens, keys):
+    # bf16 kernels differ from each other by rounding; FA4 must be no less accurate than cuDNN
+    q, k, v = _qkv(tokens, keys)
+    grad = torch.randn_like(q)
+    fa4, cudnn = _errors("fa4", q, k, v, grad), _errors("cudnn", q, k, v, grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fa4, cudnn, strict=True):
+        assert a <= 2 * b + 1e-3, f"{name}: fa4 error {a:.2e}, cudnn {b:.2e}"
+
+
+@needs_fa4
+def test_fa4_op_registration():
+    # fake (meta) shapes, autograd formula and schema as torch.compile and autograd will use them
+    q, k, v = _qkv(256, 128, heads=2, dh=64)
+    torch.library.opcheck(fa4_attention, (q, k, v))
+
+
+class _CountFa4(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.fvfunc.fa4_attention.default
+        return func(*args, **(kwargs or {}))
+
+
+@needs_fa4
+@pytest.mark.parametrize("compile", [False, True])
+def test_wan_with_fa4_matches_cudnn(compile):
+    cfg = wan.WanConfig(num_attention_heads=2, attention_head_dim=128, ffn_dim=512, num_layers=2, text_dim=64,
+                        freq_dim=32)
+    params = {k: v.requires_grad_() for k, v in wan.init(cfg, random.key(0), device="cuda").items()}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, 16, 3, 16, 16, device="cuda", generator=g)
+    t = torch.tensor([700.0], device="cuda")
+    ctx = torch.randn(1, 24, cfg.text_dim, device="cuda", generator=g)
+
+    def run(backend):
+        out = wan.apply(params, cfg, x, t, ctx, dtype=torch.bfloat16, attention=backend, remat="attention",
+                        compile=compile)
+        loss = out.float().square().mean()
+        if backend == "fa4" and not compile:  # (compiled graphs run the op outside dispatch modes)
+            with _CountFa4() as count:  # remat="attention" keeps FA4's outputs: no rerun in the backward
+                grads = torch.autograd.grad(loss, list(params.values()))
+            assert count.calls == 0
+        else:
+            grads = torch.autograd.grad(loss, list(params.values()))
+        return out.float(), dict(zip(params, grads, strict=True))
+
+    out_fa4, g_fa4 = run("fa4")
+    out_cudnn, g_cudnn = run("cudnn")
+    assert (out_fa4 - out_cudnn).abs().max() <= 3e-2 * out_cudnn.abs().max()
+    assert tree.max_rel_error(g_fa4, g_cudnn) <= 5e-2
