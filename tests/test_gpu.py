@@ -8,7 +8,7 @@ import torch
 
 from fvfunc import random, tree
 from fvfunc.models import wan
-from fvfunc.ops.attention import attention, fa4_attention, fa4_problem
+from fvfunc.ops.attention import attention, fa4_attention, fa4_attention_backward, fa4_problem
 
 CUDA = torch.device("cuda")
 needs_fa4 = pytest.mark.skipif(not torch.cuda.is_available() or fa4_problem(CUDA) is not None,
@@ -50,9 +50,12 @@ def test_fa4_is_as_accurate_as_cudnn(tokens, keys):
 
 @needs_fa4
 def test_fa4_op_registration():
-    # fake (meta) shapes, autograd formula and schema as torch.compile and autograd will use them
-    q, k, v = _qkv(256, 128, heads=2, dh=64)
+    # schema and fake (meta) outputs as torch.compile will use them; the ops themselves have no
+    # autograd formula (an autograd.Function joins them), so they are checked on plain tensors
+    q, k, v = (a.detach() for a in _qkv(256, 128, heads=2, dh=64))
     torch.library.opcheck(fa4_attention, (q, k, v))
+    out, lse = fa4_attention(q, k, v)
+    torch.library.opcheck(fa4_attention_backward, (q, k, v, out, lse, torch.randn_like(out)))
 
 
 class _CountFa4(torch.utils._python_dispatch.TorchDispatchMode):
