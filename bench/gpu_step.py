@@ -1,7 +1,7 @@
 """GPU benchmark: fvfunc's Wan2.1-1.3B forward, finetune step, DMD2 step and 4-step SDE sampling,
 against diffusers' WanTransformer3DModel measured in the same run.
 
-    python bench/gpu_step.py            # one H100: the whole benchmark (about 7 minutes)
+    python bench/gpu_step.py            # one H100: the whole benchmark (about 5 minutes)
     python bench/gpu_step.py --tiny     # the same code paths on a tiny model (CPU or GPU smoke test)
 
 Random-init weights at the 1.3B config (dim 1536, 30 layers, 12 heads, FFN 8960, text 4096, freq
@@ -26,6 +26,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
+import importlib.metadata  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -535,6 +536,10 @@ def versions(device):
             import triton
             v["triton"] = triton.__version__
         except ImportError:
+            pass
+        try:
+            v["flash-attn-4"] = importlib.metadata.version("flash-attn-4")
+        except importlib.metadata.PackageNotFoundError:
             pass
     return v
 
