@@ -79,6 +79,9 @@ def roles(args, cfg, process):
         dtype = torch.bfloat16 if name == "teacher" else torch.float32
         # the same key on every rank: identical replicas, or consistent shards
         p = wan.init(mcfg, random.key(i), dtype=dtype, device=process.device)
+        if args.sharding == "sharded" and process.world_size > 1:  # this rank's rows, as wan.load(rows=) reads
+            rows = distributed.rows_of(process)
+            p = {k: v[slice(*rows(v.shape[0]))] if v.ndim else v for k, v in p.items()}
         params[name], models[name] = trainer.place_role(wan, mcfg, p, cfg, process, args.sharding)
         del p
         held[name] = distributed.num_bytes(params[name])

@@ -183,14 +183,27 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
+def rows_of(process: Process) -> Callable[[int], tuple[int, int]]:
+    """n -> the rows [start, stop) of a dim 0 of size n that this rank holds once sharded."""
+    return lambda n: _rows(n, process.world_size, process.rank)
+
+
+def from_rows(local: torch.Tensor, shape: tuple[int, ...], mesh: DeviceMesh, device=None) -> torch.Tensor:
+    """A Shard(0) DTensor of global `shape` from this rank's rows `local` (as `rows_of` picks them),
+    moved to `device`; a 0-d tensor stays whole."""
+    if local.ndim == 0:
+        return local.to(device)
+    local = local.to(device, copy=True).contiguous()
+    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
+                              stride=_contiguous_stride(shape))
+
+
 def shard_tensor(t: torch.Tensor, mesh: DeviceMesh, device=None) -> torch.Tensor:
     """This rank's rows of a whole tensor, as a Shard(0) DTensor on `device`; 0-d tensors stay whole."""
     if t.ndim == 0:
         return t.to(device)
     start, stop = _rows(t.shape[0], mesh.size(), mesh.get_local_rank())
-    local = t[start:stop].to(device, copy=True).contiguous()
-    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=t.shape,
-                              stride=_contiguous_stride(t.shape))
+    return from_rows(t[start:stop], t.shape, mesh, device)
 
 
 def shard(params: Params, mesh: DeviceMesh, device=None) -> Params:

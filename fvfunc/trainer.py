@@ -59,11 +59,13 @@ def role_model(fam, model_cfg, training, gather=None) -> Model:
 
 def place_role(fam, model_cfg, params, cfg, process, sharding: str) -> tuple[dict, Model]:
     """(params on this rank, Model) of one role: whole on `process.device`, or, for a sharded role in a
-    run of several ranks, this rank's pieces (fvfunc.distributed.shard) and an apply that gathers."""
+    run of several ranks, this rank's rows of each leaf as `fam.load(..., rows=distributed.rows_of(process))`
+    read them, made DTensors, and an apply that gathers."""
     if sharding == "sharded" and process.world_size > 1:
         if cfg.training.compile:
             raise TrainingError("training.compile is not supported with sharded roles yet")
-        return (distributed.shard(params, process.mesh, process.device),
+        shapes = fam.param_shapes(model_cfg)
+        return ({k: distributed.from_rows(v, shapes[k], process.mesh, process.device) for k, v in params.items()},
                 role_model(fam, model_cfg, cfg.training, distributed.gather))
     return {k: v.to(process.device) for k, v in params.items()}, role_model(fam, model_cfg, cfg.training)
 
@@ -78,8 +80,9 @@ def load_roles(method, cfg, process) -> tuple[dict, dict, dict]:
         if sharded and name in method.TRAINABLE and cfg.training.grad_transform != "autograd":
             raise TrainingError(f"roles.{name} is sharded: that needs training.grad_transform 'autograd' "
                                 "(torch.func.grad cannot differentiate through the sharded gather)")
-        # a sharded role is read on the CPU and only this rank's rows go to the device
-        mcfg, p = fam.load(role.path, dtype=DTYPES[role.dtype], device="cpu" if sharded else process.device)
+        # a sharded role: each rank reads only its rows of every tensor (on the CPU), never the whole model
+        mcfg, p = fam.load(role.path, dtype=DTYPES[role.dtype], device="cpu" if sharded else process.device,
+                           rows=distributed.rows_of(process) if sharded else None)
         params[name], models[name] = place_role(fam, mcfg, p, cfg, process, role.sharding)
         model_cfgs[name] = mcfg
     return params, model_cfgs, models

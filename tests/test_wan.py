@@ -219,6 +219,22 @@ def test_missing_extra_and_misshaped_keys(tmp_path):
     save_file({k: v.contiguous() for k, v in bad.items()}, str(folder / wan.WEIGHTS))
     with pytest.raises(wan.ModelError, match=r"proj_out\.weight"):
         wan.load(folder)
+    with pytest.raises(wan.ModelError, match=r"proj_out\.weight has shape \[3, 16\]"):
+        wan.load(folder, rows=lambda n: (0, 1))  # the whole shape is checked, not the rows read
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_load_rows_reads_each_ranks_piece(tmp_path, world):
+    c = CONFIGS[1]
+    m = make_module(c)
+    m.save_pretrained(tmp_path / "t", safe_serialization=True, max_shard_size="20KB")
+    _, whole = wan.load(tmp_path / "t")
+    for rank in range(world):
+        rows = lambda n, rank=rank: (rank * -(-n // world), min(n, (rank + 1) * -(-n // world)))
+        _, piece = wan.load(tmp_path / "t", dtype=torch.bfloat16, rows=rows)
+        for k, v in whole.items():
+            want = v[slice(*rows(v.shape[0]))] if v.ndim else v
+            assert torch.equal(piece[k], want.to(torch.bfloat16)), k
 
 
 def test_load_casts_dtype(tmp_path):

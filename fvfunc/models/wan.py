@@ -165,16 +165,21 @@ def init(cfg: WanConfig, key: torch.Tensor, dtype: torch.dtype = torch.float32, 
 
 def check_params(cfg: WanConfig, params: dict, source: str = "params") -> None:
     """Raise ModelError naming the first missing, extra or mis-shaped key."""
+    check_shapes(cfg, {k: tuple(v.shape) for k, v in params.items()}, source)
+
+
+def check_shapes(cfg: WanConfig, shapes: dict[str, tuple[int, ...]], source: str = "params") -> None:
+    """check_params on the names and shapes alone."""
     expected = param_shapes(cfg)
-    missing = [k for k in expected if k not in params]
-    extra = [k for k in params if k not in expected]
+    missing = [k for k in expected if k not in shapes]
+    extra = [k for k in shapes if k not in expected]
     if missing:
         raise ModelError(f"{source}: missing {len(missing)} key(s), first {missing[:3]}")
     if extra:
         raise ModelError(f"{source}: {len(extra)} unexpected key(s), first {extra[:3]}")
     for k, shape in expected.items():
-        if tuple(params[k].shape) != shape:
-            raise ModelError(f"{source}: {k} has shape {list(params[k].shape)}, config expects {list(shape)}")
+        if tuple(shapes[k]) != shape:
+            raise ModelError(f"{source}: {k} has shape {list(shapes[k])}, config expects {list(shape)}")
 
 
 # ------------------------------------------------------------------------------------------ apply
@@ -354,9 +359,11 @@ def load_config(path) -> WanConfig:
     return config_from_dict(d, str(folder / "config.json"))
 
 
-def load(path, dtype: torch.dtype | None = None, device=None) -> tuple[WanConfig, dict]:
+def load(path, dtype: torch.dtype | None = None, device=None, rows=None) -> tuple[WanConfig, dict]:
     """(cfg, params) from a diffusers folder (single or sharded safetensors). dtype None keeps the
-    stored dtype."""
+    stored dtype. rows: `n -> (start, stop)`, to read only those rows of each tensor's dim 0 (one
+    rank's piece of a sharded role: fvfunc.distributed.rows_of), never the whole tensor; shapes are
+    checked against the config all the same."""
     folder = resolve_folder(path)
     cfg = load_config(folder)
     if (folder / WEIGHTS).is_file():
@@ -364,7 +371,7 @@ def load(path, dtype: torch.dtype | None = None, device=None) -> tuple[WanConfig
     else:
         index = json.loads((folder / INDEX).read_text())
         files = {folder / f: None for f in sorted(set(index["weight_map"].values()))}
-    params = {}
+    params, shapes = {}, {}
     for f in files:
         if not f.is_file():
             raise ModelError(f"{f}: shard listed in {INDEX} is missing")
@@ -372,10 +379,15 @@ def load(path, dtype: torch.dtype | None = None, device=None) -> tuple[WanConfig
             for k in sf.keys():
                 if "norm_added_q" in k:  # diffusers ignores this legacy key too
                     continue
-                t = sf.get_tensor(k)
+                part = sf.get_slice(k)
+                shapes[k] = tuple(part.get_shape())
+                if rows is None or not shapes[k]:
+                    t = sf.get_tensor(k)
+                else:
+                    t = part[slice(*rows(shapes[k][0]))]
                 # a fresh, aligned copy: tensors straight from safetensors can be unaligned
                 params[k] = t.to(dtype=dtype or t.dtype, device=device, copy=True)
-    check_params(cfg, params, str(folder))
+    check_shapes(cfg, shapes, str(folder))
     return cfg, params
 
 
