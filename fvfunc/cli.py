@@ -168,6 +168,7 @@ def _check_data(method: str, cfg, needs_latents: bool) -> None:
         _need(folder.is_dir(), f"data.path: folder {folder} does not exist")
     _need(cfg.data.text_len >= 1, f"data.text_len must be >= 1, got {cfg.data.text_len}")
     _need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    _need(cfg.data.shuffle_window >= 1, f"data.shuffle_window must be >= 1, got {cfg.data.shuffle_window}")
 
 
 def _check_roles(method: str, roles_needed, trainable, roles: configs.RolesConfig) -> None:

@@ -6,7 +6,8 @@ text-only schema (data-free distillation) has no latent columns (DESIGN.md secti
 
 - `ParquetDataset(paths, need_latents=...)`: random access; a path is a folder (searched recursively)
   and `"DIR:N"` repeats it N times. Schemas are checked when it opens, rows when they are read.
-- `epoch_order(n, seed, epoch)`: the shuffle of one epoch, a pure function of (seed, epoch).
+- `epoch_order(n, seed, epoch, groups, window)`: the shuffle of one epoch, a pure function of its
+  arguments: uniform over all samples, or row group by row group (`window` groups at a time).
 - `Loader(dataset, batch_size, seed, position)`: batches forever, read by background threads in an
   order that depends only on (seed, position), so a resumed run sees exactly the same batches.
 - `write_parquet(path, rows)`: the writer, for tests, the demo and converters.
@@ -78,9 +79,26 @@ def latents_stats(model_path) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The permutation of range(num_samples) used in `epoch`: a pure function of (seed, epoch)."""
-    return random.permutation(random.fold_in(random.key(seed), epoch), num_samples)
+SHUFFLES = ("auto", "rows", "groups")
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, groups: torch.Tensor | None = None,
+                window: int = 1) -> torch.Tensor:
+    """The permutation of range(num_samples) used in `epoch`: a pure function of its arguments.
+
+    Without `groups`, a uniform shuffle. With groups[i] = the row group (a dense id) of sample i, the
+    row groups come in a shuffled order, `window` at a time, and the samples of each window are
+    shuffled together: a group's rows are all read within one window, so each group is read once an
+    epoch and a batch mixes the rows of up to `window` groups."""
+    key = random.fold_in(random.key(seed), epoch)
+    if groups is None:
+        return random.permutation(key, num_samples)
+    n_groups = int(groups.max()) + 1
+    place = torch.empty(n_groups, dtype=torch.long)  # each group's place in this epoch's group order
+    place[random.permutation(random.fold_in(key, 0), n_groups)] = torch.arange(n_groups)
+    window_of = torch.div(place[groups], window, rounding_mode="floor")
+    # sort by window, then by a random permutation within: distinct integer keys, no ties
+    return torch.argsort(window_of * num_samples + random.permutation(random.fold_in(key, 1), num_samples))
 
 
 def parse_specs(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[tuple[Path, int]]:
@@ -223,6 +241,14 @@ class ParquetDataset:
     def __len__(self) -> int:
         return len(self._samples)
 
+    def sample_groups(self) -> torch.Tensor:
+        """The row group of each sample, as dense ids 0..G-1 (the copies of a repeated dataset share them)."""
+        return torch.unique(self._where[self._samples][:, :2], dim=0, return_inverse=True)[1]
+
+    def max_group_rows(self) -> int:
+        """The most rows any row group holds."""
+        return int(torch.unique(self._where[:, :2], dim=0, return_counts=True)[1].max())
+
     def _group(self, f: int, g: int) -> pa.Table:
         """Row group g of file f (the needed columns only), through a small LRU cache. The cache holds
         futures so that threads asking for the same group wait for one read instead of reading twice."""
@@ -304,15 +330,25 @@ class Loader:
     With drop_last=False the epoch's last batch is filled up from the start of the same order, so every
     rank always gets a full batch. Batches come out in order whatever the threads do. A batch is
     `ParquetDataset.batch`'s dict: ids, captions, text [B, text_len, D], text_len [B], latents?
+
+    shuffle: "rows" (uniform), "groups" (row group by row group, `window` groups shuffled together:
+    each group read once an epoch; give the dataset cache_groups >= 2 * window) or "auto" ("rows"
+    when every row group holds one row, else "groups"); see `epoch_order`.
     """
 
     def __init__(self, dataset: ParquetDataset, batch_size: int, seed: int,
                  position: tuple[int, int] = (0, 0), rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                 drop_last: bool = True):
+                 drop_last: bool = True, shuffle: str = "rows", window: int = 4):
         self._pool = None  # first, so that close() works even if a check below fails
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, "
                              f"{world_size}")
+        if shuffle not in SHUFFLES or window < 1:
+            raise ValueError(f"need shuffle in {SHUFFLES} and window >= 1, got {shuffle!r}, {window}")
+        if shuffle == "auto":
+            shuffle = "groups" if dataset.max_group_rows() > 1 else "rows"
+        self.shuffle, self.window = shuffle, window
+        self._groups = dataset.sample_groups() if shuffle == "groups" else None
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.drop_last = rank, drop_last
         self.global_batch = batch_size * world_size
@@ -350,7 +386,7 @@ class Loader:
         """This rank's dataset indices for the batch at `position`."""
         epoch, index = position
         if self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.dataset), self.seed, epoch))
+            self._order = (epoch, epoch_order(len(self.dataset), self.seed, epoch, self._groups, self.window))
         order = self._order[1]
         if index + self.global_batch > len(order):  # drop_last=False: wrap to the epoch's start
             order = order.repeat((index + self.global_batch) // len(order) + 1)

@@ -218,7 +218,7 @@ def _run(method_name: str, cfg, process: distributed.Process) -> Path:
     need_latents = method.needs_latents(cfg.method)
     stats = data.latents_stats(cfg.roles.student.path) if cfg.data.normalize_latents else None
     dataset = data.ParquetDataset(cfg.data.path, need_latents=need_latents, text_len=cfg.data.text_len,
-                                  latent_stats=stats)
+                                  latent_stats=stats, cache_groups=max(4, 2 * cfg.data.shuffle_window))
 
     params, model_cfgs, models = load_roles(method, cfg, process)
     trainable = method.TRAINABLE
@@ -238,7 +238,11 @@ def _run(method_name: str, cfg, process: distributed.Process) -> Path:
         config_file.write(out / "config.yaml", method_name, cfg)
     run_config = config_file.dump(method_name, cfg)
     per_rank = tcfg.batch_size // world
-    loader = data.Loader(dataset, per_rank, tcfg.seed, position, rank, world, cfg.data.num_workers)
+    loader = data.Loader(dataset, per_rank, tcfg.seed, position, rank, world, cfg.data.num_workers,
+                         shuffle=cfg.data.shuffle, window=cfg.data.shuffle_window)
+    if loader.shuffle == "groups":
+        log.info("data: row groups of up to %d rows, read %d at a time (data.shuffle groups)",
+                 dataset.max_group_rows(), cfg.data.shuffle_window)
     index = torch.arange(per_rank) + rank * per_rank  # a sample's index in the global batch
     sync = distributed.exchange(process)
 

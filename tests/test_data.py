@@ -248,14 +248,52 @@ def test_epochs_roll_over_and_reshuffle(ds10):
     assert sum(epoch1, []) == [f"s{i}" for i in order1[:9].tolist()]
 
 
+@pytest.mark.parametrize("shuffle", ["rows", "groups"])
 @pytest.mark.parametrize("k", [0, 2, 3, 5])
-def test_resume_continues_the_exact_sequence(ds10, k):
-    with Loader(ds10, batch_size=3, seed=7) as loader:
+def test_resume_continues_the_exact_sequence(ds10, k, shuffle):
+    with Loader(ds10, batch_size=3, seed=7, shuffle=shuffle) as loader:
         ids(loader, k)
         saved = loader.position
         rest = ids(loader, 4)
-    with Loader(ds10, batch_size=3, seed=7, position=saved) as resumed:
+    with Loader(ds10, batch_size=3, seed=7, position=saved, shuffle=shuffle) as resumed:
         assert ids(resumed, 4) == rest
+
+
+@pytest.mark.parametrize("window", [1, 2, 5])
+def test_group_order_reads_each_group_within_one_window(window):
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5, 5, 0])  # group 0's last row comes late
+    order = epoch_order(len(groups), seed=1, epoch=0, groups=groups, window=window)
+    assert torch.equal(order.sort().values, torch.arange(len(groups)))
+    assert torch.equal(order, epoch_order(len(groups), 1, 0, groups, window))
+    assert not torch.equal(order, epoch_order(len(groups), 1, 1, groups, window))
+    # number the groups by first appearance: their window index (number // window) never goes back,
+    # so each window's rows form one run and every group lies inside its window
+    seen = list(dict.fromkeys(groups[order].tolist()))
+    windows = [seen.index(g) // window for g in groups[order].tolist()]
+    assert windows == sorted(windows)
+
+
+def test_group_shuffle_reads_each_group_once_an_epoch(ds10, monkeypatch):
+    reads = []
+    read = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, g, **kw: reads.append(g) or read(self, g, **kw))
+    ds10.cache_groups = 2  # = 2 x window
+    with Loader(ds10, batch_size=3, seed=3, num_workers=0, shuffle="groups", window=1) as loader:
+        got = sum(ids(loader, 3), [])
+    assert len(set(got)) == 9 and len(reads) == len(set(reads))  # (9 of the 10 rows: drop_last)
+    reads.clear()
+    with Loader(ds10, batch_size=3, seed=3, num_workers=0, shuffle="rows") as loader:
+        ids(loader, 3)
+    assert len(reads) > 4  # a uniform order over 4 groups keeps going back to evicted ones
+
+
+def test_auto_shuffle_picks_groups_only_for_multi_row_groups(ds10, tmp_path):
+    assert Loader(ds10, 2, seed=0, num_workers=0, shuffle="auto").shuffle == "groups"
+    write_fastvideo(tmp_path / "one" / "x.parquet", make_rows(4), row_group_size=1)
+    single = ParquetDataset(tmp_path / "one", need_latents=True, text_len=16)
+    assert Loader(single, 2, seed=0, num_workers=0, shuffle="auto").shuffle == "rows"
+    with pytest.raises(ValueError, match="shuffle"):
+        Loader(single, 2, seed=0, shuffle="files")
 
 
 def test_position_is_an_offset_in_the_epoch_order(ds10):
@@ -267,10 +305,11 @@ def test_position_is_an_offset_in_the_epoch_order(ds10):
         assert other.position == (1, 0)  # no full batch of 3 starts at 9
 
 
-def test_ranks_partition_each_global_batch(ds10):
-    with Loader(ds10, batch_size=4, seed=1, num_workers=0) as whole:
+@pytest.mark.parametrize("shuffle", ["rows", "groups"])
+def test_ranks_partition_each_global_batch(ds10, shuffle):
+    with Loader(ds10, batch_size=4, seed=1, num_workers=0, shuffle=shuffle) as whole:
         want = ids(whole, 4)
-    loaders = [Loader(ds10, batch_size=2, seed=1, rank=r, world_size=2) for r in range(2)]
+    loaders = [Loader(ds10, batch_size=2, seed=1, rank=r, world_size=2, shuffle=shuffle) for r in range(2)]
     for batch in want:
         assert sum((next(lo)["ids"] for lo in loaders), []) == batch
     for lo in loaders:
