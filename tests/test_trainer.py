@@ -69,6 +69,13 @@ def test_fresh_start_refuses_a_folder_with_checkpoints(world, tmp_path):
         trainer.run("finetune", make_cfg(world, "finetune", tmp_path / "o", max_steps=2))
 
 
+def test_fa4_attention_on_the_cpu_stops_before_writing(world, tmp_path):
+    cfg = make_cfg(world, "finetune", tmp_path / "o", attention="fa4")
+    with pytest.raises(trainer.TrainingError, match="training.attention 'fa4' cannot run: it needs a CUDA GPU"):
+        trainer.run("finetune", cfg)
+    assert not (tmp_path / "o").exists()
+
+
 def test_non_finite_loss_stops_with_step_and_name(world, tmp_path):
     out = tmp_path / "nan"
     cfg = make_cfg(world, "finetune", out, max_steps=50, checkpoint_every=1, lr=1e30, max_grad_norm=0.0)
