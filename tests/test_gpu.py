@@ -3,6 +3,9 @@ plain softmax attention and cuDNN, alone and inside Wan's apply with remat and c
 no GPU, so these skip there; run them on a Hopper/Blackwell card with flash-attn-4 installed
 (`pytest tests/test_gpu.py`). On the CPU only the clear refusal is checked."""
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -95,3 +98,32 @@ def test_wan_with_fa4_matches_cudnn(compile):
     out_cudnn, g_cudnn = run("cudnn")
     assert (out_fa4 - out_cudnn).abs().max() <= 3e-2 * out_cudnn.abs().max()
     assert tree.max_rel_error(g_fa4, g_cudnn) <= 5e-2
+
+
+@needs_fa4
+@pytest.mark.parametrize("method", ["finetune", "dmd2"])
+def test_train_py_on_gpu_with_every_speed_knob(tmp_path, method):
+    """train.py end to end on the GPU with fa4, compiled blocks, selective remat and donated AdamW,
+    on FastVideo-layout files (4-row groups, so data.shuffle auto reads them group by group)."""
+    from fvfunc import checkpoint, cli, data, tiny
+
+    cfg = tiny.tiny_config(num_attention_heads=2, attention_head_dim=64, text_dim=64, ffn_dim=256)
+    model = tiny.write_pipeline(tmp_path / "model", cfg, vae=True)
+    g = torch.Generator().manual_seed(0)
+    rows = [dict(id=f"s{i}", text_embedding=torch.randn(5 + i % 3, 64, generator=g),
+                 latent=torch.randn(16, 2, 8, 8, generator=g), caption=f"clip {i}") for i in range(16)]
+    data.write_parquet(tmp_path / "data" / "part-0.parquet", rows, rows_per_group=4)
+    out = tmp_path / "run"
+    args = [method, "--roles.student.path", str(model), "--data.path", str(tmp_path / "data"),
+            "--training.output-dir", str(out), "--training.max-steps", "4", "--training.batch-size", "2",
+            "--training.checkpoint-every", "2", "--training.device", "cuda", "--training.precision", "bfloat16",
+            "--training.attention", "fa4", "--training.compile", "--training.remat", "attention",
+            "--training.donate", "--tracking.wandb-mode", "disabled", "--data.text-len", "16"]
+    if method == "dmd2":
+        args += ["--roles.teacher.path", str(model), "--roles.critic.path", str(model),
+                 "--method.latent-shape", "2", "8", "8", "--method.generator-update-interval", "1"]
+    assert cli.main(args) == 0
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    key = "loss" if method == "finetune" else "generator_loss"
+    assert len(rows) == 4 and all(math.isfinite(r[key]) for r in rows)
