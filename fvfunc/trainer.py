@@ -243,11 +243,15 @@ def _run(method_name: str, cfg, process: distributed.Process) -> Path:
     if loader.shuffle == "groups":
         log.info("data: row groups of up to %d rows, read %d at a time (data.shuffle groups)",
                  dataset.max_group_rows(), cfg.data.shuffle_window)
+    order = [loader.shuffle, loader.window]  # with the seed, what makes the data order
+    if meta is not None and meta.get("data_order", order) != order:
+        log.warning("resuming with data order %s, but %s was saved with %s: the batches from here on differ "
+                    "from the uninterrupted run's", order, resume_from, meta["data_order"])
     index = torch.arange(per_rank) + rank * per_rank  # a sample's index in the global batch
     sync = distributed.exchange(process)
 
     def save(state):
-        meta = {"step": state.step, "method": method_name, "data_position": list(loader.position),
+        meta = {"step": state.step, "method": method_name, "data_position": list(loader.position), "data_order": order,
                 "roles": {r: getattr(cfg.roles, r).path for r in method.ROLES}, "config": run_config,
                 "world_size": world}
         whole, pieces = distributed.pieces(state_trees(state, trainable))

@@ -63,6 +63,17 @@ def test_resume_is_exact(world, tmp_path, method):
     assert metrics(full) == metrics(half)
 
 
+def test_resume_with_another_data_order_warns(world, tmp_path, caplog):
+    out = tmp_path / "o"
+    trainer.run("finetune", make_cfg(world, "finetune", out, max_steps=2))
+    cfg = make_cfg(world, "finetune", out, max_steps=4, resume="latest")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shuffle="groups"))
+    with caplog.at_level("WARNING", logger="fvfunc"):
+        trainer.run("finetune", cfg)
+    assert "resuming with data order ['groups', 4], but" in caplog.text
+    assert "was saved with ['rows', 4]" in caplog.text
+
+
 def test_fresh_start_refuses_a_folder_with_checkpoints(world, tmp_path):
     trainer.run("finetune", make_cfg(world, "finetune", tmp_path / "o", max_steps=2))
     with pytest.raises(trainer.TrainingError, match="already holds checkpoints"):
