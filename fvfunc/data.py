@@ -191,7 +191,8 @@ class ParquetDataset:
         self.columns = ["id", "caption", *TEXT, *(LATENT if need_latents else ())]
         self.files: list[str] = []
         self._footers: list[pq.FileMetaData] = []  # parsed once: reopening a file re-parses its footer
-        where, samples = [], []  # (file, row group, row in group, row in file) of each row; sample -> row
+        # (file, row group, row in group, row in file) of each row; sample -> row; sample -> which repeat
+        where, samples, copies = [], [], []
         for folder, repeats in parse_specs(paths):
             if not folder.exists():
                 raise DataError(f"{folder}: dataset folder does not exist")
@@ -203,9 +204,10 @@ class ParquetDataset:
                 where += self._index(path, len(self.files))
                 self.files.append(str(path))
             samples += list(range(first, len(where))) * repeats
+            copies += [c for c in range(repeats) for _ in range(first, len(where))]
         if not samples:
             raise DataError(f"{', '.join(self.files)}: no rows")
-        self._where, self._samples = torch.tensor(where), torch.tensor(samples)
+        self._where, self._samples, self._copies = torch.tensor(where), torch.tensor(samples), torch.tensor(copies)
         self._cache: OrderedDict[tuple[int, int], Future] = OrderedDict()
         self._lock = threading.Lock()
         # The text width every row must share, from the first row's shape column (a tiny read).
@@ -242,8 +244,10 @@ class ParquetDataset:
         return len(self._samples)
 
     def sample_groups(self) -> torch.Tensor:
-        """The row group of each sample, as dense ids 0..G-1 (the copies of a repeated dataset share them)."""
-        return torch.unique(self._where[self._samples][:, :2], dim=0, return_inverse=True)[1]
+        """The row group of each sample, as dense ids 0..G-1; each repeat of a "DIR:N" dataset counts as
+        groups of its own, so that a window does not hold two copies of the same rows."""
+        key = torch.cat([self._copies[:, None], self._where[self._samples][:, :2]], dim=1)
+        return torch.unique(key, dim=0, return_inverse=True)[1]
 
     def max_group_rows(self) -> int:
         """The most rows any row group holds."""

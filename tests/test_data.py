@@ -219,6 +219,9 @@ def test_repeats(tmp_path):
     assert [same[i]["id"] for i in range(len(same))] == ids
     with Loader(ds, batch_size=11, seed=0, num_workers=0) as loader:  # repeats expand before the shuffle
         assert sorted(next(loader)["ids"]) == sorted(ids)
+    # for the group order, each repeat's row groups are groups of their own: a's groups {a0, a1}, {a2}
+    # in 3 copies, then b's one
+    assert ds.sample_groups().tolist() == [0, 0, 1, 3, 3, 4, 5, 5, 6, 2, 2]
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
