@@ -5,6 +5,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -78,6 +79,7 @@ def test_wandb_offline_run_lives_in_output_dir_and_resumes_its_id(tmp_path):
     first = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(first) == 1 and list(first[0].glob("*.wandb"))
     assert list(first[0].rglob("*.mp4"))
+    time.sleep(1.1)  # wandb names a run's folder by the second it starts: two in one second would share it
     with Tracker(out, configs.TrackingConfig(), {}, resume_step=1) as t:
         t.log(2, {"loss": 0.5})
     assert (out / "wandb_run_id.txt").read_text().strip() == run_id
