@@ -77,6 +77,13 @@ def make(modules: dict[str, torch.nn.Module], cfg, training, key: torch.Tensor,
     def full(value, text):
         return torch.full((text.shape[0],), value, device=device)
 
+    def update(loss, module, opt):
+        loss.backward()
+        if training.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), training.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     def step(i: int, batch: dict) -> dict:
         step_key = random.fold_in(key, i)
         text = batch["text"]
@@ -95,11 +102,7 @@ def make(modules: dict[str, torch.nn.Module], cfg, training, key: torch.Tensor,
                 grad = (fake - real) / (x0_gen - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
                 grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
             loss = 0.5 * F.mse_loss(x0_gen, (x0_gen - grad).detach())
-            loss.backward()
-            if training.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), training.max_grad_norm)
-            opt_student.step()
-            opt_student.zero_grad(set_to_none=True)
+            update(loss, student, opt_student)
             metrics.update(generator_loss=loss.detach(), generator_k=k)
         rollout_noise, score_noise, score_sigma, k = draws(random.fold_in(step_key, 1), batch)
         with torch.no_grad():
@@ -109,11 +112,7 @@ def make(modules: dict[str, torch.nn.Module], cfg, training, key: torch.Tensor,
         with autocast():
             v = critic(x_t, score_sigma * 1000, text, return_dict=False)[0]
         loss = torch.mean((v.float() - (score_noise - x0)) ** 2)
-        loss.backward()
-        if training.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), training.max_grad_norm)
-        opt_critic.step()
-        opt_critic.zero_grad(set_to_none=True)
+        update(loss, critic, opt_critic)
         metrics.update(critic_loss=loss.detach(), critic_k=k)
         return metrics
 
