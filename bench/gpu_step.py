@@ -39,16 +39,17 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dmd2_reference  # noqa: E402
+
 
 import configs  # noqa: E402
-from fvfunc import random, tiny  # noqa: E402
+from fvfunc import random  # noqa: E402
 from fvfunc.autodiff import value_and_grad  # noqa: E402
 from fvfunc.losses import dmd2, flow_matching  # noqa: E402
 from fvfunc.losses.state import Model  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
 from fvfunc.ops.attention import attention, fa4_problem  # noqa: E402
 from fvfunc.samplers import sample, timesteps_to_sigmas  # noqa: E402
+from fvfunc.testing import dmd2_reference, tiny  # noqa: E402
 
 WAN_1_3B = wan.WanConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
                          text_dim=4096, freq_dim=256, in_channels=16, out_channels=16)

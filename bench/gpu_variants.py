@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_step  # noqa: E402
 
-from fvfunc import tiny  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
+from fvfunc.testing import tiny  # noqa: E402
 
 
 def main():

@@ -28,9 +28,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import configs  # noqa: E402
-from fvfunc import distributed, random, tiny, trainer  # noqa: E402
+from fvfunc import distributed, random, trainer  # noqa: E402
 from fvfunc.losses import METHODS  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
+from fvfunc.testing import tiny  # noqa: E402
 
 MODELS = {
     "tiny": tiny.tiny_config(),

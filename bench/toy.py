@@ -35,9 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import configs  # noqa: E402
-from fvfunc import checkpoint, random, tiny, toy  # noqa: E402
+from fvfunc import checkpoint, random  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
 from fvfunc.samplers import nfe, sigmas_from_config  # noqa: E402
+from fvfunc.testing import tiny, toy  # noqa: E402
 from fvfunc.validation import generate  # noqa: E402
 
 

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from fvfunc import cli, data, random, tiny
+from fvfunc import cli, data, random
+from fvfunc.testing import tiny
 
 
 def main(argv: list[str] | None = None) -> int:

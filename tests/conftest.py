@@ -12,7 +12,8 @@ torch.set_num_threads(1)  # the suite runs under pytest-xdist on 2 cores
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """{"model": a tiny Wan pipeline folder with a VAE, "data": T2V parquet, "text": text-only parquet}."""
-    from fvfunc import data, tiny
+    from fvfunc import data
+    from fvfunc.testing import tiny
 
     root = tmp_path_factory.mktemp("world")
     tiny.write_pipeline(root / "model", vae=True)

@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 import configs
-from fvfunc import cli, config_file, tiny
+from fvfunc import cli, config_file
 from fvfunc.config_file import ConfigError
+from fvfunc.testing import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "COLUMNS": "200"}  # wide help text, so phrases are not wrapped

@@ -18,8 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import configs
-from fvfunc import checkpoint, distributed, tiny, trainer, tree
+from fvfunc import checkpoint, distributed, trainer, tree
 from fvfunc.models import wan
+from fvfunc.testing import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2

@@ -105,7 +105,8 @@ def test_wan_with_fa4_matches_cudnn(compile):
 def test_train_py_on_gpu_with_every_speed_knob(tmp_path, method):
     """train.py end to end on the GPU with fa4, compiled blocks, selective remat and donated AdamW,
     on FastVideo-layout files (4-row groups, so data.shuffle auto reads them group by group)."""
-    from fvfunc import checkpoint, cli, data, tiny
+    from fvfunc import checkpoint, cli, data
+    from fvfunc.testing import tiny
 
     cfg = tiny.tiny_config(num_attention_heads=2, attention_head_dim=64, text_dim=64, ffn_dim=256)
     model = tiny.write_pipeline(tmp_path / "model", cfg, vae=True)
@@ -141,7 +142,8 @@ def test_torchrun_dmd2_sharded_over_two_gpus(tmp_path):
     import sys
     from pathlib import Path
 
-    from fvfunc import checkpoint, data, tiny
+    from fvfunc import checkpoint, data
+    from fvfunc.testing import tiny
 
     cfg = tiny.tiny_config(num_attention_heads=2, attention_head_dim=64, text_dim=64, ffn_dim=256, num_layers=3)
     model = tiny.write_pipeline(tmp_path / "model", cfg)

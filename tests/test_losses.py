@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 
 import configs
-from fvfunc import random, tiny, tree
+from fvfunc import random, tree
 from fvfunc.autodiff import value_and_grad
 from fvfunc.losses import METHODS, dmd2, flow_matching
 from fvfunc.losses.state import Model
 from fvfunc.models import wan
+from fvfunc.testing import tiny
 
 CFG = tiny.tiny_config()
 SHAPE = (16, 2, 4, 4)

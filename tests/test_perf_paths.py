@@ -4,7 +4,6 @@ blocks, the fused and donated AdamW, and the diffusers-module DMD2 step bench/gp
 import importlib
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +11,14 @@ from diffusers import WanTransformer3DModel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import configs
-from fvfunc import optim, random, tiny, tree
+from fvfunc import optim, random, tree
 from fvfunc.losses import dmd2, flow_matching
 from fvfunc.losses.state import Model
 from fvfunc.models import wan
+from fvfunc.testing import dmd2_reference, tiny
 
 attention_ops = importlib.import_module("fvfunc.ops.attention")  # (the package re-exports a function of that name)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import dmd2_reference  # noqa: E402
 
 CFG = tiny.tiny_config()
 SHAPE = (16, 2, 4, 4)

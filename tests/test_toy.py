@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fvfunc import data, random, toy
+from fvfunc import data, random
+from fvfunc.testing import toy
 
 TASK = toy.Task()
 
