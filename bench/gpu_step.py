@@ -156,8 +156,8 @@ def fvfunc_apply(cfg, opts):
 
 
 def _apply(cfg, opts, params, x, t, context):
-    return wan.apply(params, cfg, x, t, context, dtype=torch.bfloat16, attention=opts.attention,
-                     remat=opts.remat, remat_fraction=opts.remat_fraction, compile=opts.compile)
+    return runner.apply(wan.FAMILY, params, cfg, x, t, context, dtype=torch.bfloat16, attention=opts.attention,
+                        remat=opts.remat, remat_fraction=opts.remat_fraction, compile=opts.compile)
 
 
 def diffusers_module(cfg, params, dtype, device):
@@ -588,7 +588,7 @@ def main():
                     "it runs, else cudnn)")
     ap.add_argument("--also-attention", default="", help="comma-separated backends whose fvfunc forward is also "
                     "measured (e.g. cudnn), for a same-run comparison")
-    ap.add_argument("--remat", default="attention", choices=wan.REMAT)
+    ap.add_argument("--remat", default="attention", choices=runner.REMAT)
     ap.add_argument("--remat-fraction", type=float, default=1.0, help="share of blocks that remat")
     ap.add_argument("--compile", default=None, help="inductor | aot_eager | none (default: inductor on CUDA)")
     ap.add_argument("--warmup", type=int, default=2)

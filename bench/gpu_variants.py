@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_step  # noqa: E402
 
+from fvfunc import runner  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
 from fvfunc.testing import tiny  # noqa: E402
 
@@ -62,7 +63,7 @@ def main():
         opts.compile = True if device.type == "cuda" else "aot_eager"
         opts.profile = args.profile and i == len(variants) - 1
         torch._dynamo.reset()
-        wan._compiled_block.cache_clear()
+        runner._compiled.cache_clear()
         flags = dict(f.split("=") if "=" in f else (f, "1") for f in flags)
         torch._inductor.config.coordinate_descent_tuning = "cdt" in flags
         torch._inductor.config.split_reductions = "nosplit" not in flags

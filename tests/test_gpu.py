@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from fvfunc import random, tree
+from fvfunc import random, runner, tree
 from fvfunc.models import wan
 from fvfunc.ops.attention import attention, fa4_attention, fa4_attention_backward, fa4_problem
 
@@ -83,7 +83,7 @@ def test_wan_with_fa4_matches_cudnn(compile):
     ctx = torch.randn(1, 24, cfg.text_dim, device="cuda", generator=g)
 
     def run(backend):
-        out = wan.apply(params, cfg, x, t, ctx, dtype=torch.bfloat16, attention=backend, remat="attention",
+        out = runner.apply(wan.FAMILY, params, cfg, x, t, ctx, dtype=torch.bfloat16, attention=backend, remat="attention",
                         compile=compile)
         loss = out.float().square().mean()
         if backend == "fa4" and not compile:  # (compiled graphs run the op outside dispatch modes)

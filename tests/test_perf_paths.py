@@ -11,10 +11,10 @@ from diffusers import WanTransformer3DModel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import configs
-from fvfunc import optim, random, tree
+from fvfunc import optim, random, runner, tree
 from fvfunc.losses import dmd2, flow_matching
 from fvfunc.losses.state import Model
-from fvfunc.models import wan
+from fvfunc.models import block_params, wan
 from fvfunc.testing import dmd2_reference, tiny
 
 attention_ops = importlib.import_module("fvfunc.ops.attention")  # (the package re-exports a function of that name)
@@ -33,7 +33,7 @@ def inputs(seed=0, batch=2):
 def grads_of(params, **kw):
     x, t, ctx = inputs()
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
-    loss = (wan.apply(leaves, CFG, x, t, ctx, **kw) ** 2).mean()
+    loss = (runner.apply(wan.FAMILY, leaves, CFG, x, t, ctx, **kw) ** 2).mean()
     return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
 
 
@@ -45,7 +45,7 @@ class CountAttention(TorchDispatchMode):
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func in wan._ATTENTION_OPS
+        self.calls += func in runner._ATTENTION_OPS
         return func(*args, **(kwargs or {}))
 
 
@@ -62,7 +62,7 @@ def test_attention_remat_does_not_rerun_attention(remat, fraction, recomputed):
     # its first layer at remat_fraction 0.5), "attention" keeps their outputs like "none" does
     params = {k: v.requires_grad_() for k, v in wan.init(CFG, random.key(0)).items()}
     x, t, ctx = inputs()
-    loss = wan.apply(params, CFG, x, t, ctx, remat=remat, remat_fraction=fraction).square().mean()
+    loss = runner.apply(wan.FAMILY, params, CFG, x, t, ctx, remat=remat, remat_fraction=fraction).square().mean()
     with CountAttention() as count:
         torch.autograd.grad(loss, list(params.values()))
     assert count.calls == recomputed
@@ -74,7 +74,7 @@ def test_compiled_blocks_equal_eager():
     x, t, ctx = inputs(1)
     with torch.no_grad():
         eager = wan.apply(params, CFG, x, t, ctx)
-        compiled = wan.apply(params, CFG, x, t, ctx, compile="aot_eager")
+        compiled = runner.apply(wan.FAMILY, params, CFG, x, t, ctx, compile="aot_eager")
     assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
     g = grads_of(params, remat="attention", compile="aot_eager")
     assert tree.max_rel_error(g, grads_of(params)) <= 1e-5
@@ -112,7 +112,7 @@ def fa4_standin(monkeypatch):
                          ("flash_attn.cute.interface", interface)]:
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(attention_ops, "fa4_problem", lambda device: None)
-    monkeypatch.setitem(wan.CROSS_ATTENTION, "fa4", "math")  # (cuDNN on a GPU)
+    monkeypatch.setitem(runner.CROSS_ATTENTION, "fa4", "math")  # (cuDNN on a GPU)
 
 
 @pytest.mark.parametrize("remat, compile", [("none", False), ("attention", False), ("attention", "aot_eager")])
@@ -120,8 +120,8 @@ def test_fa4_op_wiring_equals_math(fa4_standin, remat, compile):
     params = wan.init(CFG, random.key(2))
     x, t, ctx = inputs(2)
     with torch.no_grad():
-        want = wan.apply(params, CFG, x, t, ctx, attention="math")
-        got = wan.apply(params, CFG, x, t, ctx, attention="fa4", compile=compile)
+        want = runner.apply(wan.FAMILY, params, CFG, x, t, ctx, attention="math")
+        got = runner.apply(wan.FAMILY, params, CFG, x, t, ctx, attention="fa4", compile=compile)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     g = grads_of(params, attention="fa4", remat=remat, compile=compile)
     assert tree.max_rel_error(g, grads_of(params, attention="math")) <= 1e-5
@@ -140,7 +140,7 @@ def test_attention_remat_keeps_fa4_outputs(fa4_standin, remat, recomputed):
     # 2 layers' self-attention on the fa4 op (the cross-attention is not a fused kernel here)
     params = {k: v.requires_grad_() for k, v in wan.init(CFG, random.key(0)).items()}
     x, t, ctx = inputs()
-    loss = wan.apply(params, CFG, x, t, ctx, attention="fa4", remat=remat).square().mean()
+    loss = runner.apply(wan.FAMILY, params, CFG, x, t, ctx, attention="fa4", remat=remat).square().mean()
     with CountAttention() as count:
         torch.autograd.grad(loss, list(params.values()))
     assert count.calls == recomputed
@@ -148,10 +148,10 @@ def test_attention_remat_keeps_fa4_outputs(fa4_standin, remat, recomputed):
 
 def test_block_params_are_views_of_the_params():
     params = wan.init(CFG, random.key(0))
-    blocks = wan.block_params(params, CFG.num_layers)
+    outer, blocks = block_params(params, CFG.num_layers)
     assert len(blocks) == CFG.num_layers
     assert blocks[1]["attn1.to_q.weight"] is params["blocks.1.attn1.to_q.weight"]
-    assert sum(len(b) for b in blocks) == sum(k.startswith("blocks.") for k in params)
+    assert sum(len(b) for b in blocks) + len(outer) == len(params)
     assert blocks[0].keys() == blocks[1].keys()
 
 
@@ -195,7 +195,7 @@ def test_donated_update_writes_into_the_given_buffers(fused):
 
 
 def _finetune(training, steps=2):
-    model = Model(lambda p, x, t, c: wan.apply(p, CFG, x, t, c, remat=training.remat), CFG.in_channels)
+    model = Model(lambda p, x, t, c: runner.apply(wan.FAMILY, p, CFG, x, t, c, remat=training.remat), CFG.in_channels)
     method = flow_matching.make(configs.FinetuneConfig(), training, {"student": model})
     state = method.init({"student": wan.init(CFG, random.key(0))}, random.key(1))
     g = torch.Generator().manual_seed(0)

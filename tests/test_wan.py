@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from fvfunc import random, tree
-from fvfunc.models import family, wan
+from fvfunc import random, runner, tree
+from fvfunc.models import ModelError, family, wan
 
 CONFIGS = [  # heads, head dim, layers, FFN, text dim, latent [T, H, W], text length
     dict(num_attention_heads=2, attention_head_dim=12, num_layers=2, ffn_dim=40, text_dim=24,
@@ -56,7 +56,7 @@ def test_apply_equals_diffusers_fp32_and_bf16(c):
     with torch.no_grad():
         ref = m(x, t, ctx).sample
         out = wan.apply(params, cfg, x, t, ctx)
-        out_math = wan.apply(params, cfg, x, t, ctx, attention="math")
+        out_math = runner.apply(wan.FAMILY, params, cfg, x, t, ctx, attention="math")
         out_bf16 = wan.apply(params, cfg, x, t, ctx, dtype=torch.bfloat16)
     assert out.shape == ref.shape
     assert rel(out, ref) <= 1e-5
@@ -86,7 +86,7 @@ def test_grad_equals_diffusers_autograd():
 
     # block rematerialisation (autograd path) gives the same gradients
     p_req = {k: v.clone().requires_grad_() for k, v in params.items()}
-    lc = ((wan.apply(p_req, cfg, x, t, ctx, remat="full") - target) ** 2).mean()
+    lc = ((runner.apply(wan.FAMILY, p_req, cfg, x, t, ctx, remat="full") - target) ** 2).mean()
     g_remat = dict(zip(p_req, torch.autograd.grad(lc, list(p_req.values())), strict=True))
     assert tree.max_rel_error(g_remat, ref) <= 1e-5
 
@@ -115,7 +115,7 @@ def test_jvp_with_math_attention():
     tangent = torch.randn_like(x)
 
     def f(xx):
-        return wan.apply(params, cfg, xx, t, ctx, attention="math")
+        return runner.apply(wan.FAMILY, params, cfg, xx, t, ctx, attention="math")
 
     out, jt = torch.func.jvp(f, (x,), (tangent,))
     assert rel(out, f(x)) <= 1e-6
@@ -163,7 +163,7 @@ def test_init_is_a_pure_function_of_the_key():
     assert tree.equal(a, b)
     assert not tree.allclose(a, wan.init(cfg, random.key(4)))
     wan.check_params(cfg, a)
-    assert family("wan") is wan
+    assert family("wan") is wan.FAMILY
 
 
 def _write(tmp_path, cfg_dict, params=None):
@@ -179,23 +179,23 @@ def _write(tmp_path, cfg_dict, params=None):
 
 
 def test_bad_folders_and_configs(tmp_path):
-    with pytest.raises(wan.ModelError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         wan.load(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(wan.ModelError, match="not a Wan transformer folder"):
+    with pytest.raises(ModelError, match="not a Wan transformer folder"):
         wan.load(tmp_path / "empty")
     folder, _ = _write(tmp_path, {"_class_name": "UNet2DConditionModel"})
-    with pytest.raises(wan.ModelError, match="not a Wan transformer"):
+    with pytest.raises(ModelError, match="not a Wan transformer"):
         wan.load(folder)
     folder, _ = _write(tmp_path, {"_class_name": "WanTransformer3DModel", "image_dim": 1280,
                                   "added_kv_proj_dim": 5120})
-    with pytest.raises(wan.ModelError, match="image-to-video"):
+    with pytest.raises(ModelError, match="image-to-video"):
         wan.load(folder)
     folder, _ = _write(tmp_path, {"image_dim": None, "added_kv_proj_dim": None, "qk_norm": "rms_norm"})
-    with pytest.raises(wan.ModelError, match="qk_norm"):
+    with pytest.raises(ModelError, match="qk_norm"):
         wan.load(folder)
     folder, _ = _write(tmp_path, {"qk_norm": "rms_norm_across_heads", "frobnicate": 3})
-    with pytest.raises(wan.ModelError, match="frobnicate"):
+    with pytest.raises(ModelError, match="frobnicate"):
         wan.load(folder)
 
 
@@ -204,22 +204,22 @@ def test_missing_extra_and_misshaped_keys(tmp_path):
                         freq_dim=8, in_channels=4, out_channels=4)
     good = wan.init(cfg, random.key(0))
     missing = {k: v for k, v in good.items() if k != "blocks.0.attn2.to_k.bias"}
-    with pytest.raises(wan.ModelError, match=r"missing .*blocks\.0\.attn2\.to_k\.bias"):
+    with pytest.raises(ModelError, match=r"missing .*blocks\.0\.attn2\.to_k\.bias"):
         wan.check_params(cfg, missing)
     extra = dict(good, **{"blocks.7.attn1.to_q.weight": torch.zeros(1)})
-    with pytest.raises(wan.ModelError, match=r"unexpected .*blocks\.7"):
+    with pytest.raises(ModelError, match=r"unexpected .*blocks\.7"):
         wan.check_params(cfg, extra)
     bad = dict(good, **{"proj_out.weight": torch.zeros(3, 16)})
-    with pytest.raises(wan.ModelError, match=r"proj_out\.weight has shape \[3, 16\]"):
+    with pytest.raises(ModelError, match=r"proj_out\.weight has shape \[3, 16\]"):
         wan.check_params(cfg, bad)
     # the same through a folder on disk
     from safetensors.torch import save_file
     folder = tmp_path / "f"
     wan.save(folder, cfg, good)
     save_file({k: v.contiguous() for k, v in bad.items()}, str(folder / wan.WEIGHTS))
-    with pytest.raises(wan.ModelError, match=r"proj_out\.weight"):
+    with pytest.raises(ModelError, match=r"proj_out\.weight"):
         wan.load(folder)
-    with pytest.raises(wan.ModelError, match=r"proj_out\.weight has shape \[3, 16\]"):
+    with pytest.raises(ModelError, match=r"proj_out\.weight has shape \[3, 16\]"):
         wan.load(folder, rows=lambda n: (0, 1))  # the whole shape is checked, not the rows read
 
 

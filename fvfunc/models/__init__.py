@@ -1,22 +1,110 @@
-"""Model families: each module holds a config type and load / save / init / apply.
+"""Model families and the contract each one keeps.
 
-A family module provides: `config_from_dict`, `load(path, dtype=None, device=None, rows=None) -> (cfg,
-params)` (rows: read only those rows of dim 0, one rank's piece), `load_config(path)`, `param_shapes(cfg)`,
-`save(path, cfg, params)`, `init(cfg, key)`, `apply(params, cfg, x, t, context, *, dtype, attention,
-remat, remat_fraction, compile, gather)`, `latent_channels(cfg)`, `patch_size(cfg)`, `ModelError`.
-Adding a family is one module plus one line below.
+A family module (`fvfunc/models/<family>.py`) holds one model's math and files and exports one
+`FAMILY = Family(...)`. The contract is this NamedTuple: config, load / save / init, the pure forward
+split into `embed` / `block` / `head`, and the family's latent facts (channels, VAE compression,
+latents mean / std, VAE decode). A family knows nothing of remat, compile, attention backends or
+sharding: `fvfunc/runner.py` applies those to any family's blocks. Adding a family is one module plus
+one line in FAMILIES.
+
+The forward of every family is, for latents x [B, C, T, H, W], timesteps t [B] and text context:
+
+    h, inputs = embed(params, cfg, x, t, context, dtype)      # params outside the blocks
+    for i in range(num_blocks(cfg)):
+        h = block(block_params(params, i), cfg, h, inputs, dtype, attend)
+    v = head(params, cfg, h, inputs, dtype)                   # the flow v = noise - x0
+
+`inputs` is whatever the family's blocks and head need besides h (a tuple of tensors: Wan's text
+context, modulation and RoPE tables). `attend(q, k, v, cross)` is the attention the runner picked
+(q, k, v [B, N, heads, head_dim]; `cross` tells cross- from self-attention). A block's params are its
+leaves `blocks.{i}.<name>` under their short `<name>`, so every block is the same function of the same
+structure (one compiled graph serves them all).
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-from fvfunc.models import wan
-
-FAMILIES: dict[str, ModuleType] = {"wan": wan}
+import torch
 
 
-def family(name: str) -> ModuleType:
+class ModelError(ValueError):
+    """A model folder, config or params dict that fvfunc cannot use; the message names the file or key."""
+
+
+class Latents(NamedTuple):
+    """What a family's latents are, read from a model folder (its VAE config when there is one)."""
+
+    channels: int
+    """Latent channels the transformer takes and predicts."""
+    patch: tuple[int, int, int]
+    """The transformer's (t, h, w) patch size: latent sizes must be multiples of it."""
+    temporal: int
+    """Video frames a latent frame holds (after the first): T = (frames - 1) // temporal + 1."""
+    spatial: int
+    """Pixels a latent holds along height and width."""
+    mean: torch.Tensor | None
+    """Per-channel latents_mean of the VAE (None: latents are used as stored)."""
+    std: torch.Tensor | None
+    """Per-channel latents_std of the VAE."""
+
+
+class Family(NamedTuple):
+    """A model family: plain functions over (config, params dict). See the module docstring."""
+
+    name: str
+    load_config: Callable[[Any], Any]
+    """load_config(folder) -> cfg, from a model or pipeline folder; ModelError when it is not one."""
+    load: Callable[..., tuple[Any, dict]]
+    """load(folder, dtype=None, device=None, rows=None) -> (cfg, params); rows: n -> (start, stop) reads
+    only those rows of each tensor's dim 0 (one rank's piece of a sharded role)."""
+    save: Callable[[Any, Any, dict], Any]
+    """save(folder, cfg, params): a folder the reference implementation (diffusers) loads."""
+    init: Callable[..., dict]
+    """init(cfg, key, dtype=float32, device=None) -> params."""
+    param_shapes: Callable[[Any], dict[str, tuple[int, ...]]]
+    """Every param name and shape of a config."""
+    num_blocks: Callable[[Any], int]
+    embed: Callable[..., tuple[torch.Tensor, Any]]
+    """embed(params, cfg, x, t, context, dtype) -> (h, inputs)."""
+    block: Callable[..., torch.Tensor]
+    """block(block_params, cfg, h, inputs, dtype, attend) -> h."""
+    head: Callable[..., torch.Tensor]
+    """head(params, cfg, h, inputs, dtype) -> v [B, C, T, H, W]."""
+    latents: Callable[[Any, Any], Latents]
+    """latents(cfg, folder) -> Latents: the latent facts of a model folder (folder may be None)."""
+    load_vae: Callable[[Any, Any], Any]
+    """load_vae(folder, device) -> a VAE (or None when the folder has none)."""
+    decode: Callable[[Any, torch.Tensor], torch.Tensor]
+    """decode(vae, latents) -> video [B, 3, F, H, W] in [-1, 1], from raw (unnormalised) latents."""
+
+
+BLOCKS = "blocks."
+"""Every family keeps its repeated blocks' params under `blocks.{i}.`."""
+
+
+def block_params(params: dict, num_blocks: int) -> tuple[dict, list[dict]]:
+    """(the params outside the blocks, one {<name>: tensor} per block) of `blocks.{i}.<name>` params
+    (views, no copies)."""
+    outer, blocks = {}, [{} for _ in range(num_blocks)]
+    for name, value in params.items():
+        if name.startswith(BLOCKS):
+            i, rest = name[len(BLOCKS):].split(".", 1)
+            blocks[int(i)][rest] = value
+        else:
+            outer[name] = value
+    return outer, blocks
+
+
+# the families import the contract above, so they come after it
+from fvfunc.models import wan  # noqa: E402
+
+FAMILIES: dict[str, Family] = {"wan": wan.FAMILY}
+"""Family name -> Family; `roles.<role>.family` picks one."""
+
+
+def family(name: str) -> Family:
     if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
+        raise ModelError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
     return FAMILIES[name]

@@ -9,22 +9,21 @@ including where it computes in fp32: the time embedder, the modulation tables an
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-from torch.utils.checkpoint import checkpoint as recompute
 
 from fvfunc import random
+from fvfunc.models import Family, Latents, ModelError, block_params
 from fvfunc.ops import (
     apply_rope,
     attention,
@@ -38,13 +37,8 @@ from fvfunc.ops import (
 )
 
 CLASS_NAME = "WanTransformer3DModel"
-REMAT = ("none", "full", "attention")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
-
-
-class ModelError(ValueError):
-    """A model folder, config or params dict that fvfunc cannot use."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +182,7 @@ def _linear(x, params, name, dtype):
     return F.linear(x, params[f"{name}.weight"].to(dtype), params[f"{name}.bias"].to(dtype))
 
 
-def _attention(params, p, x, context, rope, cfg, dtype, backend):
+def _attention(params, p, x, context, rope, cfg, dtype, attend):
     heads = cfg.num_attention_heads
     kv = x if context is None else context
     q = rms_norm(_linear(x, params, f"{p}.to_q", dtype), params[f"{p}.norm_q.weight"], cfg.eps)
@@ -197,27 +191,22 @@ def _attention(params, p, x, context, rope, cfg, dtype, backend):
     q, k, v = (a.unflatten(-1, (heads, -1)) for a in (q, k, v))
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = attention(q, k, v, backend).flatten(-2).to(dtype)
+    out = attend(q, k, v, context is not None).flatten(-2).to(dtype)
     return _linear(out, params, f"{p}.to_out.0", dtype)
 
 
-# FlashAttention-4 gains on long keys only: to 512 text tokens cuDNN is the faster (H100, bench/RESULTS.md)
-CROSS_ATTENTION = {"fa4": "cudnn"}
-
-
-def _block(params, cfg, x, context, mod, rope, dtype, backend):
-    """One transformer block; `params` holds this block's leaves without the "blocks.{i}." prefix,
-    so every block is the same function of the same structure (one compiled graph serves them all)."""
-    shift, scale, gate, c_shift, c_scale, c_gate = (params["scale_shift_table"] + mod).chunk(6, dim=1)
+def block(params: dict, cfg: WanConfig, x: torch.Tensor, inputs: Inputs, dtype: torch.dtype, attend) -> torch.Tensor:
+    """One transformer block; `params` holds this block's leaves without the "blocks.{i}." prefix."""
+    shift, scale, gate, c_shift, c_scale, c_gate = (params["scale_shift_table"] + inputs.mod).chunk(6, dim=1)
     # 1. self-attention, modulated and gated
     h = modulate(layer_norm(x, eps=cfg.eps), shift, scale).to(dtype)
-    x = (x.float() + _attention(params, "attn1", h, None, rope, cfg, dtype, backend) * gate).to(dtype)
+    x = (x.float() + _attention(params, "attn1", h, None, inputs.rope, cfg, dtype, attend) * gate).to(dtype)
     # 2. cross-attention to the text, ungated
     if cfg.cross_attn_norm:
         h = layer_norm(x, params["norm2.weight"], params["norm2.bias"], cfg.eps).to(dtype)
     else:
         h = x
-    x = x + _attention(params, "attn2", h, context, None, cfg, dtype, CROSS_ATTENTION.get(backend, backend))
+    x = x + _attention(params, "attn2", h, inputs.context, None, cfg, dtype, attend)
     # 3. feed-forward (GELU-tanh), modulated and gated
     h = modulate(layer_norm(x, eps=cfg.eps), c_shift, c_scale).to(dtype)
     h = F.gelu(_linear(h, params, "ffn.net.0.proj", dtype), approximate="tanh")
@@ -225,92 +214,30 @@ def _block(params, cfg, x, context, mod, rope, dtype, backend):
     return (x.float() + h.float() * c_gate).to(dtype)
 
 
-# The fused attention kernels. remat="attention" keeps their outputs (and log-sum-exp) for the
-# backward pass and recomputes everything else of a block: projections, norms, RoPE, FFN. Attention
-# is most of a block's time at video lengths (DESIGN.md section 4), the rest is cheap to redo.
-_ATTENTION_OPS = {
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-    torch.ops.fvfunc.fa4_attention.default,
-}
+class Inputs(NamedTuple):
+    """What `embed` hands the blocks and the head besides the hidden states."""
+
+    context: torch.Tensor
+    """The projected text [B, L, D]."""
+    mod: torch.Tensor
+    """The six modulation rows from the timestep, [B, 6, D] in fp32."""
+    temb: torch.Tensor
+    """The time embedding [B, D] (the head's modulation)."""
+    rope: tuple[torch.Tensor, torch.Tensor]
+    """RoPE cos / sin tables of the token grid."""
+    grid: tuple[int, int, int]
+    """Tokens along (T, H, W)."""
 
 
-def _save_attention(ctx, op, *args, **kwargs):
-    del ctx, args, kwargs
-    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _gathered_block(gather, params, *args):
-    return _block(gather(params), *args)
-
-
-def _remat_block(params, cfg, x, context, mod, rope, dtype, backend, remat, gather=None):
-    """`_block` under the remat policy (only where a backward pass will follow). With `gather`, the
-    block's params are made whole inside the block, so remat gathers them again in the backward."""
-    args = (params, cfg, x, context, mod, rope, dtype, backend)
-    block = _block if gather is None else functools.partial(_gathered_block, gather)
-    if remat == "none" or not torch.is_grad_enabled():
-        return block(*args)
-    # (no context_fn at all for "full": torch.compile refuses an explicit noop_context_fn)
-    policy = {} if remat == "full" else {
-        "context_fn": functools.partial(create_selective_checkpoint_contexts, _save_attention)}
-    return recompute(block, *args, use_reentrant=False, **policy)
-
-
-@functools.cache
-def _compiled_block(backend: str):
-    # dynamic=False: one specialised graph per (shape, dtype, grad mode); a run sees only a few
-    return torch.compile(_remat_block, backend=backend, dynamic=False)
-
-
-def block_params(params: dict, num_layers: int) -> list[dict]:
-    """params["blocks.{i}.<name>"] as one dict {<name>: tensor} per block (views, no copies)."""
-    blocks = [{} for _ in range(num_layers)]
-    for name, value in params.items():
-        if name.startswith("blocks."):
-            i, rest = name[len("blocks."):].split(".", 1)
-            blocks[int(i)][rest] = value
-    return blocks
-
-
-def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
-          dtype: torch.dtype | None = None, attention: str = "auto", remat: str = "none",
-          remat_fraction: float = 1.0, compile: bool | str = False, gather=None) -> torch.Tensor:
-    """The flow prediction v = noise - x0 for latents x [B, C, T, H, W] at timesteps t [B] (floats in
-    [0, 1000]) given text embeddings context [B, L, text_dim].
-
-    dtype: the compute dtype (None: the params' dtype); params are cast on the fly, so fp32 masters
-    stay untouched. attention: the backend (fvfunc.ops.attention; on an H100 "fa4" is the fastest, then
-    "cudnn").
-    remat: activation rematerialisation in the backward pass, per block: "none"; "full" recomputes
-    each block (torch.utils.checkpoint); "attention" keeps the attention outputs and recomputes the
-    rest of the block (selective checkpointing: about a third of "none"'s activation memory for a
-    fraction of a forward's time). Remat works with torch.autograd, not with torch.func.grad.
-    remat_fraction: the share of blocks (the first ones) that remat; the others keep all their
-    activations: faster backward passes for the memory a card has spare.
-    compile: torch.compile each transformer block (one graph serves all layers; the embeddings and
-    the head stay eager): True for inductor, or a torch.compile backend name ("aot_eager" in tests).
-    gather: for sharded params (fvfunc.distributed.gather), `gather(tree) -> tree` of whole tensors;
-    called on the params outside the blocks first, then on each block's params inside the block.
-    Returns v in the compute dtype.
-    """
-    if remat not in REMAT:
-        raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
-    if not 0 <= remat_fraction <= 1:
-        raise ValueError(f"remat_fraction must be in [0, 1], got {remat_fraction}")
-    dtype = dtype or params["proj_out.weight"].dtype
+def embed(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+          dtype: torch.dtype) -> tuple[torch.Tensor, Inputs]:
+    """Patchify the latents x [B, C, T, H, W], embed the timesteps t [B] (floats in [0, 1000]) and the
+    text context [B, L, text_dim]: (tokens [B, N, D], Inputs)."""
     B, _, T, H, W = x.shape
     pt, ph, pw = cfg.patch_size
     grid = (T // pt, H // ph, W // pw)
     if t.shape != (B,):
         raise ValueError(f"t must have shape [B] = [{B}], got {list(t.shape)}")
-    rope = rope_3d(cfg.attention_head_dim, grid, device=x.device)
-    blocks = block_params(params, cfg.num_layers)
-    if gather is not None:
-        params = gather({k: v for k, v in params.items() if not k.startswith("blocks.")})
-
     w = params["patch_embedding.weight"]
     h = patchify(x.to(dtype), cfg.patch_size) @ w.reshape(w.shape[0], -1).to(dtype).T
     h = h + params["patch_embedding.bias"].to(dtype)
@@ -323,16 +250,37 @@ def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
 
     ctx = _linear(context.to(dtype), params, "condition_embedder.text_embedder.linear_1", dtype)
     ctx = _linear(F.gelu(ctx, approximate="tanh"), params, "condition_embedder.text_embedder.linear_2", dtype)
+    rope = rope_3d(cfg.attention_head_dim, grid, device=x.device)
+    return h, Inputs(ctx, mod, temb, rope, grid)
 
-    block = _compiled_block("inductor" if compile is True else compile) if compile else _remat_block
-    n_remat = round(remat_fraction * cfg.num_layers)
-    for i, bp in enumerate(blocks):
-        h = block(bp, cfg, h, ctx, mod, rope, dtype, attention, remat if i < n_remat else "none", gather)
 
-    shift, scale = (params["scale_shift_table"] + temb[:, None]).chunk(2, dim=1)
+def head(params: dict, cfg: WanConfig, h: torch.Tensor, inputs: Inputs, dtype: torch.dtype) -> torch.Tensor:
+    """The last norm, modulation and projection, unpatchified: v [B, C, T, H, W]."""
+    shift, scale = (params["scale_shift_table"] + inputs.temb[:, None]).chunk(2, dim=1)
     h = modulate(layer_norm(h, eps=cfg.eps), shift, scale).to(dtype)
     h = _linear(h, params, "proj_out", dtype)
-    return unpatchify(h, grid, cfg.patch_size)
+    return unpatchify(h, inputs.grid, cfg.patch_size)
+
+
+def _default_attend(q, k, v, cross):
+    del cross
+    return attention(q, k, v, "auto")
+
+
+def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
+          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The flow prediction v = noise - x0 for latents x [B, C, T, H, W] at timesteps t [B] (floats in
+    [0, 1000]) given text embeddings context [B, L, text_dim], in the compute `dtype` (None: the
+    params' dtype; params are cast on the fly, so fp32 masters stay untouched).
+
+    The plain forward: embed, every block, head. `fvfunc.runner.apply` runs the same functions with
+    the speed knobs (attention backend, remat, compile, sharded params)."""
+    dtype = dtype or params["proj_out.weight"].dtype
+    outer, blocks = block_params(params, cfg.num_layers)
+    h, inputs = embed(outer, cfg, x, t, context, dtype)
+    for bp in blocks:
+        h = block(bp, cfg, h, inputs, dtype, _default_attend)
+    return head(outer, cfg, h, inputs, dtype)
 
 
 # ------------------------------------------------------------------------------------ load / save
@@ -422,10 +370,59 @@ def save(path, cfg: WanConfig, params: dict, max_shard_bytes: int = 10 * 2**30) 
     return folder
 
 
-# What the family registry needs to know about a config.
-def latent_channels(cfg: WanConfig) -> int:
-    return cfg.in_channels
+# ---------------------------------------------------------------------------------- latents / VAE
 
 
-def patch_size(cfg: WanConfig) -> tuple[int, int, int]:
-    return tuple(cfg.patch_size)
+def find_vae(folder) -> Path | None:
+    """The `vae/` folder of a pipeline, given the pipeline or its transformer/ folder, if any."""
+    if folder is None:
+        return None
+    for cand in (Path(folder) / "vae", Path(folder).parent / "vae"):
+        if (cand / "config.json").is_file():
+            return cand
+    return None
+
+
+def latents(cfg: WanConfig, folder=None) -> Latents:
+    """Wan's latent facts: the transformer's channels and patch, and from the pipeline's
+    `vae/config.json` (diffusers' AutoencoderKLWan) its compression and latents_mean / std. Without a
+    VAE, Wan2.1's VAE compression (4 frames, 8 pixels) and no normalisation."""
+    temporal, spatial, mean, std = 4, 8, None, None
+    vae = find_vae(folder)
+    if vae is not None:
+        path = vae / "config.json"
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{path}: invalid JSON ({e})") from None
+        temporal, spatial = int(d.get("scale_factor_temporal", 4)), int(d.get("scale_factor_spatial", 8))
+        if d.get("latents_mean") is not None and d.get("latents_std") is not None:
+            mean = torch.tensor(d["latents_mean"], dtype=torch.float32)
+            std = torch.tensor(d["latents_std"], dtype=torch.float32)
+            if mean.ndim != 1 or mean.shape != std.shape:
+                raise ModelError(f"{path}: latents_mean and latents_std must be lists of the same length")
+            if len(mean) != cfg.in_channels:
+                raise ModelError(f"{path}: latents_mean has {len(mean)} channels, the transformer takes "
+                                 f"{cfg.in_channels}")
+    return Latents(cfg.in_channels, tuple(cfg.patch_size), temporal, spatial, mean, std)
+
+
+def load_vae(folder, device):
+    """The pipeline's diffusers AutoencoderKLWan, or None when the folder has no vae/."""
+    vae = find_vae(folder)
+    if vae is None:
+        return None
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan.from_pretrained(vae).to(device).eval()
+
+
+def decode(vae, z: torch.Tensor) -> torch.Tensor:
+    """Video [B, 3, F, H, W] in [-1, 1] from raw latents [B, C, T, H, W]."""
+    with torch.no_grad():
+        return vae.decode(z.to(vae.dtype)).sample.float().clamp(-1, 1)
+
+
+FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=init, param_shapes=param_shapes,
+                num_blocks=lambda cfg: cfg.num_layers, embed=embed, block=block, head=head, latents=latents,
+                load_vae=load_vae, decode=decode)

@@ -1,0 +1,147 @@
+"""The block runner: how any family's forward is run, from outside the model (torchtitan's
+parallelize_fn idea). A family gives `embed` / `block` / `head` (fvfunc/models/__init__.py); the
+runner adds, to every family alike:
+
+- the attention backend (`ops.attention`), with cross-attention on the backend that is fastest for
+  short keys (FlashAttention-4 only pays off on long ones: cuDNN takes the 512 text tokens);
+- activation rematerialisation per block: "full" recomputes each block in the backward pass
+  (torch.utils.checkpoint), "attention" keeps the attention kernels' outputs and recomputes the rest
+  of the block (selective checkpointing); `remat_fraction` < 1 leaves the last blocks alone;
+- torch.compile per block (one graph serves every layer; the embeddings and head stay eager, which
+  starts far faster than compiling the whole forward);
+- sharded params (`gather`, fvfunc.distributed.gather): the params outside the blocks are made whole
+  first, each block's inside the block, so remat gathers them again in the backward pass and only one
+  block is whole at a time.
+
+`make_apply(family, cfg, options) -> apply(params, x, t, context) -> v` is what a role runs;
+`apply(family, params, cfg, x, t, context, **options)` the same in one call.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint as recompute
+
+from fvfunc.models import Family, block_params
+from fvfunc.ops import attention
+
+REMAT = ("none", "full", "attention")
+CROSS_ATTENTION = {"fa4": "cudnn"}
+"""Backend of cross-attention for a self-attention backend (to 512 text tokens cuDNN beats
+FlashAttention-4 on an H100, bench/RESULTS.md)."""
+
+Apply = Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""apply(params, x, t, context) -> v: a family's forward with its config and run options bound."""
+
+
+class Options(NamedTuple):
+    """How a forward runs; none of it changes what it computes (beyond rounding)."""
+
+    dtype: torch.dtype | None = None
+    """Compute dtype (None: the params' dtype)."""
+    attention: str = "auto"
+    """Self-attention backend (fvfunc.ops.attention)."""
+    remat: str = "none"
+    """'none', 'full' or 'attention' (only where a backward pass follows; needs torch.autograd)."""
+    remat_fraction: float = 1.0
+    """The share of blocks (the first ones) that remat."""
+    compile: bool | str = False
+    """torch.compile each block: True for inductor, or a backend name ("aot_eager" in tests)."""
+    gather: Callable[[dict], dict] | None = None
+    """For sharded params: tree -> the same tree with whole tensors (fvfunc.distributed.gather)."""
+
+
+def _attend(backend: str, q, k, v, cross: bool):
+    return attention(q, k, v, CROSS_ATTENTION.get(backend, backend) if cross else backend)
+
+
+@functools.cache
+def attend(backend: str):
+    """attend(q, k, v, cross) on `backend`; one function object per backend, so compiled blocks keep
+    their guards."""
+    return functools.partial(_attend, backend)
+
+
+# The fused attention kernels whose outputs (and log-sum-exp) remat="attention" keeps for the backward
+# pass. Attention is most of a block's time at video lengths (DESIGN.md section 4); the rest of a block
+# (projections, norms, RoPE, FFN) is cheap to redo.
+_ATTENTION_OPS = {
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.fvfunc.fa4_attention.default,
+}
+
+
+def _save_attention(ctx, op, *args, **kwargs):
+    del ctx, args, kwargs
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _gathered(block, gather, params, *args):
+    return block(gather(params), *args)
+
+
+def run_block(block, params, cfg, h, inputs, dtype, attend_fn, remat: str, gather=None):
+    """One family block under the remat policy (only where a backward pass will follow), its params
+    gathered inside when sharded."""
+    fn = block if gather is None else functools.partial(_gathered, block, gather)
+    args = (params, cfg, h, inputs, dtype, attend_fn)
+    if remat == "none" or not torch.is_grad_enabled():
+        return fn(*args)
+    # (no context_fn at all for "full": torch.compile refuses an explicit noop_context_fn)
+    policy = {} if remat == "full" else {
+        "context_fn": functools.partial(create_selective_checkpoint_contexts, _save_attention)}
+    return recompute(fn, *args, use_reentrant=False, **policy)
+
+
+@functools.cache
+def _compiled(backend: str):
+    # dynamic=False: one specialised graph per (shape, dtype, grad mode); a run sees only a few
+    return torch.compile(run_block, backend=backend, dynamic=False)
+
+
+def check(options: Options) -> None:
+    if options.remat not in REMAT:
+        raise ValueError(f"remat must be one of {REMAT}, got {options.remat!r}")
+    if not 0 <= options.remat_fraction <= 1:
+        raise ValueError(f"remat_fraction must be in [0, 1], got {options.remat_fraction}")
+
+
+def forward(family: Family, params: dict, cfg, x, t, context, options: Options = Options()) -> torch.Tensor:
+    """The family's v = noise - x0 for latents x at timesteps t given text context, run as `options` say."""
+    check(options)
+    dtype = options.dtype or next(iter(params.values())).dtype
+    n = family.num_blocks(cfg)
+    outer, blocks = block_params(params, n)
+    if options.gather is not None:
+        outer = options.gather(outer)
+    h, inputs = family.embed(outer, cfg, x, t, context, dtype)
+    run = _compiled("inductor" if options.compile is True else options.compile) if options.compile else run_block
+    attend_fn = attend(options.attention)
+    n_remat = round(options.remat_fraction * n)
+    for i, bp in enumerate(blocks):
+        h = run(family.block, bp, cfg, h, inputs, dtype, attend_fn, options.remat if i < n_remat else "none",
+                options.gather)
+    return family.head(outer, cfg, h, inputs, dtype)
+
+
+def make_apply(family: Family, cfg, options: Options = Options()) -> Apply:
+    """apply(params, x, t, context) -> v for one role: the family's forward with cfg and options bound."""
+    check(options)
+    return functools.partial(_bound, family, cfg, options)
+
+
+def _bound(family, cfg, options, params, x, t, context):
+    return forward(family, params, cfg, x, t, context, options)
+
+
+def apply(family: Family, params: dict, cfg, x, t, context, **options) -> torch.Tensor:
+    """`forward` with the options as keywords: apply(wan.FAMILY, params, cfg, x, t, ctx, remat="full")."""
+    return forward(family, params, cfg, x, t, context, Options(**options))
