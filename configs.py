@@ -2,7 +2,8 @@
 
 Frozen dataclasses, each field documented where it is declared (tyro shows the docstrings in
 `--help`). A run is one dataclass per method (`FinetuneRun`, `DMD2Run`) holding the shared sections
-(roles, training, data, validation, tracking) and the method's own config. The same config loads
+(roles, training, data, validation, tracking) and the method's own config; each method's spec
+(fvfunc/losses/<method>.py) names its run type, and train.py builds one subcommand per spec. The same config loads
 from a schema-v2 YAML/JSON file (see `fvfunc/config_file.py`); CLI flags override the file.
 """
 
@@ -32,6 +33,9 @@ class RoleConfig:
     """Across data-parallel ranks (torchrun): 'replicated' keeps the whole params (and optimizer state)
     on every rank; 'sharded' splits them over the ranks (ZeRO-3 / FSDP style: each rank holds 1/W,
     a block is gathered whole just before use). One process ignores it."""
+    ema_decay: float = 0.0
+    """Keep an EMA of this trainable role's params with this decay (e.g. 0.98); 0 keeps none. The
+    student's EMA is what validation samples (validation.use_ema) and what is exported."""
 
 
 def _role(trainable: bool, dtype: str = "float32") -> RoleConfig:
@@ -104,10 +108,9 @@ class TrainingConfig:
     """AdamW decoupled weight decay."""
     max_grad_norm: float = 1.0
     """Clip each role's gradient to this global norm; 0 disables clipping."""
-    ema_decay: float = 0.0
-    """Decay of an EMA of the student's params (e.g. 0.98); 0 keeps no EMA."""
     seed: int = 0
-    """Seed of the run: noise, sigmas, dropout and data order all derive from it and the step."""
+    """Seed of the run: its key is split once into a data-order key and a step key; noise, sigmas and
+    dropout derive from the step key and the step."""
     precision: Literal["float32", "bfloat16"] = "bfloat16"
     """Compute dtype of the forward passes; params stay in their role dtype (fp32 masters)."""
     device: str = "auto"
@@ -182,7 +185,7 @@ class ValidationConfig:
     """How many prompts to sample."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """The sampler; its defaults come from the method (dmd2: sde over its own dmd_denoising_steps
-    when no timesteps are given)."""
+    when no timesteps are given; kd: ode over its t_list)."""
     num_frames: int = 0
     """Latent frames of the sampled videos; 0 takes the shape of the training data's latents."""
     height: int = 0
@@ -326,7 +329,4 @@ class SampleRun:
     text_len: int = 512
     """Prompt embeddings are padded to this many tokens."""
 
-
-RUNS: dict[str, type] = {"finetune": FinetuneRun, "dmd2": DMD2Run}
-"""Method name -> run config type; train.py builds one subcommand per entry."""
 

@@ -42,10 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 import configs  # noqa: E402
-from fvfunc import random  # noqa: E402
+from fvfunc import random, runner  # noqa: E402
 from fvfunc.autodiff import value_and_grad  # noqa: E402
 from fvfunc.losses import dmd2, flow_matching  # noqa: E402
-from fvfunc.losses.state import Model  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
 from fvfunc.ops.attention import attention, fa4_problem  # noqa: E402
 from fvfunc.samplers import sample, timesteps_to_sigmas  # noqa: E402
@@ -368,7 +367,8 @@ class Bench:
         method_cfg = configs.FinetuneConfig()
         calls = Calls(dev)
         apply = calls.wrap("student", fvfunc_apply(cfg, a))
-        method = flow_matching.make(method_cfg, training, {"student": Model(apply, cfg.in_channels)})
+        run = tiny.run_of(flow_matching.SPEC, method_cfg, training)
+        method = flow_matching.make(run, {"student": tiny.role(apply, cfg.in_channels)})
         x0, text = inputs(cfg, latent, a.text_len, dev)
         batch = {"latents": x0, "text": text, "sample_index": torch.arange(1)}
         holder = {"state": method.init({"student": wan.init(cfg, random.key(0), device=dev)}, random.key(1))}
@@ -433,9 +433,9 @@ class Bench:
         flops = forward_flops(cfg, tokens, a.text_len)
         method_cfg, training = self.dmd2_configs(latent)
         calls = Calls(dev)
-        models = {r: Model(calls.wrap(r, fvfunc_apply(cfg, a)), cfg.in_channels)
-                  for r in dmd2.ROLES}
-        method = dmd2.make(method_cfg, training, models)
+        models = {r: tiny.role(calls.wrap(r, fvfunc_apply(cfg, a)), cfg.in_channels)
+                  for r in dmd2.SPEC.roles(None)}
+        method = dmd2.make(tiny.run_of(dmd2.SPEC, method_cfg, training), models)
         _, text = inputs(cfg, latent, a.text_len, dev)
         batch = {"text": text, "sample_index": torch.arange(1)}
         holder = {"state": method.init(self.dmd2_roles(), random.key(7))}

@@ -5,7 +5,7 @@
     python bench/multi_gpu.py finetune --model tiny --latent 2 4 4 --device cpu     # a one-process baseline
 
 Each rank makes its roles in memory from random init (the same numbers on every rank: `wan.init` is a
-pure function of the key), places them as the trainer does (`trainer.place_role`: whole, or sharded
+pure function of the key), places them as the trainer does (`roles.place`: whole, or sharded
 over the ranks) and steps the method's own `step` on random batches of `--batch` samples a rank: the
 trainer's loop without its data loader, checkpoints and logging. Prints one JSON line (rank 0) with
 the median step time after the warm-up steps, samples a second, and each rank's peak GPU memory; with
@@ -27,10 +27,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import configs  # noqa: E402
-from fvfunc import distributed, random, trainer  # noqa: E402
+from fvfunc import distributed, random  # noqa: E402
 from fvfunc.losses import METHODS  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
+from fvfunc.roles import place  # noqa: E402
 from fvfunc.testing import tiny  # noqa: E402
 
 MODELS = {
@@ -61,7 +61,7 @@ def parse(argv=None):
 
 
 def run_config(args, world: int):
-    run = configs.RUNS[args.method]()
+    run = METHODS[args.method].run()
     training = dataclasses.replace(run.training, precision=args.precision, remat=args.remat,
                                    attention=args.attention, batch_size=args.batch * world, max_steps=1000,
                                    device=args.device, grad_transform="autograd")
@@ -72,10 +72,10 @@ def run_config(args, world: int):
 
 
 def roles(args, cfg, process):
-    """(params, Models, bytes held a role) of the method's roles, made in memory on this rank."""
-    method = METHODS[args.method]
-    params, models, held = {}, {}, {}
-    for i, name in enumerate(method.ROLES):
+    """(Roles, bytes held a role) of the method's roles, made in memory on this rank."""
+    spec = METHODS[args.method]
+    built, held = {}, {}
+    for i, name in enumerate(spec.roles(cfg)):
         mcfg = MODELS[args.teacher if name == "teacher" else args.model]
         dtype = torch.bfloat16 if name == "teacher" else torch.float32
         # the same key on every rank: identical replicas, or consistent shards
@@ -83,12 +83,13 @@ def roles(args, cfg, process):
         if args.sharding == "sharded" and process.world_size > 1:  # this rank's rows, as wan.load(rows=) reads
             rows = distributed.rows_of(process)
             p = {k: v[slice(*rows(v.shape[0]))] if v.ndim else v for k, v in p.items()}
-        params[name], models[name] = trainer.place_role(wan, mcfg, p, cfg, process, args.sharding)
+        sharded = args.sharding == "sharded" and process.world_size > 1
+        built[name] = place(name, wan.FAMILY, mcfg, p, cfg.training, process, sharded, name in spec.trainable)
         del p
-        held[name] = distributed.num_bytes(params[name])
+        held[name] = distributed.num_bytes(built[name].params)
         if process.device.type == "cuda":
             torch.cuda.empty_cache()
-    return params, models, held
+    return built, held
 
 
 def batch(args, cfg, process, step: int) -> dict:
@@ -120,10 +121,10 @@ def bench(args, process) -> dict:
     cfg = run_config(args, process.world_size)
     cuda = process.device.type == "cuda"
     t0 = time.perf_counter()
-    params, models, held = roles(args, cfg, process)
-    step_fn = METHODS[args.method].make(cfg.method, cfg.training, models, distributed.make_reduce(process))
-    state = step_fn.init(params, random.key(0))
-    del params
+    built, held = roles(args, cfg, process)
+    step_fn = METHODS[args.method].make(cfg, built, distributed.make_reduce(process))
+    state = step_fn.init({name: r.params for name, r in built.items()}, random.key(0))
+    del built
     sync(process)
     setup_s = time.perf_counter() - t0
     state_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0

@@ -34,3 +34,26 @@ def value_and_grad(loss: Callable, transform: str = "autograd") -> Callable:
         return grads, (value.detach(), aux)
 
     return grad_autograd
+
+
+def split_batch(batch: dict, n: int) -> list[dict]:
+    """n equal micro-batches of a batch dict (tensors and lists split along the first axis)."""
+    size = len(batch["sample_index"])
+    if size % n:
+        raise ValueError(f"batch of {size} cannot be split into {n} equal micro-batches")
+    m = size // n
+    return [{k: v[i * m:(i + 1) * m] for k, v in batch.items()} for i in range(n)]
+
+
+def accumulate(loss: Callable, transform: str, params: dict, batch: dict, n: int, *args):
+    """(mean gradient, mean loss) of `loss(params, micro_batch, *args) -> (scalar, aux)` over n equal
+    micro-batches: one batch's gradient, with 1/n of its activation memory."""
+    grad_fn = value_and_grad(loss, transform)
+    total, total_loss = None, 0.0
+    for micro in split_batch(batch, n):
+        grads, (value, _) = grad_fn(params, micro, *args)
+        total = grads if total is None else {k: total[k] + grads[k] for k in total}
+        total_loss = total_loss + value.detach()
+    if n > 1:
+        total = {k: g / n for k, g in total.items()}
+    return total, total_loss / n

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -49,14 +51,15 @@ def parse(argv: list[str]) -> tuple[str, Any]:
     """(method, run config) from the command line. Raises ConfigError for a bad run file and
     SystemExit for --help and tyro's usage errors (code 2, with a did-you-mean)."""
     argv = list(argv)
-    method = argv[0] if argv and argv[0] in configs.RUNS else None
+    runs = config_file.runs()
+    method = argv[0] if argv and argv[0] in runs else None
     defaults: dict[str, Any] = {}
     path = _config_arg(argv)
     if path:
         method, defaults[method] = config_file.load(path, method)
         if argv[0] != method:  # `train.py --config FILE`: the file names the method
             argv.insert(0, method)
-    commands = {**configs.RUNS, "sample": configs.SampleRun}
+    commands = {**runs, "sample": configs.SampleRun}
     choices = tuple(
         Annotated[run, tyro.conf.subcommand(name, default=defaults.get(name, run()),
                                             description=run.__doc__)]
@@ -103,7 +106,6 @@ def _check_training(t: configs.TrainingConfig) -> None:
     _need(t.weight_decay >= 0, f"training.weight_decay must be >= 0, got {t.weight_decay:g}")
     _need(t.max_grad_norm >= 0, f"training.max_grad_norm must be >= 0 (0 disables clipping), got "
           f"{t.max_grad_norm:g}")
-    _need(0 <= t.ema_decay < 1, f"training.ema_decay must be in [0, 1) (0 keeps no EMA), got {t.ema_decay:g}")
     _need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
           f"training.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     _need(t.remat == "none" or t.grad_transform == "autograd", f"training.remat {t.remat!r} needs "
@@ -115,27 +117,6 @@ def _check_training(t: configs.TrainingConfig) -> None:
     _need(t.keep_checkpoints >= 0, f"training.keep_checkpoints must be >= 0 (0 keeps all), got "
           f"{t.keep_checkpoints}")
     _need(t.log_every >= 1, f"training.log_every must be >= 1, got {t.log_every}")
-
-
-def _check_method(method: str, m) -> None:
-    _need(m.flow_shift > 0, f"method.flow_shift must be > 0, got {m.flow_shift:g}")
-    if method == "finetune":
-        _need(0 <= m.cfg_rate <= 1, f"method.cfg_rate must be in [0, 1], got {m.cfg_rate:g}")
-        _need(m.logit_std > 0, f"method.logit_std must be > 0, got {m.logit_std:g}")
-    if method == "dmd2":
-        _check_timesteps(m.dmd_denoising_steps, "method.dmd_denoising_steps")
-        _need(m.generator_update_interval >= 1, f"method.generator_update_interval must be >= 1, got "
-              f"{m.generator_update_interval}")
-        _need(0 <= m.min_timestep_ratio < m.max_timestep_ratio <= 1, "method.min_timestep_ratio and "
-              f"max_timestep_ratio must satisfy 0 <= min < max <= 1, got {m.min_timestep_ratio:g} and "
-              f"{m.max_timestep_ratio:g}")
-        _need(math.isfinite(m.critic_lr) and m.critic_lr > 0,
-              f"method.critic_lr must be > 0, got {m.critic_lr:g}")
-        _check_betas(m.critic_betas, "method.critic_betas")
-        _need(m.critic_weight_decay >= 0,
-              f"method.critic_weight_decay must be >= 0, got {m.critic_weight_decay:g}")
-        _need(all(n >= 1 for n in m.latent_shape), f"method.latent_shape {tuple(m.latent_shape)} must be "
-              "positive (T, H, W)")
 
 
 def _check_validation(v: configs.ValidationConfig) -> None:
@@ -154,10 +135,10 @@ def _check_validation(v: configs.ValidationConfig) -> None:
         _need(Path(v.prompts).is_dir(), f"validation.prompts: folder {v.prompts} does not exist")
 
 
-def _check_data(method: str, cfg, needs_latents: bool) -> None:
+def _check_data(method: str, cfg, columns) -> None:
     from fvfunc.data import DataError, parse_specs
 
-    what = "the text embeddings and VAE latents" if needs_latents else "the text embeddings"
+    what = " and ".join(c.what for c in columns)
     _need(bool(cfg.data.path), f"data.path is empty: {method} reads {what} of a FastVideo-preprocessed "
           "parquet dataset; pass --data.path DIR")
     try:
@@ -190,11 +171,16 @@ def _check_roles(method: str, roles_needed, trainable, roles: configs.RolesConfi
         else:
             _need(not role.trainable, f"{where}.trainable is true, but {method} never updates the {name}: "
                   f"it stays frozen (set --{where}.no-trainable)")
+            _need(role.ema_decay == 0, f"{where}.ema_decay is {role.ema_decay:g}, but {method} never updates the "
+                  f"{name}: an EMA of it would never move")
+        _need(0 <= role.ema_decay < 1, f"{where}.ema_decay must be in [0, 1) (0 keeps no EMA), got "
+              f"{role.ema_decay:g}")
         try:
             model_cfg = fam.load_config(role.path)
+            facts = fam.latents(model_cfg, role.path)
         except (ValueError, OSError) as e:
             raise ConfigError(f"{where}.path: {e}") from None
-        latents = (fam.latent_channels(model_cfg), tuple(fam.patch_size(model_cfg)))
+        latents = (facts.channels, tuple(facts.patch))
         if first is None:
             first = (name, latents)
             continue
@@ -227,10 +213,13 @@ def check(method: str, cfg) -> None:
     _need(method in METHODS, f"unknown method {method!r}; known: {', '.join(METHODS)}")
     spec = METHODS[method]
     _check_training(cfg.training)
-    _check_method(method, cfg.method)
+    try:
+        spec.check(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check_validation(cfg.validation)
-    _check_data(method, cfg, spec.needs_latents(cfg.method))
-    _check_roles(method, spec.ROLES, spec.TRAINABLE, cfg.roles)
+    _check_data(method, cfg, spec.data(cfg))
+    _check_roles(method, spec.roles(cfg), spec.trainable, cfg.roles)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -249,13 +238,22 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a tyro usage error (2)
         return e.code if isinstance(e.code, int) else int(e.code is not None)
     # imported here so that --help and config errors stay fast (no torch, no model code)
+    import torch
+
     trainer = importlib.import_module("fvfunc.trainer")
     from fvfunc.data import DataError
-    from fvfunc.models.wan import ModelError
+    from fvfunc.models import ModelError
+
+    # the entry point's own business: log lines (rank 0 says what happens, the others only warn) and the
+    # global RNG, which fvfunc never reads (it passes keys) but libraries such as diffusers do
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    seed = cfg.sampler.seed if method == "sample" else cfg.training.seed
+    torch.manual_seed(seed)
 
     try:
         if method == "sample":
-            importlib.import_module("fvfunc.validation").sample_command(cfg)
+            importlib.import_module("fvfunc.sample").sample_command(cfg)
         else:
             trainer.run(method, cfg)
     except (trainer.TrainingError, DataError, ModelError) as e:  # the run's own, already clear errors

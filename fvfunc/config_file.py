@@ -110,7 +110,6 @@ import configs
 log = logging.getLogger(__name__)
 
 ROLE_NAMES = tuple(f.name for f in dataclasses.fields(configs.RolesConfig))
-WAN_VAE_SPATIAL, WAN_VAE_TEMPORAL = 8, 4  # Wan2.1 VAE compression (pixels -> latents)
 SCHEDULES = {"constant": "constant", "constant_with_warmup": "linear_warmup", "cosine": "cosine",
              "cosine_with_min_lr": "cosine"}
 PRECISIONS = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
@@ -136,18 +135,10 @@ _FASTVIDEO_TRAINING: dict[str, Any] = {
     "validation_sampling_steps": str | int, "validation_guidance_scale": str | float,
     "validation_preprocessed_path": str, "validation_dataset_file": str, "log_visualization": bool,
     "visualization_steps": int, "num_latent_t": int, "num_height": int, "num_width": int,
-    "num_frames": int, "training_cfg_rate": float, "precondition_outputs": bool, "weighting_scheme": str,
-    "logit_mean": float, "logit_std": float, "mode_scale": float, "generator_update_interval": int,
-    "real_score_guidance_scale": float, "min_timestep_ratio": float, "max_timestep_ratio": float,
-    "dmd_denoising_steps": list[int], "fake_score_learning_rate": float, "fake_score_betas": _Betas,
-    "fake_score_lr_scheduler": str, "simulate_generator_forward": bool, "warp_denoising_step": bool,
+    "num_frames": int, "training_cfg_rate": float, "ema_decay": float,
 }
-_FASTVIDEO_METHOD: dict[str, Any] = {
-    "fake_score_learning_rate": float, "fake_score_betas": _Betas, "fake_score_lr_scheduler": str,
-    "simulate_generator_forward": bool, "warp_denoising_step": bool, "attn_kind": str,
-}
-_FASTVIDEO_PIPELINE: dict[str, Any] = {"flow_shift": float, "sampler_kind": str,
-                                       "dmd_denoising_steps": list[int]}
+_FASTVIDEO_METHOD: dict[str, Any] = {"attn_kind": str}
+_FASTVIDEO_PIPELINE: dict[str, Any] = {"flow_shift": float, "sampler_kind": str}
 _FASTVIDEO_ROLE: dict[str, Any] = {"disable_custom_init_weights": bool}
 
 
@@ -174,18 +165,32 @@ def _struct(name: str, dc: type | None, extra: dict[str, Any]) -> type[msgspec.S
                              kw_only=True, forbid_unknown_fields=True)
 
 
+def runs() -> dict[str, type]:
+    """Method name -> its run config type, from the method specs."""
+    from fvfunc.losses import METHODS
+
+    return {name: spec.run for name, spec in METHODS.items()}
+
+
+def _spec(method: str):
+    from fvfunc.losses import METHODS
+
+    return METHODS[method]
+
+
 @functools.cache
 def _file_struct(method: str) -> type[msgspec.Struct]:
-    run = configs.RUNS[method]
-    hints = typing.get_type_hints(run)
+    spec = _spec(method)
+    hints = typing.get_type_hints(spec.run)
+    keys = spec.fastvideo
     role = _struct("Role", configs.RoleConfig, _FASTVIDEO_ROLE)
     section = lambda name, dc, extra=None: _struct(name, dc, extra or {}) | None
     return _struct(f"RunFile_{method}", None, {
         "recipe": section("Recipe", None, {"family": str, "method": str}),
         "roles": section("Roles", None, dict.fromkeys(ROLE_NAMES, role | None)),
-        "training": section("Training", configs.TrainingConfig, _FASTVIDEO_TRAINING),
-        "pipeline_config": section("PipelineConfig", None, _FASTVIDEO_PIPELINE),
-        "method_config": section("MethodConfig", hints["method"], _FASTVIDEO_METHOD),
+        "training": section("Training", configs.TrainingConfig, {**_FASTVIDEO_TRAINING, **keys.training}),
+        "pipeline_config": section("PipelineConfig", None, {**_FASTVIDEO_PIPELINE, **keys.pipeline_config}),
+        "method_config": section("MethodConfig", hints["method"], {**_FASTVIDEO_METHOD, **keys.method_config}),
         "data": section("Data", configs.DataConfig, {"path": str | list[str]}),
         "validation": section("Validation", configs.ValidationConfig),
         "tracking": section("Tracking", configs.TrackingConfig),
@@ -217,6 +222,13 @@ def _choices(t) -> str:
     return f" (expected one of {', '.join(map(str, typing.get_args(literals[0])))})" if literals else ""
 
 
+def _methods_knowing(parent: list[str], key: str) -> list[str]:
+    """The methods whose run files accept `parent.key`."""
+    from fvfunc.losses import METHODS
+
+    return [m for m in METHODS if len(parent) == 1 and key in _field_types(_file_struct(m), parent)]
+
+
 def _validation_message(e: msgspec.ValidationError, root: type[msgspec.Struct]) -> str:
     """msgspec's error rewritten with the key path as it reads in the file (`training.lr`)."""
     msg = str(e)
@@ -230,8 +242,11 @@ def _validation_message(e: msgspec.ValidationError, root: type[msgspec.Struct]) 
         msg = f"unknown key {path}"
         known = list(_field_types(root, parent))
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        owners = _methods_knowing(parent, key)
         if not parent and key in ("distill", "models"):
             msg += " (a schema-v1 name: schema v2 calls the sections recipe: and roles:)"
+        elif owners:
+            msg += f" (a key of {' and '.join(owners)}, not of this method)"
         elif close:
             msg += f" (did you mean {'.'.join([*parent, close[0]])}?)"
         elif 0 < len(known) <= 10:
@@ -300,13 +315,74 @@ def _data_specs(v) -> tuple[str, ...]:
     return tuple(p.strip() for p in parts if p.strip())
 
 
-def _latent_size(t: dict, key: str, default: int) -> int:
-    if key not in t:
-        return default
-    if t[key] % WAN_VAE_SPATIAL:
-        raise ConfigError(f"training.{key} ({t[key]}) must be a multiple of {WAN_VAE_SPATIAL} (the Wan VAE's "
-                          "spatial compression)")
-    return t[key] // WAN_VAE_SPATIAL
+class FileFacts:
+    """What a method's FastVideo `read` may ask of the file being read (fvfunc/losses/spec.py): the
+    family's VAE compression, the values assigned so far, and FastVideo's value formats."""
+
+    def __init__(self, out: _Assignments, run: type, fastvideo: bool):
+        self._out, self.run = out, run
+        self.fastvideo = fastvideo
+        """Whether the file uses any FastVideo-only key (a file `dump` wrote never does)."""
+
+    @functools.cached_property
+    def _compression(self) -> tuple[int, int]:
+        return _compression(self.value("roles.student.family"), self.value("roles.student.path"))
+
+    @property
+    def temporal(self) -> int:
+        """Video frames a latent frame holds (the student's VAE, or its family's default)."""
+        return self._compression[0]
+
+    @property
+    def spatial(self) -> int:
+        """Pixels a latent holds along height and width."""
+        return self._compression[1]
+
+    def value(self, target: str, default=msgspec.UNSET):
+        """The value the file gave field `target` so far, else `default` (else the run type's default)."""
+        if target in self._out:
+            return self._out[target][0]
+        return default if default is not msgspec.UNSET else self._default(target)
+
+    def source(self, target: str) -> str:
+        return self._out[target][1]
+
+    def _default(self, target: str):
+        obj = self.run()
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def latent_size(self, t: dict, key: str, default: int) -> int:
+        """Pixels in training.`key` as latents, through the VAE's spatial compression."""
+        if key not in t:
+            return default
+        if t[key] % self.spatial:
+            raise ConfigError(f"training.{key} ({t[key]}) must be a multiple of {self.spatial} (the VAE's spatial "
+                              "compression)")
+        return t[key] // self.spatial
+
+    betas = staticmethod(lambda v, where: _betas(v, where))
+    number = staticmethod(lambda v, cast, where: _one_number(v, cast, where))
+    schedule = staticmethod(lambda name, where: _schedule(name, where))
+
+
+def _compression(family_name, student_path) -> tuple[int, int]:
+    """(temporal, spatial) VAE compression of the student's folder, or the family's default."""
+    from fvfunc.models import ModelError, family
+
+    try:
+        fam = family(family_name)
+    except ModelError as e:
+        raise ConfigError(f"recipe.family: {e}") from None
+    cfg = None
+    if student_path:
+        try:
+            cfg = fam.load_config(student_path)
+        except (ModelError, OSError):
+            cfg = None  # the check after parsing names a bad folder; the compression falls back
+    facts = fam.latents(cfg, student_path if cfg is not None else None)
+    return facts.temporal, facts.spatial
 
 
 def _schedule(name: str, where: str) -> str:
@@ -316,8 +392,8 @@ def _schedule(name: str, where: str) -> str:
     return SCHEDULES[name]
 
 
-def _from_training(t: dict, method: str, out: _Assignments) -> None:
-    """training: fvfunc's TrainingConfig fields, then FastVideo's TrainingArgs keys."""
+def _from_training(t: dict, out: _Assignments) -> None:
+    """training: fvfunc's TrainingConfig fields, then FastVideo's shared TrainingArgs keys."""
     own = {f.name for f in dataclasses.fields(configs.TrainingConfig)}
     for k, v in t.items():
         if k in own:
@@ -365,8 +441,9 @@ def _from_training(t: dict, method: str, out: _Assignments) -> None:
             raise ConfigError(f"training.enable_gradient_checkpointing_type: {kind!r} is not supported; "
                               "fvfunc recomputes whole blocks ('full') or nothing (null)")
         put("training.remat", "enable_gradient_checkpointing_type", "full" if kind == "full" else "none")
+    put("roles.student.ema_decay", "ema_decay")
     if t.get("use_ema") is False:
-        put("training.ema_decay", "use_ema", 0.0)
+        put("roles.student.ema_decay", "use_ema", 0.0)
     if t.get("use_ema") is True and "ema_decay" not in t:
         raise ConfigError("training.use_ema is true but training.ema_decay is not set (e.g. 0.98)")
     if t.get("ema_start_step", 0) != 0:
@@ -377,90 +454,31 @@ def _from_training(t: dict, method: str, out: _Assignments) -> None:
     if "validation_sampling_steps" in t:
         n = _one_number(t["validation_sampling_steps"], int, "training.validation_sampling_steps")
         put("validation.sampler.num_steps", "validation_sampling_steps", n)
-    if "validation_guidance_scale" in t and method != "dmd2":
-        w = _one_number(t["validation_guidance_scale"], float, "training.validation_guidance_scale")
-        put("validation.sampler.guidance_scale", "validation_guidance_scale", w)
-
-    if method == "finetune":
-        put("method.cfg_rate", "training_cfg_rate")
-        for k in ("precondition_outputs", "weighting_scheme", "logit_mean", "logit_std", "mode_scale"):
-            put(f"method.{k}", k)
-    if method == "dmd2":
-        if t.get("training_cfg_rate", 0.0) != 0.0:
-            raise ConfigError("training.training_cfg_rate: fvfunc's dmd2 drops no text; set it to 0")
-        for k in ("generator_update_interval", "real_score_guidance_scale", "min_timestep_ratio",
-                  "max_timestep_ratio", "dmd_denoising_steps"):
-            put(f"method.{k}", k)
-        _dmd2_keys(t, "training", out)
-        shape_keys = [k for k in ("num_latent_t", "num_frames", "num_height", "num_width") if k in t]
-        if shape_keys:  # the size of the videos the student generates in simulate mode
-            T, H, W = configs.DMD2Config().latent_shape
-            if "num_frames" in t:
-                T = (t["num_frames"] - 1) // WAN_VAE_TEMPORAL + 1
-            T = t.get("num_latent_t", T)
-            H = _latent_size(t, "num_height", H)
-            W = _latent_size(t, "num_width", W)
-            put("method.latent_shape", shape_keys[0], (T, H, W))
-
-
-def _dmd2_keys(s: dict, section: str, out: _Assignments) -> None:
-    """FastVideo's DMD2 critic/rollout keys (in training: or method_config:)."""
-
-    def put(target: str, key: str, value) -> None:
-        _put(out, target, value, f"{section}.{key}")
-    if "fake_score_learning_rate" in s:
-        lr = s["fake_score_learning_rate"]
-        if lr == 0.0:  # FastVideo: 0 means "the student's learning rate"
-            lr = out.get("training.lr", (configs.DMD2Run().training.lr,))[0]
-        put("method.critic_lr", "fake_score_learning_rate", lr)
-    if "fake_score_betas" in s:
-        betas = _betas(s["fake_score_betas"], f"{section}.fake_score_betas")
-        put("method.critic_betas", "fake_score_betas", betas)
-    if "fake_score_lr_scheduler" in s:  # fvfunc shapes every role's lr alike: it must agree
-        where = f"{section}.fake_score_lr_scheduler"
-        critic = _schedule(s["fake_score_lr_scheduler"], where)
-        student = out.get("training.lr_schedule", (configs.DMD2Run().training.lr_schedule,))[0]
-        if critic != student:
-            raise ConfigError(f"{where}: the critic's schedule ({critic}) must match the student's "
-                              f"({student}); fvfunc shapes every role's learning rate alike")
-    if "simulate_generator_forward" in s:
-        put("method.rollout_mode", "simulate_generator_forward",
-            "simulate" if s["simulate_generator_forward"] else "data")
-    if s.get("warp_denoising_step", False):
-        raise ConfigError(f"{section}.warp_denoising_step: not implemented in fvfunc; set it to false")
 
 
 def _from_method(m: dict, method: str, out: _Assignments) -> None:
-    """method_config: the method's fvfunc fields, then FastVideo's method keys."""
-    own = {f.name for f in dataclasses.fields(typing.get_type_hints(configs.RUNS[method])["method"])}
+    """method_config: the method's fvfunc fields (its FastVideo keys are the spec's to read)."""
+    own = {f.name for f in dataclasses.fields(typing.get_type_hints(_spec(method).run)["method"])}
     for k, v in m.items():
         if k in own:
             _put(out, f"method.{k}", v, f"method_config.{k}")
     if m.get("attn_kind", "dense") != "dense":
         raise ConfigError(f"method_config.attn_kind: {m['attn_kind']!r} is not supported; fvfunc uses dense "
                           "attention")
-    fastvideo_dmd = {"fake_score_learning_rate", "fake_score_betas", "fake_score_lr_scheduler",
-                     "simulate_generator_forward", "warp_denoising_step"} & m.keys()
-    if fastvideo_dmd and method != "dmd2":
-        raise ConfigError(f"method_config.{sorted(fastvideo_dmd)[0]}: a DMD2 key, but the method is {method}")
-    _dmd2_keys(m, "method_config", out)
 
 
 def _from_pipeline(p: dict, method: str, out: _Assignments) -> None:
-    """pipeline_config: FastVideo's keys only (fvfunc keeps these in method_config / validation)."""
+    """pipeline_config: FastVideo's shared keys (fvfunc keeps these in method_config / validation)."""
+    own = {f.name for f in dataclasses.fields(typing.get_type_hints(_spec(method).run)["method"])}
     if "flow_shift" in p:
-        _put(out, "method.flow_shift", p["flow_shift"], "pipeline_config.flow_shift")
+        if "flow_shift" in own:
+            _put(out, "method.flow_shift", p["flow_shift"], "pipeline_config.flow_shift")
         _put(out, "validation.sampler.shift", p["flow_shift"], "pipeline_config.flow_shift", weak=True)
     if "sampler_kind" in p:
         kind = p["sampler_kind"]
         if kind not in ("ode", "sde"):
             raise ConfigError(f"pipeline_config.sampler_kind: expected ode or sde, got {kind!r}")
         _put(out, "validation.sampler.kind", kind, "pipeline_config.sampler_kind")
-    if "dmd_denoising_steps" in p:
-        if method != "dmd2":
-            raise ConfigError(f"pipeline_config.dmd_denoising_steps: a DMD2 key, but the method is {method}")
-        _put(out, "method.dmd_denoising_steps", p["dmd_denoising_steps"],
-             "pipeline_config.dmd_denoising_steps")
 
 
 def _from_sections(f, out: _Assignments) -> None:
@@ -476,13 +494,14 @@ def _from_sections(f, out: _Assignments) -> None:
             _put(out, f"{section}.{k}", v, f"{section}.{k}")
 
 
-def _fastvideo_vocabulary(f) -> bool:
+def _fastvideo_vocabulary(f, method: str) -> bool:
     """Whether a decoded file uses any FastVideo-only key (a file `dump` wrote never does)."""
     own_training = {x.name for x in dataclasses.fields(configs.TrainingConfig)}
+    own_method = {x.name for x in dataclasses.fields(typing.get_type_hints(_spec(method).run)["method"])}
     roles = _given(f.roles)
     return (bool(_given(f.pipeline_config))
             or any(k not in own_training for k in _given(f.training))
-            or any(k in _FASTVIDEO_METHOD for k in _given(f.method_config))
+            or any(k not in own_method for k in _given(f.method_config))
             or any(_FASTVIDEO_ROLE.keys() & _given(roles.get(r)).keys() for r in ROLE_NAMES))
 
 
@@ -520,10 +539,9 @@ def from_dict(raw: Any, method: str | None = None, where: str = "run file") -> t
     if method is None:
         method = file_method
         if method is None:
-            raise ConfigError(f"{where}: recipe.method is missing; name the method "
-                              f"({', '.join(configs.RUNS)})")
-    if method not in configs.RUNS:
-        raise ConfigError(f"unknown method {method!r}; known: {', '.join(configs.RUNS)}")
+            raise ConfigError(f"{where}: recipe.method is missing; name the method ({', '.join(runs())})")
+    if method not in runs():
+        raise ConfigError(f"unknown method {method!r}; known: {', '.join(runs())}")
     if file_method is not None and file_method != method:
         raise ConfigError(f"recipe.method is {file_method!r} but the subcommand is {method!r}")
 
@@ -541,19 +559,20 @@ def from_dict(raw: Any, method: str | None = None, where: str = "run file") -> t
         for k, v in _given(roles.get(name)).items():
             if k not in _FASTVIDEO_ROLE:
                 _put(out, f"roles.{name}.{k}", v, f"roles.{name}.{k}")
-    _from_training(_given(f.training), method, out)
+    _from_training(_given(f.training), out)
     _from_pipeline(_given(f.pipeline_config), method, out)
     _from_method(_given(f.method_config), method, out)
     _from_sections(f, out)
-    if method == "dmd2" and "method.dmd_denoising_steps" in out:
-        value, source, _ = out["method.dmd_denoising_steps"]
-        _put(out, "validation.sampler.timesteps", value, source, weak=True)
-
-    if "method.real_score_guidance_scale" in out and _fastvideo_vocabulary(f):
-        value, source, _ = out["method.real_score_guidance_scale"]
-        log.warning("note: %s = %g is read as fvfunc's standard CFG scale, uncond + w (cond - uncond); "
-                    "FastVideo's schema-v2 DMD2 used cond + w (cond - uncond), where %g means %g here",
-                    source, value, value, value + 1)
+    # the method's own FastVideo keys, last: it may read what the shared keys set
+    spec = _spec(method)
+    sections = {"training": _given(f.training), "method_config": _given(f.method_config),
+                "pipeline_config": _given(f.pipeline_config)}
+    facts = FileFacts(out, spec.run, _fastvideo_vocabulary(f, method))
+    try:
+        spec.fastvideo.read(sections, lambda target, key, value, weak=False: _put(out, target, value, key, weak),
+                            facts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     changes: dict = {}
     for target, (value, _, _) in out.items():
@@ -562,7 +581,7 @@ def from_dict(raw: Any, method: str | None = None, where: str = "run file") -> t
         for p in parents:
             d = d.setdefault(p, {})
         d[leaf] = value
-    return method, _replace(configs.RUNS[method](), changes, out, "")
+    return method, _replace(spec.run(), changes, out, "")
 
 
 def read(path: str | Path) -> Any:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         "--data.path", str(root / "prompts"),
         "--training.output-dir", str(out), "--training.max-steps", "20", "--training.batch-size", "2",
         "--training.checkpoint-every", "10", "--training.precision", "float32", "--training.device", "cpu",
-        "--training.lr", "1e-4", "--training.ema-decay", "0.9",
+        "--training.lr", "1e-4", "--roles.student.ema-decay", "0.9",
         "--method.latent-shape", "3", "8", "8", "--method.generator-update-interval", "2",
         "--method.critic-lr", "4e-4",
         "--validation.every", "10", "--validation.num-prompts", "2",

@@ -171,9 +171,32 @@ def clip_by_global_norm(grads: Params, max_norm: float) -> tuple[Params, torch.T
 
 
 @torch.no_grad()
+def ema_init(params: Params) -> Params:
+    """An EMA's starting point: a fp32 copy of the params."""
+    return {k: v.detach().float().clone() for k, v in params.items()}
+
+
 def ema_update(ema: Params, params: Params, decay: float) -> Params:
     """ema * decay + params * (1 - decay), in fp32 (a lerp from ema towards params)."""
     _check_keys("ema", ema, params)
     keys = list(params)
     new = torch._foreach_lerp([ema[k].float() for k in keys], [params[k].float() for k in keys], 1.0 - decay)
     return dict(zip(keys, new, strict=True))
+
+
+def for_role(training, lr: float, betas, weight_decay: float, total_updates: int) -> tuple[Optimizer, Schedule]:
+    """(AdamW, its schedule) of one role from the run's TrainingConfig: the run's schedule shape scaled
+    to peak `lr`, over the role's own update count."""
+    schedule = make_schedule(training.lr_schedule, lr, training.warmup_steps, total_updates, training.min_lr_ratio)
+    return adamw(schedule, tuple(betas), training.eps, weight_decay, donate=training.donate), schedule
+
+
+def apply_gradients(opt: Optimizer, params: Params, grads: Params, state: AdamWState, max_grad_norm: float,
+                    reduce: Callable[[Params], Params] | None = None) -> tuple[Params, AdamWState, torch.Tensor]:
+    """Average over data-parallel ranks (`reduce`, None for one process), clip to a global norm, then
+    one optimizer step: (params, state, grad_norm)."""
+    if reduce is not None:
+        grads = reduce(grads)
+    grads, norm = clip_by_global_norm(grads, max_grad_norm)
+    params, state = opt.update(grads, state, params)
+    return params, state, norm

@@ -84,3 +84,9 @@ def randint(key, shape, low: int, high: int, device=None) -> torch.Tensor:
 def permutation(key, n: int) -> torch.Tensor:
     """A random permutation of range(n) (on the CPU)."""
     return torch.randperm(n, generator=_generator(key, "cpu"))
+
+
+def per_sample(key: torch.Tensor, sample_index) -> list[torch.Tensor]:
+    """One key per sample from its global index in the step's batch, so a sample's noise does not
+    depend on how the batch is split into micro-batches or ranks."""
+    return [fold_in(key, int(i)) for i in sample_index]

@@ -114,7 +114,10 @@ def check(options: Options) -> None:
         raise ValueError(f"remat_fraction must be in [0, 1], got {options.remat_fraction}")
 
 
-def forward(family: Family, params: dict, cfg, x, t, context, options: Options = Options()) -> torch.Tensor:
+DEFAULT = Options()
+
+
+def forward(family: Family, params: dict, cfg, x, t, context, options: Options = DEFAULT) -> torch.Tensor:
     """The family's v = noise - x0 for latents x at timesteps t given text context, run as `options` say."""
     check(options)
     dtype = options.dtype or next(iter(params.values())).dtype
@@ -132,7 +135,7 @@ def forward(family: Family, params: dict, cfg, x, t, context, options: Options =
     return family.head(outer, cfg, h, inputs, dtype)
 
 
-def make_apply(family: Family, cfg, options: Options = Options()) -> Apply:
+def make_apply(family: Family, cfg, options: Options = DEFAULT) -> Apply:
     """apply(params, x, t, context) -> v for one role: the family's forward with cfg and options bound."""
     check(options)
     return functools.partial(_bound, family, cfg, options)

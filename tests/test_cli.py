@@ -145,8 +145,9 @@ BAD_DMD2 = [
     (["--training.lr", "0"], "training.lr must be > 0"),
     (["--training.lr", "-1e-5"], "training.lr must be > 0"),
     (["--training.keep-checkpoints", "-1"], "training.keep_checkpoints must be >= 0"),
-    (["--training.ema-decay", "1.0"], "training.ema_decay must be in [0, 1)"),
-    (["--training.ema-decay", "-0.1"], "training.ema_decay must be in [0, 1)"),
+    (["--roles.student.ema-decay", "1.0"], "roles.student.ema_decay must be in [0, 1)"),
+    (["--roles.critic.ema-decay", "-0.1"], "roles.critic.ema_decay must be in [0, 1)"),
+    (["--roles.teacher.ema-decay", "0.9"], "roles.teacher.ema_decay is 0.9, but dmd2 never updates the teacher"),
     (["--training.remat", "full", "--training.grad-transform", "func"], "training.remat 'full' needs "
      "training.grad_transform 'autograd'"),
     (["--training.lr-schedule", "cosine", "--training.warmup-steps", "4000"], "training.warmup_steps (4000)"),
@@ -179,7 +180,7 @@ def test_bad_dmd2_runs_stop_with_one_message(folders, trainer, capsys, extra, me
 BAD_FINETUNE = [
     (["--roles.student.path", ""], "roles.student.path is empty: finetune needs a student model"),
     (["--roles.student.no-trainable"], "roles.student.trainable is false, but finetune trains the student"),
-    (["--data.path"], "data.path is empty: finetune reads the text embeddings and VAE latents"),
+    (["--data.path"], "data.path is empty: finetune reads the text embeddings and the VAE latents"),
     (["--method.cfg-rate", "1.5"], "method.cfg_rate must be in [0, 1]"),
 ]
 
@@ -193,7 +194,7 @@ def test_bad_finetune_runs_stop_with_one_message(folders, trainer, capsys, extra
 
 def test_data_mode_dmd2_names_the_latents(folders, trainer, capsys):
     code, err = run_main(dmd2_args(folders) + ["--method.rollout-mode", "data", "--data.path"], capsys)
-    assert code == 2 and "text embeddings and VAE latents" in err
+    assert code == 2 and "text embeddings and the VAE latents" in err
 
 
 def test_check_raises_config_error(folders):
@@ -360,7 +361,7 @@ def test_fastvideo_keys_map_onto_fvfunc_fields():
     assert t.batch_size == 2 * 2 * 8 // 2 and t.micro_batches == 2  # FastVideo's per-rank batch -> global
     assert (t.max_steps, t.lr, t.betas, t.seed, t.output_dir) == (4000, 2e-6, (0.0, 0.999), 1000, "outputs/x")
     assert (t.lr_schedule, t.min_lr_ratio, t.warmup_steps) == ("cosine", 0.5, 10)
-    assert (t.checkpoint_every, t.keep_checkpoints, t.precision, t.remat, t.ema_decay) == (
+    assert (t.checkpoint_every, t.keep_checkpoints, t.precision, t.remat, cfg.roles.student.ema_decay) == (
         250, 3, "bfloat16", "full", 0.0)
     assert cfg.data.path == ("data/a", "data/b:3") and cfg.data.num_workers == 4
     assert (cfg.tracking.project, cfg.tracking.run_name) == ("proj", "run")
@@ -401,7 +402,7 @@ def test_fastvideo_guidance_scale_gets_a_note(caplog):
 
 def _varied(method: str):
     """A run with a non-default value in every section."""
-    base = configs.RUNS[method]()
+    base = config_file.runs()[method]()
     r = dataclasses.replace
     return r(base,
              roles=r(base.roles, student=r(base.roles.student, path="S", dtype="bfloat16"),

@@ -83,8 +83,8 @@ def test_wan_with_fa4_matches_cudnn(compile):
     ctx = torch.randn(1, 24, cfg.text_dim, device="cuda", generator=g)
 
     def run(backend):
-        out = runner.apply(wan.FAMILY, params, cfg, x, t, ctx, dtype=torch.bfloat16, attention=backend, remat="attention",
-                        compile=compile)
+        out = runner.apply(wan.FAMILY, params, cfg, x, t, ctx, dtype=torch.bfloat16, attention=backend,
+                           remat="attention", compile=compile)
         loss = out.float().square().mean()
         if backend == "fa4" and not compile:  # (compiled graphs run the op outside dispatch modes)
             with _CountFa4() as count:  # remat="attention" keeps FA4's outputs: no rerun in the backward

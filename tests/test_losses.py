@@ -7,10 +7,9 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 
 import configs
-from fvfunc import random, tree
+from fvfunc import random, runner, tree
 from fvfunc.autodiff import value_and_grad
 from fvfunc.losses import METHODS, dmd2, flow_matching
-from fvfunc.losses.state import Model
 from fvfunc.models import wan
 from fvfunc.testing import tiny
 
@@ -18,8 +17,9 @@ CFG = tiny.tiny_config()
 SHAPE = (16, 2, 4, 4)
 
 
-def wan_model(cfg=CFG, **kw):
-    return Model(lambda p, x, t, c: wan.apply(p, cfg, x, t, c, **kw), cfg.in_channels)
+def wan_model(cfg=CFG, ema_decay=0.0, **kw):
+    return tiny.role(lambda p, x, t, c: runner.apply(wan.FAMILY, p, cfg, x, t, c, **kw), cfg.in_channels,
+                     ema_decay=ema_decay)
 
 
 def batch_of(n, seed=0, latents=True):
@@ -111,7 +111,8 @@ def test_critic_loss_sends_no_gradient_to_the_student():
              score_sigma=torch.tensor([0.2, 0.7]))
 
     def through_student(student_params):
-        x0 = dmd2.x0_prediction_no_grad(models["student"], student_params, b)
+        with torch.no_grad():
+            x0 = dmd2.x0_prediction(models["student"].apply, student_params, b["x_k"], b["sigma_k"], b["text"])
         return dmd2.critic_loss(p["critic"], dict(b, x0_fake=x0), models)[0]
 
     # x0_fake is produced without grad: the student gets exactly zero gradient ...
@@ -127,10 +128,11 @@ def test_critic_loss_sends_no_gradient_to_the_student():
 def run_dmd2(steps, interval=2, mode="simulate", ema=0.0, micro=1):
     cfg = configs.DMD2Config(latent_shape=SHAPE[1:], generator_update_interval=interval, rollout_mode=mode,
                              critic_lr=1e-3)
-    training = configs.TrainingConfig(lr=1e-3, max_steps=steps, ema_decay=ema, micro_batches=micro)
-    models = {r: wan_model() for r in dmd2.ROLES}
-    params = {r: wan.init(CFG, random.key(i)) for i, r in enumerate(dmd2.ROLES)}
-    method = dmd2.make(cfg, training, models)
+    training = configs.TrainingConfig(lr=1e-3, max_steps=steps, micro_batches=micro)
+    names = dmd2.SPEC.roles(None)
+    models = {r: wan_model(ema_decay=ema if r == "student" else 0.0) for r in names}
+    params = {r: wan.init(CFG, random.key(i)) for i, r in enumerate(names)}
+    method = dmd2.make(tiny.run_of(dmd2.SPEC, cfg, training), models)
     state = method.init(params, random.key(7))
     teacher = tree.clone(params["teacher"])
     history = []
@@ -152,7 +154,7 @@ def test_dmd2_schedule_finite_losses_and_frozen_teacher(mode):
         assert all(torch.isfinite(torch.tensor(v)) for v in h.values()), h
     assert not tree.equal(state.params["student"], initial["student"])
     assert not tree.equal(state.params["critic"], initial["critic"])
-    assert state.ema is not None and not tree.equal(state.ema, state.params["student"])
+    assert state.ema.keys() == {"student"} and not tree.equal(state.ema["student"], state.params["student"])
 
 
 def test_dmd2_step_is_pure_and_reproducible():
@@ -234,7 +236,8 @@ def test_vmap_of_per_sample_loss_equals_batched_mean():
 def finetune(steps, micro=1, transform="autograd", lr=1e-3, batch=None, **method):
     training = configs.TrainingConfig(lr=lr, max_steps=steps, micro_batches=micro, grad_transform=transform,
                                       betas=(0.9, 0.99))
-    m = flow_matching.make(configs.FinetuneConfig(**method), training, {"student": wan_model()})
+    m = flow_matching.make(tiny.run_of(flow_matching.SPEC, configs.FinetuneConfig(**method), training),
+                           {"student": wan_model()})
     state = m.init({"student": wan.init(CFG, random.key(0))}, random.key(1))
     losses = []
     for _ in range(steps):
@@ -267,8 +270,13 @@ def test_finetune_cuts_the_loss():
     assert last < 0.6 * first, (first, last)
 
 
-def test_registry_declares_roles():
-    assert METHODS["finetune"].ROLES == ("student",)
-    assert METHODS["dmd2"].ROLES == ("student", "teacher", "critic")
-    assert METHODS["dmd2"].needs_latents(configs.DMD2Config(rollout_mode="data"))
-    assert not METHODS["dmd2"].needs_latents(configs.DMD2Config())
+def test_specs_declare_roles_and_data():
+    finetune_run, dmd2_run = configs.FinetuneRun(), configs.DMD2Run()
+    assert METHODS["finetune"].roles(finetune_run) == METHODS["finetune"].trainable == ("student",)
+    assert METHODS["dmd2"].roles(dmd2_run) == ("student", "teacher", "critic")
+    assert METHODS["dmd2"].trainable == ("student", "critic")
+    assert [c.key for c in METHODS["finetune"].data(finetune_run)] == ["text", "latents"]
+    assert [c.key for c in METHODS["dmd2"].data(dmd2_run)] == ["text"]
+    data_mode = tiny.run_of(METHODS["dmd2"], configs.DMD2Config(rollout_mode="data"))
+    assert [c.key for c in METHODS["dmd2"].data(data_mode)] == ["text", "latents"]
+    assert all(name == spec.name for name, spec in METHODS.items())

@@ -13,7 +13,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import configs
 from fvfunc import optim, random, runner, tree
 from fvfunc.losses import dmd2, flow_matching
-from fvfunc.losses.state import Model
 from fvfunc.models import block_params, wan
 from fvfunc.testing import dmd2_reference, tiny
 
@@ -195,8 +194,8 @@ def test_donated_update_writes_into_the_given_buffers(fused):
 
 
 def _finetune(training, steps=2):
-    model = Model(lambda p, x, t, c: runner.apply(wan.FAMILY, p, CFG, x, t, c, remat=training.remat), CFG.in_channels)
-    method = flow_matching.make(configs.FinetuneConfig(), training, {"student": model})
+    model = tiny.role(lambda p, x, t, c: runner.apply(wan.FAMILY, p, CFG, x, t, c, remat=training.remat))
+    method = flow_matching.make(tiny.run_of(flow_matching.SPEC, training=training), {"student": model})
     state = method.init({"student": wan.init(CFG, random.key(0))}, random.key(1))
     g = torch.Generator().manual_seed(0)
     batch = {"latents": torch.randn(2, *SHAPE, generator=g), "sample_index": torch.arange(2),
@@ -218,7 +217,7 @@ def test_dmd2_reference_step_equals_fvfunc_step():
     method_cfg = configs.DMD2Config(latent_shape=SHAPE[1:], generator_update_interval=1, critic_lr=1e-3,
                                     real_score_guidance_scale=3.0)
     training = configs.TrainingConfig(lr=1e-3, max_steps=10, precision="float32")
-    roles = {r: wan.init(CFG, random.key(i)) for i, r in enumerate(dmd2.ROLES)}
+    roles = {r: wan.init(CFG, random.key(i)) for i, r in enumerate(dmd2.SPEC.roles(None))}
     kwargs = {k: v for k, v in wan.config_to_dict(CFG).items() if not k.startswith("_")}
     modules = {}
     for role, params in roles.items():
@@ -227,8 +226,8 @@ def test_dmd2_reference_step_equals_fvfunc_step():
     g = torch.Generator().manual_seed(3)
     batch = {"text": torch.randn(1, 5, CFG.text_dim, generator=g), "sample_index": torch.arange(1)}
 
-    models = {r: Model(lambda p, x, t, c: wan.apply(p, CFG, x, t, c), CFG.in_channels) for r in roles}
-    method = dmd2.make(method_cfg, training, models)
+    models = {r: tiny.role(lambda p, x, t, c: wan.apply(p, CFG, x, t, c)) for r in roles}
+    method = dmd2.make(tiny.run_of(dmd2.SPEC, method_cfg, training), models)
     state = method.init(roles, random.key(5))
     step = dmd2_reference.make(modules, method_cfg, training, random.key(5))
     for i in range(2):

@@ -14,14 +14,15 @@ from diffusers import WanTransformer3DModel
 
 import configs
 from fvfunc import checkpoint, trainer, tree
+from fvfunc.losses import METHODS
 from fvfunc.models import wan
 
 
-def make_cfg(world, method, out, **training):
-    run = configs.RUNS[method]()
+def make_cfg(world, method, out, ema_decay=0.0, **training):
+    run = METHODS[method].run()
     model = str(world["model"])
     roles = configs.RolesConfig(
-        student=configs.RoleConfig(path=model, trainable=True),
+        student=configs.RoleConfig(path=model, trainable=True, ema_decay=ema_decay),
         teacher=configs.RoleConfig(path=model, dtype="float32"),
         critic=configs.RoleConfig(path=model, trainable=True))
     t = dict(output_dir=str(out), max_steps=4, batch_size=2, checkpoint_every=2, precision="float32",
@@ -56,7 +57,7 @@ def test_resume_is_exact(world, tmp_path, method):
                                  resume="latest"))
     a, meta_a = final_trees(full, 6)
     b, meta_b = final_trees(half, 6)
-    assert a.keys() == b.keys() and "ema" in a and "student.opt" in a
+    assert a.keys() == b.keys() and "student.ema" in a and "student.opt" in a
     for name in a:
         assert tree.equal(a[name], b[name]), name
     assert meta_a["data_position"] == meta_b["data_position"]

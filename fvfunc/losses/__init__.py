@@ -1,12 +1,16 @@
-"""Training methods: one module per method, each with its pure losses and its `make(cfg, training,
-models) -> Method(init, step)`, the roles it needs (ROLES), the roles it updates (TRAINABLE) and
-`needs_latents(cfg)`. Adding a method is one module plus one line below (and its run config in
-configs.RUNS)."""
+"""Training methods: one module per method, each with its pure losses, its `make(run, roles, reduce) ->
+Method(init, step)` and one `SPEC` (fvfunc/losses/spec.py) that the layers above read. Adding a method is
+one module plus its name in MODULES (its run config lives in configs.py)."""
 
 from __future__ import annotations
 
-from types import ModuleType
+import importlib
 
-from fvfunc.losses import dmd2, flow_matching
+from fvfunc.losses.spec import MethodSpec
 
-METHODS: dict[str, ModuleType] = {"finetune": flow_matching, "dmd2": dmd2}
+MODULES = ("flow_matching", "dmd2")
+"""The method modules of fvfunc/losses/, in the order `train.py --help` lists them."""
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec for spec in (importlib.import_module(f"fvfunc.losses.{m}").SPEC for m in MODULES)}
+"""Method name (the subcommand) -> its spec."""

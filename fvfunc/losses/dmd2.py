@@ -22,21 +22,22 @@ The teacher is never updated; its cond and uncond passes are one batched call.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
+
 import torch
 import torch.nn.functional as F
 
-from fvfunc import random
-from fvfunc.losses.state import Method, Model, TrainState, accumulate, make_optimizer, sample_keys, update
-from fvfunc.optim import ema_update
-from fvfunc.samplers import add_noise, sde_step, shift, timesteps_to_sigmas, x0_from_v
+import configs
+from fvfunc import optim, random
+from fvfunc.autodiff import accumulate
+from fvfunc.losses.flow_matching import flow_matching_loss
+from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec
+from fvfunc.samplers import add_noise, sample, shift, timesteps_to_sigmas, x0_from_v
+from fvfunc.state import TrainState
 
-ROLES = ("student", "teacher", "critic")
-TRAINABLE = ("student", "critic")
-
-
-def needs_latents(cfg) -> bool:
-    return cfg.rollout_mode == "data"
-
+log = logging.getLogger("fvfunc.config_file")  # a note on reading a run file
 
 # ------------------------------------------------------------------------------ the pure losses
 
@@ -66,7 +67,7 @@ def x0_prediction(apply, params, x, sigma, context) -> torch.Tensor:
     return x0_from_v(x, apply(params, x, sigma * 1000, context).float(), sigma)
 
 
-def real_score(teacher: Model, params, x_t, sigma, context, guidance: float) -> torch.Tensor:
+def real_score(teacher, params, x_t, sigma, context, guidance: float) -> torch.Tensor:
     """Teacher x0 with standard CFG; cond and uncond (zero text) in one batched call."""
     both = teacher.apply(params, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]) * 1000,
                          torch.cat([context, torch.zeros_like(context)])).float()
@@ -91,8 +92,8 @@ def critic_loss(critic_params, batch, models):
     """Flow-matching loss of the critic on the student's samples x0' (no grad to the student)."""
     x0, noise, sigma = batch["x0_fake"], batch["score_noise"], batch["score_sigma"]
     x_t = add_noise(x0, noise, sigma)
-    v = models["critic"].apply(critic_params, x_t, sigma * 1000, batch["text"]).float()
-    return torch.mean((v - (noise.float() - x0.float())) ** 2), {}
+    return flow_matching_loss(models["critic"].apply(critic_params, x_t, sigma * 1000, batch["text"]), x0, noise,
+                              sigma), {}
 
 
 # ------------------------------------------------------------------------------------ rollouts
@@ -102,7 +103,7 @@ def draw(key, sample_index, shape, num_steps, device):
     """Per-sample noises: rollout noise for each step [B, num_steps, *shape], score noise [B, *shape]
     and u for the score sigma [B]."""
     rollout, score, u = [], [], []
-    for k in sample_keys(key, sample_index):
+    for k in random.per_sample(key, sample_index):
         k_roll, k_score, k_u = random.split(k, 3)
         rollout.append(torch.stack([random.normal(random.fold_in(k_roll, j), shape, device=device)
                                     for j in range(num_steps)]))
@@ -112,36 +113,35 @@ def draw(key, sample_index, shape, num_steps, device):
 
 
 @torch.no_grad()
-def student_input(student: Model, params, batch, sigmas, k: int, mode: str) -> torch.Tensor:
-    """x_k: the student's input at sigmas[k]. simulate: k SDE steps of the student from pure noise
-    (rollout_noise[:, 0]), re-noising with rollout_noise[:, j + 1]; data: the latent noised to sigma_k."""
+def student_input(student, params, batch, sigmas, k: int, mode: str) -> torch.Tensor:
+    """x_k: the student's input at sigmas[k]. simulate: k steps of the student's own SDE sampler from
+    pure noise (rollout_noise[:, 0]), re-noising step j with rollout_noise[:, j + 1]; data: the latent
+    noised to sigma_k."""
     noise = batch["rollout_noise"]
     if mode == "data":
         return add_noise(batch["latents"], noise[:, 0], sigmas[k].item())
-    x = noise[:, 0]
-    for j in range(k):
-        v = student.apply(params, x, torch.full((x.shape[0],), sigmas[j].item() * 1000, device=x.device),
-                          batch["text"])
-        x = sde_step(x, v.float(), sigmas[j].item(), sigmas[j + 1].item(), noise[:, j + 1])
-    return x
+    if k == 0:
+        return noise[:, 0]
+    denoise = lambda x, t: student.apply(params, x, t, batch["text"]).float()  # noqa: E731
+    return sample(denoise, noise[:, 0], sigmas[:k + 1], "sde", noise=lambda j: noise[:, j + 1])
 
 
-def make(cfg, training, models: dict[str, Model], reduce=None) -> Method:
-    """The DMD2 (init, step) pair for a DMD2Config `cfg` and a TrainingConfig; `reduce` averages
-    gradients over data-parallel ranks (None: one process)."""
+def make(run, roles, reduce=None) -> Method:
+    """The DMD2 (init, step) pair of a DMD2Run over its roles (student, teacher, critic); `reduce`
+    averages gradients over data-parallel ranks (None: one process)."""
+    cfg, training = run.method, run.training
     sigmas = timesteps_to_sigmas(cfg.dmd_denoising_steps)
     num_steps = len(cfg.dmd_denoising_steps)
     interval = cfg.generator_update_interval
     student_updates = -(-training.max_steps // interval)
-    opt_s, sched_s = make_optimizer(training, training.lr, training.betas, training.weight_decay, student_updates)
-    opt_c, sched_c = make_optimizer(training, cfg.critic_lr, cfg.critic_betas, cfg.critic_weight_decay,
+    opt_s, sched_s = optim.for_role(training, training.lr, training.betas, training.weight_decay, student_updates)
+    opt_c, sched_c = optim.for_role(training, cfg.critic_lr, cfg.critic_betas, cfg.critic_weight_decay,
                                     training.max_steps)
-    channels = models["student"].latent_channels
+    student, channels = roles["student"], roles["student"].latents.channels
+    decays = {r: roles[r].ema_decay for r in SPEC.trainable if roles[r].ema_decay > 0}
 
     def init(params, key):
-        ema = None
-        if training.ema_decay > 0:
-            ema = {k: v.detach().float().clone() for k, v in params["student"].items()}
+        ema = {r: optim.ema_init(params[r]) for r in decays}
         opt = {"student": opt_s.init(params["student"]), "critic": opt_c.init(params["critic"])}
         return TrainState(0, key, dict(params), opt, ema)
 
@@ -153,31 +153,34 @@ def make(cfg, training, models: dict[str, Model], reduce=None) -> Method:
         k = int(random.randint(random.fold_in(key, -1), (), 0, num_steps))
         u = cfg.min_timestep_ratio + (cfg.max_timestep_ratio - cfg.min_timestep_ratio) * u
         batch = dict(batch, rollout_noise=rollout_noise, score_noise=score_noise, score_sigma=score_sigmas(u, cfg))
-        x_k = student_input(models["student"], student_params, batch, sigmas, k, cfg.rollout_mode)
+        x_k = student_input(student, student_params, batch, sigmas, k, cfg.rollout_mode)
         sigma_k = torch.full((text.shape[0],), sigmas[k].item(), device=text.device)
         return dict(batch, x_k=x_k, sigma_k=sigma_k)
 
     def step(state: TrainState, batch: dict):
         key = random.fold_in(state.key, state.step)
-        params, opt, ema = dict(state.params), dict(state.opt), state.ema
+        params, opt, ema = dict(state.params), dict(state.opt), dict(state.ema)
         metrics = {}
         if state.step % interval == 0:
             gen_batch = prepare(random.fold_in(key, 0), batch, params["student"])
             grads, value = accumulate(generator_loss, training.grad_transform, params["student"], gen_batch,
-                                      training.micro_batches, models, params, cfg)
-            params["student"], opt["student"], norm = update(opt_s, params["student"], grads, opt["student"],
-                                                              training.max_grad_norm, reduce)
-            if ema is not None:
-                ema = ema_update(ema, params["student"], training.ema_decay)
+                                      training.micro_batches, roles, params, cfg)
+            params["student"], opt["student"], norm = optim.apply_gradients(
+                opt_s, params["student"], grads, opt["student"], training.max_grad_norm, reduce)
             metrics.update(generator_loss=value, student_grad_norm=norm,
                            student_lr=sched_s(int(opt["student"].step) - 1))
         # the critic learns the current student's distribution: a fresh rollout, no grad to the student
         critic_batch = prepare(random.fold_in(key, 1), batch, params["student"])
-        critic_batch["x0_fake"] = x0_prediction_no_grad(models["student"], params["student"], critic_batch)
+        with torch.no_grad():
+            critic_batch["x0_fake"] = x0_prediction(student.apply, params["student"], critic_batch["x_k"],
+                                                    critic_batch["sigma_k"], critic_batch["text"])
         grads, value = accumulate(critic_loss, training.grad_transform, params["critic"], critic_batch,
-                                  training.micro_batches, models)
-        params["critic"], opt["critic"], norm = update(opt_c, params["critic"], grads, opt["critic"],
-                                                        training.max_grad_norm, reduce)
+                                  training.micro_batches, roles)
+        params["critic"], opt["critic"], norm = optim.apply_gradients(
+            opt_c, params["critic"], grads, opt["critic"], training.max_grad_norm, reduce)
+        for r, decay in decays.items():
+            if r == "critic" or state.step % interval == 0:  # an EMA moves when its role does
+                ema[r] = optim.ema_update(ema[r], params[r], decay)
         metrics.update(critic_loss=value, critic_grad_norm=norm, critic_lr=sched_c(int(opt["critic"].step) - 1),
                        student_updated=float(state.step % interval == 0))
         return TrainState(state.step + 1, state.key, params, opt, ema), metrics
@@ -185,6 +188,102 @@ def make(cfg, training, models: dict[str, Model], reduce=None) -> Method:
     return Method(init, step)
 
 
-@torch.no_grad()
-def x0_prediction_no_grad(student: Model, params, batch) -> torch.Tensor:
-    return x0_prediction(student.apply, params, batch["x_k"], batch["sigma_k"], batch["text"])
+# ------------------------------------------------------------------------------------ the spec
+
+
+def check(run) -> None:
+    """The DMD2 fields that cannot work, named (the timestep list is checked by the samplers' rules)."""
+    m = run.method
+    try:
+        timesteps_to_sigmas(list(m.dmd_denoising_steps))
+    except ValueError as e:
+        raise ValueError(f"method.dmd_denoising_steps: {e}") from None
+    if not m.flow_shift > 0:
+        raise ValueError(f"method.flow_shift must be > 0, got {m.flow_shift:g}")
+    if m.generator_update_interval < 1:
+        raise ValueError(f"method.generator_update_interval must be >= 1, got {m.generator_update_interval}")
+    if not 0 <= m.min_timestep_ratio < m.max_timestep_ratio <= 1:
+        raise ValueError("method.min_timestep_ratio and max_timestep_ratio must satisfy 0 <= min < max <= 1, "
+                         f"got {m.min_timestep_ratio:g} and {m.max_timestep_ratio:g}")
+    if not (math.isfinite(m.critic_lr) and m.critic_lr > 0):
+        raise ValueError(f"method.critic_lr must be > 0, got {m.critic_lr:g}")
+    if not all(0 <= b < 1 for b in m.critic_betas):
+        raise ValueError(f"method.critic_betas {tuple(m.critic_betas)} must each be in [0, 1)")
+    if m.critic_weight_decay < 0:
+        raise ValueError(f"method.critic_weight_decay must be >= 0, got {m.critic_weight_decay:g}")
+    if not all(n >= 1 for n in m.latent_shape):
+        raise ValueError(f"method.latent_shape {tuple(m.latent_shape)} must be positive (T, H, W)")
+
+
+def sampler(run):
+    """The validation sampler: the student's own SDE over its step list unless timesteps are given."""
+    s = run.validation.sampler
+    if s.kind == "sde" and not s.timesteps:
+        s = dataclasses.replace(s, timesteps=tuple(run.method.dmd_denoising_steps))
+    return s
+
+
+_TRAINING_KEYS = {"generator_update_interval": int, "real_score_guidance_scale": float, "min_timestep_ratio": float,
+                  "max_timestep_ratio": float, "dmd_denoising_steps": list[int]}
+_CRITIC_KEYS = {"fake_score_learning_rate": float, "fake_score_betas": tuple[float, float] | str,
+                "fake_score_lr_scheduler": str, "simulate_generator_forward": bool, "warp_denoising_step": bool}
+
+
+def read_fastvideo(sections: dict, put, facts) -> None:
+    """FastVideo's DMD2 keys (its phase-2 TrainingArgs in training:, the schema-v2 ones in
+    method_config: and pipeline_config:) onto DMD2Config fields."""
+    t, m, p = sections["training"], sections["method_config"], sections["pipeline_config"]
+    if t.get("training_cfg_rate", 0.0) != 0.0:
+        raise ValueError("training.training_cfg_rate: fvfunc's dmd2 drops no text; set it to 0")
+    for k in _TRAINING_KEYS:
+        if k in t:
+            put(f"method.{k}", f"training.{k}", t[k])
+    if "dmd_denoising_steps" in p:
+        put("method.dmd_denoising_steps", "pipeline_config.dmd_denoising_steps", p["dmd_denoising_steps"])
+    for section, keys in (("training", t), ("method_config", m)):
+        if "fake_score_learning_rate" in keys:
+            lr = keys["fake_score_learning_rate"]
+            if lr == 0.0:  # FastVideo: 0 means "the student's learning rate"
+                lr = facts.value("training.lr")
+            put("method.critic_lr", f"{section}.fake_score_learning_rate", lr)
+        if "fake_score_betas" in keys:
+            put("method.critic_betas", f"{section}.fake_score_betas",
+                facts.betas(keys["fake_score_betas"], f"{section}.fake_score_betas"))
+        if "fake_score_lr_scheduler" in keys:  # fvfunc shapes every role's lr alike: it must agree
+            where = f"{section}.fake_score_lr_scheduler"
+            critic = facts.schedule(keys["fake_score_lr_scheduler"], where)
+            student = facts.value("training.lr_schedule")
+            if critic != student:
+                raise ValueError(f"{where}: the critic's schedule ({critic}) must match the student's ({student}); "
+                                 "fvfunc shapes every role's learning rate alike")
+        if "simulate_generator_forward" in keys:
+            put("method.rollout_mode", f"{section}.simulate_generator_forward",
+                "simulate" if keys["simulate_generator_forward"] else "data")
+        if keys.get("warp_denoising_step", False):
+            raise ValueError(f"{section}.warp_denoising_step: not implemented in fvfunc; set it to false")
+    shape_keys = [k for k in ("num_latent_t", "num_frames", "num_height", "num_width") if k in t]
+    if shape_keys:  # the size of the videos the student generates in simulate mode
+        T, H, W = configs.DMD2Config().latent_shape
+        if "num_frames" in t:
+            T = (t["num_frames"] - 1) // facts.temporal + 1
+        T = t.get("num_latent_t", T)
+        H = facts.latent_size(t, "num_height", H)
+        W = facts.latent_size(t, "num_width", W)
+        put("method.latent_shape", f"training.{shape_keys[0]}", (T, H, W))
+    w = facts.value("method.real_score_guidance_scale", None)
+    if w is not None and facts.fastvideo:
+        log.warning("note: %s = %g is read as fvfunc's standard CFG scale, uncond + w (cond - uncond); "
+                    "FastVideo's schema-v2 DMD2 used cond + w (cond - uncond), where %g means %g here",
+                    facts.source("method.real_score_guidance_scale"), w, w, w + 1)
+    steps = facts.value("method.dmd_denoising_steps", None)
+    if steps is not None:  # FastVideo samples a DMD2 student over its own step list
+        put("validation.sampler.timesteps", facts.source("method.dmd_denoising_steps"), steps, weak=True)
+
+
+SPEC = MethodSpec(
+    name="dmd2", run=configs.DMD2Run, roles=lambda run: ("student", "teacher", "critic"),
+    trainable=("student", "critic"),
+    data=lambda run: (TEXT, LATENTS) if run.method.rollout_mode == "data" else (TEXT,),
+    check=check, sampler=sampler, make=make,
+    fastvideo=FastVideoKeys(training={**_TRAINING_KEYS, **_CRITIC_KEYS}, method_config=_CRITIC_KEYS,
+                            pipeline_config={"dmd_denoising_steps": list[int]}, read=read_fastvideo))

@@ -18,18 +18,12 @@ import math
 
 import torch
 
-from fvfunc import random
-from fvfunc.losses.state import Method, Model, TrainState, accumulate, make_optimizer, sample_keys, update
-from fvfunc.optim import ema_update
+import configs
+from fvfunc import optim, random
+from fvfunc.autodiff import accumulate
+from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec
 from fvfunc.samplers import add_noise, shift
-
-ROLES = ("student",)
-TRAINABLE = ("student",)
-
-
-def needs_latents(cfg) -> bool:
-    del cfg
-    return True
+from fvfunc.state import TrainState
 
 
 def sample_u(key: torch.Tensor, n: int, cfg, device=None) -> torch.Tensor:
@@ -47,7 +41,7 @@ def sample_u(key: torch.Tensor, n: int, cfg, device=None) -> torch.Tensor:
 def draw(key: torch.Tensor, sample_index, shape, cfg, device=None):
     """Per-sample (noise [B, *shape], sigma [B], keep_text [B]) from the step key."""
     noises, sigmas, keeps = [], [], []
-    for k in sample_keys(key, sample_index):
+    for k in random.per_sample(key, sample_index):
         k_noise, k_sigma, k_drop = random.split(k, 3)
         noises.append(random.normal(k_noise, shape, device=device))
         sigmas.append(shift(sample_u(k_sigma, 1, cfg, device), cfg.flow_shift))
@@ -74,31 +68,65 @@ def loss(params, batch, apply, cfg):
     return flow_matching_loss(v, x0, noise, sigma, cfg.precondition_outputs), {}
 
 
-def make(cfg, training, models: dict[str, Model], reduce=None) -> Method:
-    """The finetune (init, step) pair for a FinetuneConfig `cfg` and a TrainingConfig; `reduce`
+def make(run, roles, reduce=None) -> Method:
+    """The finetune (init, step) pair of a FinetuneRun over its roles ({"student": Role}); `reduce`
     averages gradients over data-parallel ranks (None: one process)."""
-    apply = models["student"].apply
-    opt, schedule = make_optimizer(training, training.lr, training.betas, training.weight_decay,
-                                   training.max_steps)
+    cfg, training, student = run.method, run.training, roles["student"]
+    opt, schedule = optim.for_role(training, training.lr, training.betas, training.weight_decay, training.max_steps)
 
     def init(params, key):
-        student = params["student"]
-        ema = {k: v.detach().float().clone() for k, v in student.items()} if training.ema_decay > 0 else None
-        return TrainState(0, key, dict(params), {"student": opt.init(student)}, ema)
+        ema = {"student": optim.ema_init(params["student"])} if student.ema_decay > 0 else {}
+        return TrainState(0, key, dict(params), {"student": opt.init(params["student"])}, ema)
 
     def step(state: TrainState, batch: dict):
         key = random.fold_in(state.key, state.step)
         x0 = batch["latents"]
         noise, sigma, keep = draw(key, batch["sample_index"], x0.shape[1:], cfg, x0.device)
         batch = dict(batch, noise=noise.to(x0.dtype), sigma=sigma, keep_text=keep)
-        student = state.params["student"]
-        grads, value = accumulate(loss, training.grad_transform, student, batch, training.micro_batches,
-                                  apply, cfg)
-        student, opt_state, norm = update(opt, student, grads, state.opt["student"], training.max_grad_norm, reduce)
-        ema = ema_update(state.ema, student, training.ema_decay) if state.ema is not None else None
+        params = state.params["student"]
+        grads, value = accumulate(loss, training.grad_transform, params, batch, training.micro_batches,
+                                  student.apply, cfg)
+        params, opt_state, norm = optim.apply_gradients(opt, params, grads, state.opt["student"],
+                                                        training.max_grad_norm, reduce)
+        ema = {r: optim.ema_update(e, params, student.ema_decay) for r, e in state.ema.items()}
         metrics = {"loss": value, "grad_norm": norm, "lr": schedule(int(opt_state.step) - 1)}
-        return TrainState(state.step + 1, state.key, dict(state.params, student=student),
-                          {"student": opt_state}, ema), metrics
+        return TrainState(state.step + 1, state.key, dict(state.params, student=params), {"student": opt_state},
+                          ema), metrics
 
     return Method(init, step)
 
+
+# ------------------------------------------------------------------------------------ the spec
+
+
+def check(run) -> None:
+    m = run.method
+    if not m.flow_shift > 0:
+        raise ValueError(f"method.flow_shift must be > 0, got {m.flow_shift:g}")
+    if not 0 <= m.cfg_rate <= 1:
+        raise ValueError(f"method.cfg_rate must be in [0, 1], got {m.cfg_rate:g}")
+    if not m.logit_std > 0:
+        raise ValueError(f"method.logit_std must be > 0, got {m.logit_std:g}")
+
+
+def read_fastvideo(sections: dict, put, facts) -> None:
+    """FastVideo's finetune keys in training: (its TrainingArgs) onto method fields."""
+    t = sections["training"]
+    if "training_cfg_rate" in t:
+        put("method.cfg_rate", "training.training_cfg_rate", t["training_cfg_rate"])
+    for k in ("precondition_outputs", "weighting_scheme", "logit_mean", "logit_std", "mode_scale"):
+        if k in t:
+            put(f"method.{k}", f"training.{k}", t[k])
+    if "validation_guidance_scale" in t:
+        w = facts.number(t["validation_guidance_scale"], float, "training.validation_guidance_scale")
+        put("validation.sampler.guidance_scale", "training.validation_guidance_scale", w)
+
+
+SPEC = MethodSpec(
+    name="finetune", run=configs.FinetuneRun, roles=lambda run: ("student",), trainable=("student",),
+    data=lambda run: (TEXT, LATENTS), check=check, sampler=lambda run: run.validation.sampler, make=make,
+    fastvideo=FastVideoKeys(
+        training={"training_cfg_rate": float, "precondition_outputs": bool, "weighting_scheme": str,
+                  "logit_mean": float, "logit_std": float, "mode_scale": float,
+                  "validation_guidance_scale": str | float},
+        read=read_fastvideo))

@@ -386,7 +386,9 @@ def find_vae(folder) -> Path | None:
 def latents(cfg: WanConfig, folder=None) -> Latents:
     """Wan's latent facts: the transformer's channels and patch, and from the pipeline's
     `vae/config.json` (diffusers' AutoencoderKLWan) its compression and latents_mean / std. Without a
-    VAE, Wan2.1's VAE compression (4 frames, 8 pixels) and no normalisation."""
+    VAE, Wan2.1's VAE compression (4 frames, 8 pixels) and no normalisation. cfg None: the default
+    config's facts."""
+    cfg = cfg or WanConfig()
     temporal, spatial, mean, std = 4, 8, None, None
     vae = find_vae(folder)
     if vae is not None:

@@ -29,7 +29,7 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor | Sequence[float], kind: str = "ode",
-           key: torch.Tensor | None = None) -> torch.Tensor:
+           key: torch.Tensor | None = None, noise: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Run the sampler `kind` ("ode", "sde" or "unipc") from x at sigmas[0] down the schedule.
 
     x: [B, ...] the starting sample (pure noise when sigmas[0] = 1), never modified; keep it in fp32
@@ -39,12 +39,14 @@ def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor | Sequence[fl
     rollout to step k, with the same noise as the full run (step i always uses fold_in(key, i)).
     key: needed by "sde" only; the same key gives the same output bitwise (on one device type), and
     no global RNG is read or written.
+    noise: instead of a key, `noise(i)` is the sde's fresh noise of step i (e.g. per-sample noise a
+    method drew itself).
     Makes exactly n calls of `denoise` (see `nfe`).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown sampler kind {kind!r}; expected one of {KINDS}")
-    if kind == "sde" and key is None:
-        raise ValueError("the sde sampler draws fresh noise every step: pass a key")
+    if kind == "sde" and key is None and noise is None:
+        raise ValueError("the sde sampler draws fresh noise every step: pass a key (or the noise)")
     sigmas = torch.as_tensor(sigmas)
     if sigmas.ndim != 1 or sigmas.numel() < 2 or not sigmas.is_floating_point():
         raise ValueError(f"sigmas must be a 1-d float schedule of n + 1 >= 2 values, got {sigmas!r}")
@@ -58,9 +60,13 @@ def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor | Sequence[fl
         if kind == "ode":
             x = ode_step(x, v, sigma, sigma_next)
         elif kind == "sde":
-            noise = None if sigma_next == 0 else random.normal(
-                random.fold_in(key, i), x.shape, dtype=x.dtype, device=x.device)
-            x = sde_step(x, v, sigma, sigma_next, noise)
+            if sigma_next == 0:
+                fresh = None
+            elif noise is not None:
+                fresh = noise(i)
+            else:
+                fresh = random.normal(random.fold_in(key, i), x.shape, dtype=x.dtype, device=x.device)
+            x = sde_step(x, v, sigma, sigma_next, fresh)
         else:
             x, state = unipc_step(state, x, v, sigmas, i)
     return x

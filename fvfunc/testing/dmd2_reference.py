@@ -28,7 +28,7 @@ def make(modules: dict[str, torch.nn.Module], cfg, training, key: torch.Tensor,
     """`step(i, batch) -> metrics` over the modules {"student", "teacher", "critic"}, updated in
     place. `cfg` is a configs.DMD2Config (simulate mode), `training` a configs.TrainingConfig
     (constant learning rate, no EMA); step i draws from fold_in(key, i) as fvfunc's step i does."""
-    if cfg.rollout_mode != "simulate" or training.lr_schedule != "constant" or training.ema_decay:
+    if cfg.rollout_mode != "simulate" or training.lr_schedule != "constant":
         raise ValueError("the reference implements simulate rollouts, a constant lr and no EMA")
     student, teacher, critic = modules["student"], modules["teacher"], modules["critic"]
     teacher.requires_grad_(False)

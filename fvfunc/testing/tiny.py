@@ -7,6 +7,7 @@ tiny diffusers `AutoencoderKLWan` in `vae/` so validation can decode real videos
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -53,3 +54,20 @@ def write_pipeline(folder, cfg: wan.WanConfig | None = None, seed: int = 0, vae:
     if vae:
         write_vae(folder, z_dim=cfg.in_channels, seed=seed)
     return folder
+
+
+def role(apply, channels: int = 16, name: str = "student", ema_decay: float = 0.0, trainable: bool = True):
+    """A fvfunc.roles.Role around a bare apply (no folder, no params), for calling a method's `make`
+    directly on plain functions."""
+    from fvfunc.models import Latents
+    from fvfunc.roles import Role
+
+    return Role(name, wan.FAMILY, None, "", None, trainable, False, ema_decay, apply,
+                Latents(channels, (1, 2, 2), 4, 8, None, None))
+
+
+def run_of(spec, method=None, training=None, **sections):
+    """spec.run(...) with the given method config, TrainingConfig and other sections."""
+    run = spec.run()
+    changes = {k: v for k, v in dict(method=method, training=training, **sections).items() if v is not None}
+    return dataclasses.replace(run, **changes)

@@ -1,0 +1,120 @@
+"""The method spec and the data spec: what the layers above the losses know of a method.
+
+Each `fvfunc/losses/<method>.py` exports one `SPEC = MethodSpec(...)`; the command line, the run-file
+reader, validation and the trainer read specs, never method names. A method itself is `Method(init,
+step)`, like an optax transformation: `init(params, key) -> TrainState` and `step(state, batch) ->
+(state, metrics)`, pure in the sense that matters for a trainer (inputs are never modified; randomness
+comes from `fold_in(state.key, state.step)`), so resuming from a saved state is exact by construction.
+
+The data spec is the tuple of `Column`s a run reads from its dataset. A FastVideo schema (t2v,
+text-only, i2v, ode_trajectory_text_only) is a set of columns, not a code path: the reader decodes
+exactly the columns asked for, and a file without one is an error naming the column and the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from fvfunc.state import TrainState
+
+
+class Column(NamedTuple):
+    """One tensor column of a FastVideo parquet file: `<name>_bytes`, `<name>_shape`, `<name>_dtype`."""
+
+    name: str
+    """The column triplet's prefix in the file."""
+    key: str
+    """Its key in a batch."""
+    rank: int
+    """Rank of one row's tensor (one more, with a leading 1, is accepted)."""
+    kind: str
+    """'text' (zero-padded to data.text_len, with its length in batch['text_len']), 'latents' (normalised
+    per channel, dim -4, with the VAE's latents mean / std) or 'tensor' (as stored)."""
+    what: str
+    """What it holds, for error messages."""
+
+
+TEXT = Column("text_embedding", "text", 2, "text", "the text embeddings")
+LATENTS = Column("vae_latent", "latents", 4, "latents", "the VAE latents")
+TRAJECTORY = Column("trajectory_latents", "trajectory", 5, "latents", "the teacher's ODE trajectory")
+TRAJECTORY_TIMESTEPS = Column("trajectory_timesteps", "trajectory_timesteps", 1, "tensor",
+                              "the trajectory's timesteps")
+
+DataSpec = tuple[Column, ...]
+
+
+class Method(NamedTuple):
+    init: Callable[[dict, Any], TrainState]
+    step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+
+
+class FastVideoKeys(NamedTuple):
+    """The FastVideo run-file keys a method reads besides the shared ones (fvfunc/config_file.py), each
+    with its type, and `read(sections, put, facts)` that sets fvfunc fields from them:
+    sections = {"training": {...}, "method_config": {...}, "pipeline_config": {...}} as decoded (keys
+    absent from the file are absent), `put(target, key, value, weak=False)` sets field `target`
+    ("method.flow_shift") from the file key `key` ("pipeline_config.flow_shift"; a weak value is a
+    default that never overrides), facts = config_file.FileFacts (the family's VAE compression)."""
+
+    training: dict[str, Any] = {}
+    method_config: dict[str, Any] = {}
+    pipeline_config: dict[str, Any] = {}
+    read: Callable[[dict, Callable, Any], None] = lambda sections, put, facts: None
+
+
+class MethodSpec(NamedTuple):
+    """A training method as the layers above the losses see it."""
+
+    name: str
+    """The subcommand: `python train.py <name>`."""
+    run: type
+    """The run config dataclass (configs.py); its `method` field holds the method's own config."""
+    roles: Callable[[Any], tuple[str, ...]]
+    """roles(run) -> the roles this run needs (a method may need a role only in some modes)."""
+    trainable: tuple[str, ...]
+    """The roles it updates (each gets an optimizer, checkpoints, optionally an EMA)."""
+    data: Callable[[Any], DataSpec]
+    """data(run) -> the columns this run reads from data.path."""
+    check: Callable[[Any], None]
+    """check(run) raises ValueError naming the field ('method.critic_lr must be > 0, got 0') for a
+    method config that cannot work; called before any model loads."""
+    sampler: Callable[[Any], Any]
+    """sampler(run) -> the validation sampler (configs.SamplerConfig), the run's with the method's own
+    defaults filled in (e.g. DMD2's step list)."""
+    make: Callable[..., Method]
+    """make(run, roles, reduce) -> Method; roles: {name: fvfunc.roles.Role}; reduce averages gradients
+    over data-parallel ranks (None for one process)."""
+    fastvideo: FastVideoKeys = FastVideoKeys()
+    prepare: Callable[..., Any] | None = None
+    """prepare(run, roles, io) -> Prepared or None: work done once before training (kd: generate the
+    teacher's trajectories), before the method is made. io is a DataIO (infra the trainer lends)."""
+
+
+class Prepared(NamedTuple):
+    """What a method's `prepare` made: the data to train on and the roles no longer needed."""
+
+    paths: Any
+    """Dataset folders (as data.path takes them)."""
+    columns: DataSpec
+    """The columns to read from them."""
+    release: tuple[str, ...] = ()
+    """Roles the trainer may free now (e.g. a teacher that only made the data)."""
+
+
+class DataIO(NamedTuple):
+    """The infra a method's `prepare` may use, lent by the trainer (losses import no infra)."""
+
+    open: Callable[..., Any]
+    """open(path, columns) -> a dataset (`len(ds)`, `ds.batch(indices)` -> batch dict with 'ids', 'captions')."""
+    write: Callable[..., Any]
+    """write(path, rows): rows of {'id', 'caption', <column key>: tensor, ...} as one parquet file,
+    atomically (a temporary name, renamed when complete)."""
+    finished: Callable[[Any], set[str]]
+    """finished(folder) -> the ids already in the complete parquet files of folder."""
+    progress: Callable[..., Any]
+    """progress(total, initial, desc) -> a progress bar with update(n) and close()."""
+    rank: int
+    world_size: int
+    barrier: Callable[[], None]
+    device: Any
