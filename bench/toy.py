@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         **common, "training.output-dir": teacher_dir, "training.max-steps": prof.teacher_steps,
         "training.batch-size": prof.teacher_batch, "training.lr": prof.teacher_lr,
         "training.lr-schedule": "cosine", "training.warmup-steps": prof.teacher_warmup,
-        "training.min-lr-ratio": 0.1, "training.ema-decay": prof.teacher_ema,
+        "training.min-lr-ratio": 0.1, "roles.student.ema-decay": prof.teacher_ema,
         "training.checkpoint-every": 0, "method.flow-shift": prof.teacher_shift,
         "method.cfg-rate": prof.cfg_rate})], args.in_process, args.threads)
     teacher = teacher_dir / "export"

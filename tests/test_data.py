@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from fvfunc import data
-from fvfunc.data import DataError, Loader, ParquetDataset, epoch_order, latents_stats, write_parquet
+from fvfunc.data import T2V, TEXT_ONLY, DataError, Loader, ParquetDataset, epoch_order, parquet, write_parquet
+from fvfunc.models import wan
+from fvfunc.testing import tiny
 
 C, T, H, W, D = 4, 2, 3, 5, 8
 FASTVIDEO_T2V = ["id", "vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype",
@@ -91,7 +93,7 @@ def t2v(tmp_path):
 
 def test_reads_fastvideo_files(t2v):
     folder, rows = t2v
-    ds = ParquetDataset(str(folder), need_latents=True, text_len=16)
+    ds = ParquetDataset(str(folder), T2V, text_len=16)
     assert len(ds) == len(rows) and ds.text_dim == D
     for i, r in enumerate(rows):  # files sorted, rows in file order
         s = ds[i]
@@ -107,11 +109,12 @@ def test_reads_fastvideo_files(t2v):
 def test_text_only_and_latents_ignored(tmp_path, t2v):
     rows = make_rows(3)
     write_fastvideo(tmp_path / "text" / "t.parquet", rows, latents=False)
-    s = ParquetDataset(tmp_path / "text", need_latents=False, text_len=16)[2]
+    s = ParquetDataset(tmp_path / "text", TEXT_ONLY, text_len=16)[2]
     assert s["id"] == "s2" and "latents" not in s
-    with pytest.raises(DataError, match=r"t\.parquet.*needs latents"):
-        ParquetDataset(tmp_path / "text", need_latents=True)
-    assert "latents" not in ParquetDataset(t2v[0], need_latents=False, text_len=16)[0]
+    with pytest.raises(DataError, match=r"t\.parquet: no column vae_latent_bytes \(the VAE latents\), which this "
+                       "run reads"):
+        ParquetDataset(tmp_path / "text", T2V)
+    assert "latents" not in ParquetDataset(t2v[0], TEXT_ONLY, text_len=16)[0]
 
 
 def test_write_parquet_round_trip(tmp_path):
@@ -123,7 +126,7 @@ def test_write_parquet_round_trip(tmp_path):
     assert path.name == "part-00000.parquet" and pq.read_metadata(path).num_row_groups == 2
     assert pq.read_schema(path).names == FASTVIDEO_T2V
     assert write_parquet(tmp_path / "out", rows[:1]).name == "part-00001.parquet"
-    ds = ParquetDataset(tmp_path / "out", need_latents=True, text_len=4)
+    ds = ParquetDataset(tmp_path / "out", T2V, text_len=4)
     for r, s in zip(rows, (ds[i] for i in range(3)), strict=True):
         assert s["id"] == r["id"] and s["caption"] == r["caption"]
         assert torch.equal(s["latents"], r["latent"].float())
@@ -131,7 +134,7 @@ def test_write_parquet_round_trip(tmp_path):
     text_rows = [{k: v for k, v in r.items() if k != "latent"} for r in rows]
     text_only = write_parquet(tmp_path / "t.parquet", text_rows)
     assert pq.read_schema(text_only).names == [n for n in FASTVIDEO_T2V if not n.startswith("vae_")]
-    with pytest.raises(DataError, match="every row has a latent or none"):
+    with pytest.raises(DataError, match="every row must have the same ones"):
         write_parquet(tmp_path / "mixed.parquet", [rows[0], {"id": "x", "text_embedding": torch.zeros(1, D)}])
 
 
@@ -142,7 +145,7 @@ def _bad_row(rows, **changes):
 
 @pytest.mark.parametrize("case, build, match", [
     ("missing column", lambda p, r: write_fastvideo(p, r, drop=("text_embedding_dtype",)),
-     r"bad\.parquet: missing column\(s\) text_embedding_dtype"),
+     r"bad\.parquet: no column text_embedding_dtype \(the text embeddings\)"),
     ("bytes vs shape", lambda p, r: write_fastvideo(p, r, vae_latent_shape=pa.array(
         [[C, T, H, W], [C, T, H, W + 1], [C, T, H, W], [C, T, H, W]], pa.list_(pa.int64()))),
      r"bad\.parquet, row 1 \(id 's1'\): vae_latent_shape \[4, 2, 3, 6\] in float32 is 576 bytes, "
@@ -163,9 +166,9 @@ def test_bad_inputs_name_the_file_and_row(tmp_path, case, build, match):
     build(tmp_path / "d" / "bad.parquet", make_rows(4))
     if case == "missing column":  # schemas are checked when the dataset opens
         with pytest.raises(DataError, match=match):
-            ParquetDataset(tmp_path / "d", need_latents=True, text_len=16)
+            ParquetDataset(tmp_path / "d", T2V, text_len=16)
         return
-    ds = ParquetDataset(tmp_path / "d", need_latents=True, text_len=16)  # rows are checked when read
+    ds = ParquetDataset(tmp_path / "d", T2V, text_len=16)  # rows are checked when read
     ds[0]
     with pytest.raises(DataError, match=match):
         ds[1]
@@ -177,11 +180,11 @@ def test_bad_folders(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no parquet here")
     with pytest.raises(DataError, match=r"empty: no \*\.parquet files"):
-        ParquetDataset(tmp_path / "empty", need_latents=False)
+        ParquetDataset(tmp_path / "empty", TEXT_ONLY)
     with pytest.raises(DataError, match=r"nowhere: dataset folder does not exist"):
-        ParquetDataset(f"{tmp_path / 'nowhere'}:2", need_latents=False)
+        ParquetDataset(f"{tmp_path / 'nowhere'}:2", TEXT_ONLY)
     with pytest.raises(DataError, match="repeat count"):
-        ParquetDataset(f"{tmp_path / 'empty'}:0", need_latents=False)
+        ParquetDataset(f"{tmp_path / 'empty'}:0", TEXT_ONLY)
 
 
 def test_latent_normalisation(tmp_path, t2v, caplog):
@@ -191,19 +194,21 @@ def test_latent_normalisation(tmp_path, t2v, caplog):
     (tmp_path / "pipe" / "transformer").mkdir()
     config = {"latents_mean": mean, "latents_std": std, "z_dim": C}
     (tmp_path / "pipe" / "vae" / "config.json").write_text(json.dumps(config))
-    stats = latents_stats(tmp_path / "pipe" / "transformer")
+    cfg = tiny.tiny_config(in_channels=C, out_channels=C)
+    facts = wan.latents(cfg, tmp_path / "pipe" / "transformer")
+    stats = facts.mean, facts.std
     assert torch.equal(stats[0], torch.tensor(mean)) and torch.equal(stats[1], torch.tensor(std))
-    assert torch.equal(latents_stats(tmp_path / "pipe")[1], torch.tensor(std))
+    assert torch.equal(wan.latents(cfg, tmp_path / "pipe").std, torch.tensor(std))
     x = expected(rows[5]["latent"], rows[5]["latent_dtype"])
     with caplog.at_level(logging.WARNING, logger="fvfunc.data"):
-        normed = ParquetDataset(folder, need_latents=True, text_len=16, latent_stats=stats)
+        normed = ParquetDataset(folder, T2V, text_len=16, latent_stats=stats)
     assert not caplog.records
     want = (x - torch.tensor(mean).view(C, 1, 1, 1)) / torch.tensor(std).view(C, 1, 1, 1)
     assert torch.equal(normed[5]["latents"], want)
 
-    assert latents_stats(tmp_path / "no_vae" / "transformer") is None
+    assert wan.latents(cfg, tmp_path / "no_vae" / "transformer").mean is None
     with caplog.at_level(logging.WARNING, logger="fvfunc.data"):
-        plain = ParquetDataset(folder, need_latents=True, text_len=16, latent_stats=None)
+        plain = ParquetDataset(folder, T2V, text_len=16, latent_stats=None)
         plain[0], plain[5]
     assert len(caplog.records) == 1 and "latents_mean" in caplog.records[0].getMessage()
     assert torch.equal(plain[5]["latents"], x)
@@ -212,10 +217,10 @@ def test_latent_normalisation(tmp_path, t2v, caplog):
 def test_repeats(tmp_path):
     write_fastvideo(tmp_path / "a" / "x.parquet", make_rows(3, prefix="a"))
     write_fastvideo(tmp_path / "b" / "x.parquet", make_rows(2, prefix="b"))
-    ds = ParquetDataset([f"{tmp_path / 'a'}:3", str(tmp_path / "b")], need_latents=True, text_len=16)
+    ds = ParquetDataset([f"{tmp_path / 'a'}:3", str(tmp_path / "b")], T2V, text_len=16)
     ids = [ds[i]["id"] for i in range(len(ds))]
     assert ids == ["a0", "a1", "a2"] * 3 + ["b0", "b1"]
-    same = ParquetDataset(f"{tmp_path / 'a'}:3,{tmp_path / 'b'}", need_latents=True, text_len=16)
+    same = ParquetDataset(f"{tmp_path / 'a'}:3,{tmp_path / 'b'}", T2V, text_len=16)
     assert [same[i]["id"] for i in range(len(same))] == ids
     with Loader(ds, batch_size=11, seed=0, num_workers=0) as loader:  # repeats expand before the shuffle
         assert sorted(next(loader)["ids"]) == sorted(ids)
@@ -239,7 +244,7 @@ def ids(loader, k):
 @pytest.fixture
 def ds10(tmp_path):
     write_fastvideo(tmp_path / "d" / "x.parquet", make_rows(10), row_group_size=3)
-    return ParquetDataset(tmp_path / "d", need_latents=True, text_len=16, cache_groups=2)
+    return ParquetDataset(tmp_path / "d", T2V, text_len=16, cache_groups=2)
 
 
 def test_epochs_roll_over_and_reshuffle(ds10):
@@ -293,7 +298,7 @@ def test_group_shuffle_reads_each_group_once_an_epoch(ds10, monkeypatch):
 def test_auto_shuffle_picks_groups_only_for_multi_row_groups(ds10, tmp_path):
     assert Loader(ds10, 2, seed=0, num_workers=0, shuffle="auto").shuffle == "groups"
     write_fastvideo(tmp_path / "one" / "x.parquet", make_rows(4), row_group_size=1)
-    single = ParquetDataset(tmp_path / "one", need_latents=True, text_len=16)
+    single = ParquetDataset(tmp_path / "one", T2V, text_len=16)
     assert Loader(single, 2, seed=0, num_workers=0, shuffle="auto").shuffle == "rows"
     with pytest.raises(ValueError, match="shuffle"):
         Loader(single, 2, seed=0, shuffle="files")
@@ -350,12 +355,12 @@ def test_close_leaves_no_threads(ds10):
 def test_too_few_samples_for_a_global_batch(ds10):
     with pytest.raises(DataError, match="cannot fill one global batch"):
         Loader(ds10, batch_size=6, seed=0, world_size=2)
-    assert data.schema(latents=True).names == FASTVIDEO_T2V
+    assert data.schema(data.T2V).names == FASTVIDEO_T2V
 
 
 def test_binary_cells_are_sliced_without_copies():
     values = [b"ab", None, b"", b"cdef", b"g"]
     for typ in (pa.binary(), pa.large_binary()):
         column = pa.chunked_array([pa.array(values[:2], typ), pa.array(values[1:], typ).slice(1)])
-        got = [data._bytes(column, r) for r in range(len(values))]
+        got = [parquet._bytes(column, r) for r in range(len(values))]
         assert [None if g is None else g.to_pybytes() for g in got] == values

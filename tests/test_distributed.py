@@ -144,7 +144,7 @@ def test_sharded_checkpoint_resumes_bitwise_and_exports_for_diffusers(world, tea
     spawn(train, "dmd2", cfg(tmp_path / "half", max_steps=2))
     spawn(train, "dmd2", cfg(tmp_path / "half", resume="latest"))
     a, b = final(tmp_path / "full"), final(tmp_path / "half")
-    assert a.keys() == {"state", "student", "student.opt", "critic", "critic.opt", "ema"}
+    assert a.keys() == {"state", "student", "student.opt", "critic", "critic.opt", "student.ema"}
     assert all(tree.equal(a[n], b[n]) for n in a)
     assert_metrics_close(metrics(tmp_path / "half"), metrics(tmp_path / "full"), 0.0)
 
@@ -152,16 +152,16 @@ def test_sharded_checkpoint_resumes_bitwise_and_exports_for_diffusers(world, tea
     last = checkpoint.latest(tmp_path / "full")
     names = {p.name for p in last.iterdir()}
     for r in range(WORLD):
-        assert {f"{t}.shard-{r:05d}-of-{WORLD:05d}.safetensors" for t in ("student", "critic", "ema")} <= names
+        assert {f"{t}.shard-{r:05d}-of-{WORLD:05d}.safetensors" for t in ("student", "critic", "student.ema")} <= names
     mine, _ = checkpoint.load(last, shard=(1, WORLD))
-    w = a["ema"]["proj_out.weight"]
-    assert torch.equal(mine["ema"]["proj_out.weight"], w[-(-w.shape[0] // WORLD):])
+    w = a["student.ema"]["proj_out.weight"]
+    assert torch.equal(mine["student.ema"]["proj_out.weight"], w[-(-w.shape[0] // WORLD):])
     assert mine["student.opt"]["step"] == a["student.opt"]["step"]
 
     # the export is the whole EMA, a folder diffusers loads
     module = WanTransformer3DModel.from_pretrained(tmp_path / "full" / "export" / "transformer").eval()
     cfg_, params = wan.load(tmp_path / "full" / "export")
-    assert tree.equal(params, a["ema"])
+    assert tree.equal(params, a["student.ema"])
     x, t, ctx = torch.randn(1, 16, 2, 4, 4), torch.tensor([400.0]), torch.randn(1, 7, 32)
     with torch.no_grad():
         assert torch.allclose(module(x, t, ctx).sample, wan.apply(params, cfg_, x, t, ctx), rtol=1e-5, atol=1e-6)

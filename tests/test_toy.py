@@ -82,12 +82,12 @@ def test_features_are_the_documented_ones():
 def test_dataset_reads_back_through_the_trainers_reader(tmp_path):
     toy.write_dataset(tmp_path / "data", 40, random.key(12), TASK)
     toy.write_prompts(tmp_path / "prompts", TASK)
-    ds = data.ParquetDataset(str(tmp_path / "data"), need_latents=True, text_len=8)
+    ds = data.ParquetDataset(str(tmp_path / "data"), data.T2V, text_len=8)
     latents, labels = toy.real_latents(random.key(12), 40, TASK)
     b = ds.batch(list(range(40)))
     assert torch.equal(b["latents"], latents) and torch.equal(b["text"], toy.prompts(labels, TASK))
     assert b["captions"][5] == toy.caption(5) == "a green blob moving right"
-    prompts = data.ParquetDataset(str(tmp_path / "prompts"), need_latents=False, text_len=8)
+    prompts = data.ParquetDataset(str(tmp_path / "prompts"), data.TEXT_ONLY, text_len=8)
     assert len(prompts) == len(toy.CLASSES)
 
 

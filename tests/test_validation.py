@@ -8,7 +8,8 @@ import pytest
 from test_trainer import make_cfg
 
 import configs
-from fvfunc import checkpoint, trainer, validation
+from fvfunc import checkpoint, sample, trainer, validation
+from fvfunc.losses import METHODS
 
 
 def read_mp4(path):
@@ -40,7 +41,7 @@ def test_validation_writes_mp4s_and_logs_them_to_wandb(world, tmp_path):
 
 def test_dmd2_validation_samples_with_its_step_list(world, tmp_path):
     cfg = make_cfg(world, "dmd2", tmp_path / "s", max_steps=1)
-    s = validation.sampler_for("dmd2", cfg)
+    s = METHODS["dmd2"].sampler(cfg)
     assert s.kind == "sde" and s.timesteps == cfg.method.dmd_denoising_steps
 
 
@@ -54,7 +55,7 @@ def test_sample_command(world, tmp_path, source):
     cfg = configs.SampleRun(model=str(model), prompts=str(world["text"]), num_prompts=2, latent_shape=(2, 4, 4),
                             sampler=configs.SamplerConfig(kind="unipc", num_steps=3, guidance_scale=3.0),
                             output_dir=str(tmp_path / "samples"), device="cpu", precision="float32")
-    paths = validation.sample_command(cfg)
+    paths = sample.sample_command(cfg)
     assert len(paths) == 2
     assert read_mp4(paths[0]).shape == (2, 8, 8, 3)
 
