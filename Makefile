@@ -18,7 +18,8 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -m slow
 
 demo: setup
 	$(PY) -m fvfunc.demo

@@ -70,7 +70,7 @@ def prompts_from(run, dataset) -> tuple[torch.Tensor, list[str], tuple | None]:
     else:
         ds = dataset
     b = ds.batch(list(range(min(n, len(ds)))))
-    shapes = [tuple(b[c.key].shape[-3:]) for c in ds.spec if c.kind == "latents"]
+    shapes = [tuple(b[c.key].shape[-3:]) for c in ds.spec if c.rank >= 4]  # latents, trajectories
     return b["text"], b["captions"], shapes[0] if shapes else None
 
 

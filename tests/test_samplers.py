@@ -251,6 +251,24 @@ def test_sde_rollout_to_step_k_is_a_prefix_of_the_full_run():
         assert torch.equal(S.sample(denoise_toy, x, sigmas[:k + 1], "sde", key), seen[k])
 
 
+@pytest.mark.parametrize("kind", ["ode", "sde", "unipc"])
+def test_states_are_what_the_model_saw_and_noise_replaces_the_key(kind):
+    sigmas, x, key = SCHEDULES["few_step"], _randn(8), random.key(5)
+    seen = []
+
+    def denoise(x, t):
+        seen.append(x)
+        return denoise_toy(x, t)
+
+    out, states = S.sample(denoise, x, sigmas, kind, key, states=True)
+    assert len(states) == len(seen) == len(sigmas) - 1
+    assert all(torch.equal(a, b) for a, b in zip(states, seen, strict=True)) and torch.equal(states[0], x)
+    assert torch.equal(out, S.sample(denoise_toy, x, sigmas, kind, key))
+    if kind == "sde":  # noise(i) instead of the key's draws gives the same run
+        noise = [random.normal(random.fold_in(key, i), x.shape) for i in range(len(sigmas) - 1)]
+        assert torch.equal(out, S.sample(denoise_toy, x, sigmas, "sde", noise=lambda i: noise[i]))
+
+
 # -------------------------------------------------------------------------- purity and vmap
 
 

@@ -37,7 +37,8 @@ class Column(NamedTuple):
 
 TEXT = Column("text_embedding", "text", 2, "text", "the text embeddings")
 LATENTS = Column("vae_latent", "latents", 4, "latents", "the VAE latents")
-TRAJECTORY = Column("trajectory_latents", "trajectory", 5, "latents", "the teacher's ODE trajectory")
+TRAJECTORY = Column("trajectory_latents", "trajectory", 5, "tensor",
+                    "the teacher's ODE trajectory")  # states in the model's latent space, used as stored
 TRAJECTORY_TIMESTEPS = Column("trajectory_timesteps", "trajectory_timesteps", 1, "tensor",
                               "the trajectory's timesteps")
 

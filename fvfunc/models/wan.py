@@ -274,7 +274,7 @@ def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
     params' dtype; params are cast on the fly, so fp32 masters stay untouched).
 
     The plain forward: embed, every block, head. `fvfunc.runner.apply` runs the same functions with
-    the speed knobs (attention backend, remat, compile, sharded params)."""
+    a run's speed options."""
     dtype = dtype or params["proj_out.weight"].dtype
     outer, blocks = block_params(params, cfg.num_layers)
     h, inputs = embed(outer, cfg, x, t, context, dtype)

@@ -29,7 +29,8 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor | Sequence[float], kind: str = "ode",
-           key: torch.Tensor | None = None, noise: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+           key: torch.Tensor | None = None, noise: Callable[[int], torch.Tensor] | None = None,
+           states: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the sampler `kind` ("ode", "sde" or "unipc") from x at sigmas[0] down the schedule.
 
     x: [B, ...] the starting sample (pure noise when sigmas[0] = 1), never modified; keep it in fp32
@@ -41,6 +42,8 @@ def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor | Sequence[fl
     no global RNG is read or written.
     noise: instead of a key, `noise(i)` is the sde's fresh noise of step i (e.g. per-sample noise a
     method drew itself).
+    states: also return the trajectory, [x at sigmas[i] as `denoise` saw it, for each step i]
+    (an ODE trajectory for "ode" and "unipc": what knowledge distillation learns from).
     Makes exactly n calls of `denoise` (see `nfe`).
     """
     if kind not in KINDS:
@@ -53,9 +56,12 @@ def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor | Sequence[fl
     if not bool((sigmas[1:] < sigmas[:-1]).all()):
         raise ValueError(f"sigmas must be strictly descending, got {sigmas.tolist()}")
     state = unipc_init(x) if kind == "unipc" else None
+    trajectory = []
     for i in range(sigmas.numel() - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         t = (sigma * NUM_TRAIN_TIMESTEPS).repeat(x.shape[0]).to(x.device)
+        if states:
+            trajectory.append(x)
         v = denoise(x, t)
         if kind == "ode":
             x = ode_step(x, v, sigma, sigma_next)
@@ -69,7 +75,7 @@ def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor | Sequence[fl
             x = sde_step(x, v, sigma, sigma_next, fresh)
         else:
             x, state = unipc_step(state, x, v, sigmas, i)
-    return x
+    return (x, trajectory) if states else x
 
 
 def guided(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], context: torch.Tensor,
