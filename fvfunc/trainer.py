@@ -154,7 +154,12 @@ def _setup(spec: MethodSpec, cfg, process: distributed.Process) -> tuple[Setup, 
     except roles.RoleError as e:
         raise TrainingError(str(e)) from None
     if spec.prepare is not None:
-        prepared = spec.prepare(cfg, built, data_io(cfg, process))
+        try:
+            prepared = spec.prepare(cfg, built, data_io(cfg, process))
+        except data.DataError:
+            raise
+        except ValueError as e:  # the method's own, already clear refusal (e.g. a cache of another run)
+            raise TrainingError(str(e)) from None
         if prepared is not None:
             dataset = open_dataset(cfg, prepared.columns, prepared.paths)
             for name in prepared.release:  # e.g. a teacher only needed to make the data
