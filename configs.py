@@ -265,6 +265,33 @@ class DMD2Config:
     ignored in data mode, where the data's latents set the shape."""
 
 
+@dataclass(frozen=True)
+class KDConfig:
+    """Knowledge distillation / ODE initialisation (FastVideo's kd, Self-Forcing's ODE init): the
+    student learns to jump from states of a many-step teacher's ODE trajectory straight to its end."""
+
+    t_list: tuple[int, ...] = (1000, 750, 500, 250)
+    """The student's timesteps, strictly descending in (0, 1000] (FastVideo's form with its trailing 0,
+    e.g. 999 937 833 624 0, means the same). Each sample trains at one of them, drawn per sample."""
+    teacher_steps: int = 48
+    """Steps of the teacher's UniPC sampler when it generates the trajectories (its schedule also
+    passes through every t_list timestep, so the states the student learns from are exact)."""
+    flow_shift: float = 5.0
+    """Flow shift of the teacher's sampling schedule."""
+    guidance_scale: float = 5.0
+    """The teacher's classifier-free guidance when generating (1 disables it; uncond is zero text)."""
+    latent_shape: tuple[int, int, int] = (21, 60, 104)
+    """(T, H, W) of the generated trajectories (81x480x832 video for Wan)."""
+    cache: str = ""
+    """Folder of the generated trajectories (FastVideo's ode_trajectory_text_only parquet, one file a
+    chunk, written atomically; a rerun continues where a killed one stopped). Empty:
+    output_dir/trajectories."""
+    chunk: int = 4
+    """Prompts the teacher samples together, and rows a cache file holds."""
+    seed: int = 0
+    """Seed of the trajectories' initial noise (sample i draws from fold_in(key(seed), i))."""
+
+
 # ------------------------------------------------------------------------------------------ runs
 
 
@@ -295,6 +322,22 @@ class DMD2Run:
         sampler=SamplerConfig(kind="sde")))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     method: DMD2Config = field(default_factory=DMD2Config)
+    config: str = ""
+    """A schema-v2 YAML/JSON run file; flags given on the command line override it."""
+
+
+@dataclass(frozen=True)
+class KDRun:
+    """Distil a teacher's ODE trajectories into a few-step student (kd / ODE init), from a FastVideo
+    trajectory dataset or from trajectories the teacher generates once (--roles.teacher.path)."""
+
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(lr=2e-6, max_steps=2000))
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=lambda: ValidationConfig(
+        sampler=SamplerConfig(kind="ode")))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    method: KDConfig = field(default_factory=KDConfig)
     config: str = ""
     """A schema-v2 YAML/JSON run file; flags given on the command line override it."""
 

@@ -8,7 +8,7 @@ import importlib
 
 from fvfunc.losses.spec import MethodSpec
 
-MODULES = ("flow_matching", "dmd2")
+MODULES = ("flow_matching", "dmd2", "kd")
 """The method modules of fvfunc/losses/, in the order `train.py --help` lists them."""
 
 METHODS: dict[str, MethodSpec] = {
