@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 import configs  # noqa: E402
-from fvfunc import random, runner  # noqa: E402
+from fvfunc import optim, random, runner  # noqa: E402
 from fvfunc.autodiff import value_and_grad  # noqa: E402
 from fvfunc.losses import dmd2, flow_matching  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
@@ -398,14 +398,12 @@ class Bench:
         s_fb, _, peak_fb = measure(fwd_bwd, dev, 1, a.reps)
         self.row(label, "  of which forward + backward", s_fb, peak_fb, 3 * flops)
         grads = out.pop("grads")
-        from fvfunc.losses.state import make_optimizer, update
-        opt, _ = make_optimizer(training, training.lr, training.betas, training.weight_decay,
-                                training.max_steps)
+        opt, _ = optim.for_role(training, training.lr, training.betas, training.weight_decay, training.max_steps)
         opt_state = holder["state"].opt["student"]
         box = {"p": student, "s": opt_state}
 
         def adamw():
-            box["p"], box["s"], _ = update(opt, box["p"], grads, box["s"], training.max_grad_norm)
+            box["p"], box["s"], _ = optim.apply_gradients(opt, box["p"], grads, box["s"], training.max_grad_norm)
         s_u, _, _ = measure(adamw, dev, 1, a.reps)
         self.row(label, "  of which clip + AdamW (fused, donated)", s_u)
         if a.profile:

@@ -6,7 +6,7 @@ already started; a lone process gets `Process(0, 1, device, None)` and nothing h
 
 Data parallel. Every rank reads its own slice of the global batch (`data.Loader(rank, world_size)`),
 draws each sample's noise from the sample's global index, and averages its gradient with the others
-(`make_reduce`, the `reduce` hook of `fvfunc.losses.state.update`) before clipping and AdamW. With
+(`make_reduce`, the `reduce` hook of `fvfunc.optim.apply_gradients`) before clipping and AdamW. With
 equal slices the mean over ranks of per-rank means is the global mean, so W ranks over a global batch
 take the step one process takes over the same batch (tests/test_distributed.py).
 

@@ -101,7 +101,7 @@ def test_wan_with_fa4_matches_cudnn(compile):
 
 
 @needs_fa4
-@pytest.mark.parametrize("method", ["finetune", "dmd2"])
+@pytest.mark.parametrize("method", ["finetune", "dmd2", "kd"])
 def test_train_py_on_gpu_with_every_speed_knob(tmp_path, method):
     """train.py end to end on the GPU with fa4, compiled blocks, selective remat and donated AdamW,
     on FastVideo-layout files (4-row groups, so data.shuffle auto reads them group by group)."""
@@ -123,10 +123,13 @@ def test_train_py_on_gpu_with_every_speed_knob(tmp_path, method):
     if method == "dmd2":
         args += ["--roles.teacher.path", str(model), "--roles.critic.path", str(model),
                  "--method.latent-shape", "2", "8", "8", "--method.generator-update-interval", "1"]
+    if method == "kd":  # the teacher generates its trajectories on the GPU first
+        args += ["--roles.teacher.path", str(model), "--method.latent-shape", "2", "8", "8",
+                 "--method.teacher-steps", "6"]
     assert cli.main(args) == 0
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    key = "loss" if method == "finetune" else "generator_loss"
+    key = "generator_loss" if method == "dmd2" else "loss"
     assert len(rows) == 4 and all(math.isfinite(r[key]) for r in rows)
 
 
