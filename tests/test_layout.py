@@ -52,3 +52,33 @@ def test_no_global_statements():
     for f in sources():
         if f.exists():
             assert not any(isinstance(n, ast.Global) for n in ast.walk(ast.parse(f.read_text()))), f
+
+
+def _method_names():
+    from fvfunc.losses import METHODS
+
+    return set(METHODS)
+
+
+def test_no_method_name_branches_outside_its_module():
+    # the layers above the losses read specs: no `== "dmd2"`, `in ("kd", ...)` or match on a method name
+    names = _method_names()
+    for f in sources():
+        if not f.exists() or (ROOT / "fvfunc" / "losses") in f.parents:
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Compare):
+                consts = [c for c in ast.walk(node) if isinstance(c, ast.Constant) and c.value in names]
+                assert not consts, f"{f}:{node.lineno} compares with the method name {consts[0].value!r}"
+
+
+def test_family_modules_know_no_speed_or_parallelism_plumbing():
+    # remat, compile, attention backends and gathering are fvfunc/runner.py's, for every family
+    for f in (ROOT / "fvfunc" / "models").glob("*.py"):
+        tree_ = ast.parse(f.read_text())
+        names = {n.id for n in ast.walk(tree_) if isinstance(n, ast.Name)}
+        names |= {n.attr for n in ast.walk(tree_) if isinstance(n, ast.Attribute)}
+        names |= {a.arg for n in ast.walk(tree_) if isinstance(n, ast.arguments) for a in n.args + n.kwonlyargs}
+        bad = names & {"remat", "remat_fraction", "checkpoint", "compile", "gather", "DTensor", "backend"}
+        assert not bad, f"{f.name} uses {sorted(bad)}"
+        assert "torch.utils.checkpoint" not in imports(f) and "fvfunc.distributed" not in imports(f), f.name
