@@ -22,7 +22,6 @@ The teacher is never updated; its cond and uncond passes are one batched call.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 
@@ -34,7 +33,7 @@ from fvfunc import optim, random
 from fvfunc.autodiff import accumulate
 from fvfunc.losses.flow_matching import flow_matching_loss
 from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec
-from fvfunc.samplers import add_noise, sample, shift, timesteps_to_sigmas, x0_from_v
+from fvfunc.samplers import add_noise, sample, shift, timesteps_to_sigmas, with_timesteps, x0_from_v
 from fvfunc.state import TrainState
 
 log = logging.getLogger("fvfunc.config_file")  # a note on reading a run file
@@ -217,10 +216,7 @@ def check(run) -> None:
 
 def sampler(run):
     """The validation sampler: the student's own SDE over its step list unless timesteps are given."""
-    s = run.validation.sampler
-    if s.kind == "sde" and not s.timesteps:
-        s = dataclasses.replace(s, timesteps=tuple(run.method.dmd_denoising_steps))
-    return s
+    return with_timesteps(run.validation.sampler, run.method.dmd_denoising_steps, ("sde",))
 
 
 _TRAINING_KEYS = {"generator_update_interval": int, "real_score_guidance_scale": float, "min_timestep_ratio": float,

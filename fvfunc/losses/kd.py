@@ -25,7 +25,6 @@ continues from the chunks already on disk, and the cache is refused if it was ma
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import configs
 from fvfunc import optim, random
 from fvfunc.autodiff import accumulate
 from fvfunc.losses.spec import TEXT, TRAJECTORY, TRAJECTORY_TIMESTEPS, FastVideoKeys, Method, MethodSpec, Prepared
-from fvfunc.samplers import NUM_TRAIN_TIMESTEPS, guided, sample, shifted_sigmas, timesteps_to_sigmas
+from fvfunc.samplers import NUM_TRAIN_TIMESTEPS, guided, sample, shifted_sigmas, timesteps_to_sigmas, with_timesteps
 from fvfunc.state import TrainState
 
 TRAJECTORIES = (TEXT, TRAJECTORY, TRAJECTORY_TIMESTEPS)
@@ -196,10 +195,7 @@ def check(run) -> None:
 
 def sampler(run):
     """The validation sampler: Euler (or the sde) over t_list unless timesteps are given."""
-    s = run.validation.sampler
-    if s.kind in ("ode", "sde") and not s.timesteps:
-        s = dataclasses.replace(s, timesteps=tuple(student_timesteps(run.method)))
-    return s
+    return with_timesteps(run.validation.sampler, student_timesteps(run.method), ("ode", "sde"))
 
 
 def read_fastvideo(sections: dict, put, facts) -> None:

@@ -13,7 +13,7 @@ from .flow import (
     x0_from_v,
 )
 from .loop import KINDS, guided, nfe, sample
-from .schedules import shifted_sigmas, sigmas_from_config, timesteps_to_sigmas
+from .schedules import shifted_sigmas, sigmas_from_config, timesteps_to_sigmas, with_timesteps
 from .steps import ode_step, sde_step
 from .unipc import UniPCState, unipc_init, unipc_order, unipc_step
 
@@ -37,5 +37,6 @@ __all__ = [
     "unipc_order",
     "unipc_step",
     "v_from_x0",
+    "with_timesteps",
     "x0_from_v",
 ]

@@ -19,6 +19,7 @@ largest and smallest (already shifted) training sigma, endpoints included, and s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,14 @@ def timesteps_to_sigmas(timesteps: Sequence[float]) -> torch.Tensor:
                              f"{timesteps[i - 1]:g}")
     sigmas = torch.tensor(timesteps, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+def with_timesteps(cfg: SamplerConfig, timesteps: Sequence[int], kinds: Sequence[str]) -> SamplerConfig:
+    """`cfg` with a few-step student's own timesteps when its kind is one of `kinds` and it names none
+    (a method's default validation sampler)."""
+    if cfg.kind in kinds and not cfg.timesteps:
+        return dataclasses.replace(cfg, timesteps=tuple(timesteps))
+    return cfg
 
 
 def sigmas_from_config(cfg: SamplerConfig) -> torch.Tensor:
