@@ -8,21 +8,22 @@ The layout is the one FastVideo's distillation framework uses (`recipe`, `roles`
     roles:           {student: {family, path, trainable, dtype}, teacher: ..., critic: ...}
     training:        configs.TrainingConfig        + FastVideo's TrainingArgs keys below
     pipeline_config: FastVideo's pipeline keys below
-    method_config:   configs.FinetuneConfig / configs.DMD2Config (+ FastVideo's keys below)
+    method_config:   the method's config (configs.FinetuneConfig, DMD2Config, KDConfig, ...)
     data:            configs.DataConfig
     validation:      configs.ValidationConfig      (with a nested `sampler:`)
     tracking:        configs.TrackingConfig
 
 Every section takes fvfunc's own field names (what `dump` writes; `method_config` holds the fields of
 the run's `method`). The file is decoded with msgspec into typed structs that forbid unknown keys: a
-key that is neither an fvfunc field nor a FastVideo key listed here is an error naming its path
-(`training.learing_rate`), with a did-you-mean. A value given twice (an fvfunc name and a FastVideo
-key for the same field, with different values) is an error too.
+key that is neither an fvfunc field nor a FastVideo key this module or the method knows is an error
+naming its path (`training.learing_rate`), with a did-you-mean, or naming the methods that do know it.
+A value given twice (an fvfunc name and a FastVideo key for the same field, with different values) is
+an error too.
 
-FastVideo keys and the fvfunc field each sets (same meaning unless noted):
+The FastVideo keys every method shares, and the fvfunc field each sets (same meaning unless noted):
 
     training.output_dir, seed, weight_decay,     the same names
-      max_grad_norm, min_lr_ratio, ema_decay
+      max_grad_norm, min_lr_ratio
     training.max_train_steps                     training.max_steps
     training.learning_rate                       training.lr
     training.betas: "0.9,0.999"                  training.betas (a "b1,b2" string or a list)
@@ -38,7 +39,8 @@ FastVideo keys and the fvfunc field each sets (same meaning unless noted):
     training.lr_warmup_steps                     training.warmup_steps
     training.mixed_precision: bf16 | fp32 | no   training.precision
     training.enable_gradient_checkpointing_type  training.remat (full -> full, null -> none)
-    training.use_ema: false                      training.ema_decay = 0 (true needs ema_decay; a
+    training.ema_decay                           roles.student.ema_decay
+    training.use_ema: false                      roles.student.ema_decay = 0 (true needs ema_decay; a
                                                    non-zero ema_start_step is refused)
     training.training_state_checkpointing_steps  training.checkpoint_every
       (or checkpointing_steps)
@@ -50,44 +52,22 @@ FastVideo keys and the fvfunc field each sets (same meaning unless noted):
     training.wandb_run_name                      tracking.run_name
     training.log_validation + validation_steps   validation.every (0 unless log_validation)
     training.validation_sampling_steps: "50"     validation.sampler.num_steps (one value)
-    training.validation_guidance_scale: "5.0"    validation.sampler.guidance_scale (finetune only:
-                                                   a DMD2 student samples without CFG)
     training.validation_preprocessed_path        validation.prompts
-    training.num_latent_t, num_height,           dmd2: method.latent_shape = (num_latent_t,
-      num_width (num_frames)                       num_height / 8, num_width / 8) (Wan's VAE; T from
-                                                   (num_frames - 1) / 4 + 1 without num_latent_t);
-                                                   finetune: unused (the data's latents set the shape)
-    training.training_cfg_rate                   finetune: method.cfg_rate; dmd2: must be 0
-    training.precondition_outputs,               finetune: method.<same name>; dmd2: unused
-      weighting_scheme, logit_mean, logit_std,
-      mode_scale
-    training.generator_update_interval,          dmd2: method.<same name> (FastVideo's phase-2
-      real_score_guidance_scale,                   location; unused by finetune)
-      min_timestep_ratio, max_timestep_ratio
-    training/method_config.fake_score_learning_rate  method.critic_lr (0 means the student's lr)
-    training/method_config.fake_score_betas      method.critic_betas
-    training/method_config.fake_score_lr_scheduler  must name the same schedule as lr_scheduler (fvfunc
-                                                   shapes every role's learning rate alike)
-    training/method_config.simulate_generator_forward  method.rollout_mode (true -> simulate,
-                                                   false -> data)
-    training/method_config.warp_denoising_step   false only (warping is not implemented)
-    pipeline_config.flow_shift                   method.flow_shift, and validation.sampler.shift
-                                                   unless the file sets it (FastVideo uses one shift)
+    pipeline_config.flow_shift                   method.flow_shift (when the method has one), and
+                                                   validation.sampler.shift unless the file sets it
     pipeline_config.sampler_kind: ode | sde      validation.sampler.kind
-    pipeline_config / method_config / training   method.dmd_denoising_steps, and (dmd2)
-      .dmd_denoising_steps                         validation.sampler.timesteps unless the file sets it
     method_config.attn_kind                      dense only (no sparse attention in fvfunc)
     roles.<role>.disable_custom_init_weights     unused: fvfunc loads weights as stored
 
-Read and not used (device layout, FastVideo-only outputs): training.tp_size, hsdp_replicate_dim,
-hsdp_shard_dim, train_sp_batch_size, weight_only_checkpointing_steps, validation_dataset_file (raw
-prompts need a text encoder), trackers, log_visualization, visualization_steps.
-
-`real_score_guidance_scale` means one thing in fvfunc, flags and files alike: the standard-form w of
-uncond + w (cond - uncond), as in FastVideo's newer `fastvideo/train` code. FastVideo's schema-v2
-framework (`fastvideo/distillation`) used cond + w' (cond - uncond), so its files' 3.5 is 4.5 here
-(w = w' + 1). The value is read as written; a file in FastVideo's vocabulary that sets it gets a
-warning on stderr saying so.
+A method's own FastVideo keys (finetune's weighting and CFG-dropout keys, DMD2's critic, rollout and
+video-size keys, kd's trajectory-cache keys) are declared and read by its spec (`SPEC.fastvideo` in
+fvfunc/losses/<method>.py, with the table of what each sets), last, so they may use what the shared
+keys set; `FileFacts` is what they may ask (values so far, the student's VAE compression, FastVideo's
+value formats). Read and not used by any method: training.validation_guidance_scale (except where a
+method reads it), training_cfg_rate, num_latent_t, num_height, num_width, num_frames (likewise), and
+the device layout and FastVideo-only outputs: tp_size, hsdp_replicate_dim, hsdp_shard_dim,
+train_sp_batch_size, weight_only_checkpointing_steps, validation_dataset_file (raw prompts need a text
+encoder), trackers, log_visualization, visualization_steps.
 """
 
 from __future__ import annotations

@@ -227,7 +227,27 @@ _CRITIC_KEYS = {"fake_score_learning_rate": float, "fake_score_betas": tuple[flo
 
 def read_fastvideo(sections: dict, put, facts) -> None:
     """FastVideo's DMD2 keys (its phase-2 TrainingArgs in training:, the schema-v2 ones in
-    method_config: and pipeline_config:) onto DMD2Config fields."""
+    method_config: and pipeline_config:) onto DMD2Config fields:
+
+        training.generator_update_interval,          method.<same name>
+          real_score_guidance_scale, min/max_timestep_ratio, dmd_denoising_steps
+        pipeline_config.dmd_denoising_steps          method.dmd_denoising_steps
+        training/method_config.fake_score_learning_rate  method.critic_lr (0 means the student's lr)
+        training/method_config.fake_score_betas      method.critic_betas
+        training/method_config.fake_score_lr_scheduler  must name the student's schedule (fvfunc
+                                                       shapes every role's learning rate alike)
+        training/method_config.simulate_generator_forward  method.rollout_mode (true -> simulate)
+        training/method_config.warp_denoising_step   false only (warping is not implemented)
+        training.training_cfg_rate                   must be 0 (DMD2 drops no text)
+        training.num_latent_t, num_height, num_width method.latent_shape through the student's VAE
+          (num_frames)                                 compression (T from (num_frames - 1) / 4 + 1
+                                                       without num_latent_t, for Wan's VAE)
+        training.validation_guidance_scale           unused: a DMD2 student samples without CFG
+
+    and the step list becomes validation.sampler.timesteps unless the file sets them. A file in
+    FastVideo's vocabulary that sets real_score_guidance_scale gets a note: fvfunc reads it as the
+    standard-form w of uncond + w (cond - uncond); FastVideo's schema-v2 DMD2 used cond + w (cond -
+    uncond), so its 3.5 is 4.5 here."""
     t, m, p = sections["training"], sections["method_config"], sections["pipeline_config"]
     if t.get("training_cfg_rate", 0.0) != 0.0:
         raise ValueError("training.training_cfg_rate: fvfunc's dmd2 drops no text; set it to 0")

@@ -110,7 +110,9 @@ def check(run) -> None:
 
 
 def read_fastvideo(sections: dict, put, facts) -> None:
-    """FastVideo's finetune keys in training: (its TrainingArgs) onto method fields."""
+    """FastVideo's finetune keys in training: (its TrainingArgs): training_cfg_rate -> method.cfg_rate,
+    precondition_outputs / weighting_scheme / logit_mean / logit_std / mode_scale -> method.<same>,
+    validation_guidance_scale: "5.0" -> validation.sampler.guidance_scale (one value)."""
     t = sections["training"]
     if "training_cfg_rate" in t:
         put("method.cfg_rate", "training.training_cfg_rate", t["training_cfg_rate"])
