@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     trainer = importlib.import_module("fvfunc.trainer")
     from fvfunc.data import DataError
+    from fvfunc.losses.spec import BatchError
     from fvfunc.models import ModelError
 
     # the entry point's own business: log lines (rank 0 says what happens, the others only warn) and the
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module("fvfunc.sample").sample_command(cfg)
         else:
             trainer.run(method, cfg)
-    except (trainer.TrainingError, DataError, ModelError) as e:  # the run's own, already clear errors
+    except (trainer.TrainingError, DataError, ModelError, BatchError) as e:  # the run's own, already clear errors
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

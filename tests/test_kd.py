@@ -258,3 +258,19 @@ def test_train_py_kd_generates_trains_validates_and_exports(world, tmp_path):
     assert [v.name for v in (out / "videos").glob("*.mp4")] == ["step-000002-prompt-0.mp4"]
     assert (out / "export" / "transformer" / "config.json").is_file()
     assert config_file.load(out / "config.yaml", "kd")[1].method.t_list == (1000, 500)
+
+
+def test_a_trajectory_whose_timesteps_do_not_match_its_states_is_one_error(world, tmp_path, capsys):
+    data, _ = write_fastvideo_trajectories(tmp_path / "traj", steps=(999, 833, 624, 0))
+    table = pq.read_table(data / "data_chunk_0.parquet")
+    bad = np.array([999, 624, 0], np.int64)  # 3 timesteps for 4 states
+    table = table.set_column(table.schema.get_field_index("trajectory_timesteps_bytes"), "trajectory_timesteps_bytes",
+                             pa.array([bad.tobytes()] * table.num_rows, pa.binary()))
+    table = table.set_column(table.schema.get_field_index("trajectory_timesteps_shape"), "trajectory_timesteps_shape",
+                             pa.array([[3]] * table.num_rows, pa.list_(pa.int64())))
+    pq.write_table(table, data / "data_chunk_0.parquet")
+    code = cli.main(["kd", "--roles.student.path", str(world["model"]), "--data.path", str(data),
+                     "--training.output-dir", str(tmp_path / "o"), "--training.device", "cpu", "--data.text-len", "8",
+                     "--training.batch-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "trajectory_latents holds 4 states and trajectory_timesteps 3" in err and "samples ['t" in err

@@ -33,7 +33,16 @@ import torch
 import configs
 from fvfunc import optim, random
 from fvfunc.autodiff import accumulate
-from fvfunc.losses.spec import TEXT, TRAJECTORY, TRAJECTORY_TIMESTEPS, FastVideoKeys, Method, MethodSpec, Prepared
+from fvfunc.losses.spec import (
+    TEXT,
+    TRAJECTORY,
+    TRAJECTORY_TIMESTEPS,
+    BatchError,
+    FastVideoKeys,
+    Method,
+    MethodSpec,
+    Prepared,
+)
 from fvfunc.samplers import NUM_TRAIN_TIMESTEPS, guided, sample, shifted_sigmas, timesteps_to_sigmas, with_timesteps
 from fvfunc.state import TrainState
 
@@ -82,6 +91,10 @@ def make(run, roles, reduce=None) -> Method:
         return TrainState(0, key, {"student": params["student"]}, {"student": opt.init(params["student"])}, ema)
 
     def step(state: TrainState, batch: dict):
+        states, stamps = batch["trajectory"].shape[1], batch["trajectory_timesteps"].shape[1]
+        if states != stamps or states < 2:
+            raise BatchError(f"samples {batch['ids']}: trajectory_latents holds {states} states and "
+                             f"trajectory_timesteps {stamps}; kd needs one timestep a state and at least 2 states")
         key = random.fold_in(state.key, state.step)
         device = batch["trajectory"].device
         k = draw_steps(key, batch["sample_index"], len(timesteps))

@@ -19,6 +19,11 @@ from typing import Any, NamedTuple
 from fvfunc.state import TrainState
 
 
+class BatchError(ValueError):
+    """A batch a method cannot use (e.g. a trajectory whose states and timesteps disagree); the message
+    names the samples' ids."""
+
+
 class Column(NamedTuple):
     """One tensor column of a FastVideo parquet file: `<name>_bytes`, `<name>_shape`, `<name>_dtype`."""
 
