@@ -15,6 +15,7 @@ its piece of a checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import signal
@@ -210,12 +211,11 @@ def _validator(s: Setup, student_sharded: bool):
 # ------------------------------------------------------------------------------------------ loop
 
 
-def _run(spec: MethodSpec, cfg, process: distributed.Process) -> Path:
-    s, state, (position, data_key) = _setup(spec, cfg, process)
-    t, rank, world = cfg.training, process.rank, process.world_size
-    per_rank = t.batch_size // world
-    loader = data.Loader(s.dataset, per_rank, data_key, position, rank, world, cfg.data.num_workers,
-                         shuffle=cfg.data.shuffle, window=cfg.data.shuffle_window)
+def _loader(s: Setup, position, data_key) -> data.Loader:
+    cfg, process = s.cfg, s.process
+    loader = data.Loader(s.dataset, cfg.training.batch_size // process.world_size, data_key, position, process.rank,
+                         process.world_size, cfg.data.num_workers, shuffle=cfg.data.shuffle,
+                         window=cfg.data.shuffle_window)
     if loader.shuffle == "groups":
         log.info("data: row groups of up to %d rows, read %d at a time (data.shuffle groups)",
                  s.dataset.max_group_rows(), cfg.data.shuffle_window)
@@ -223,18 +223,30 @@ def _run(spec: MethodSpec, cfg, process: distributed.Process) -> Path:
     if s.meta is not None and s.meta.get("data_order", order) != order:
         log.warning("resuming with data order %s, but %s was saved with %s: the batches from here on differ "
                     "from the uninterrupted run's", order, s.resume_from, s.meta["data_order"])
+    return loader
+
+
+def _save(s: Setup, state: TrainState, loader: data.Loader, sync) -> None:
+    """One checkpoint of the state (every rank calls it; each writes its pieces of sharded trees)."""
+    p, cfg = s.process, s.cfg
+    meta = {"step": state.step, "method": s.spec.name, "data_position": list(loader.position),
+            "data_order": [loader.shuffle, loader.window], "roles": {r: getattr(cfg.roles, r).path
+                                                                     for r in s.spec.roles(cfg)},
+            "config": s.run_config, "world_size": p.world_size}
+    whole, pieces = distributed.pieces(to_trees(state, s.spec.trainable))
+    path = checkpoint.save(s.out, state.step, whole, meta, cfg.training.keep_checkpoints, shards=pieces,
+                           rank=p.rank, world_size=p.world_size, sync=sync)
+    log.info("saved %s", path)
+
+
+def _run(spec: MethodSpec, cfg, process: distributed.Process) -> Path:
+    s, state, (position, data_key) = _setup(spec, cfg, process)
+    t, rank = cfg.training, process.rank
+    loader = _loader(s, position, data_key)
+    per_rank = loader.batch_size
     index = torch.arange(per_rank) + rank * per_rank  # a sample's index in the global batch
     sync = distributed.exchange(process)
-
-    def save(state):
-        meta = {"step": state.step, "method": spec.name, "data_position": list(loader.position), "data_order": order,
-                "roles": {r: getattr(cfg.roles, r).path for r in spec.roles(cfg)}, "config": s.run_config,
-                "world_size": world}
-        whole, pieces = distributed.pieces(to_trees(state, spec.trainable))
-        path = checkpoint.save(s.out, state.step, whole, meta, t.keep_checkpoints, shards=pieces, rank=rank,
-                               world_size=world, sync=sync)
-        log.info("saved %s", path)
-
+    save = functools.partial(_save, s, loader=loader, sync=sync)
     student_sharded = distributed.is_sharded(state.params["student"])
     validator = _validator(s, student_sharded)
 
