@@ -1,17 +1,21 @@
-"""The toy-video benchmark: pretrain a tiny Wan teacher, distil it with DMD2, measure both.
+"""The toy-video benchmark: pretrain a tiny Wan teacher, distil it with DMD2 and with kd, measure them all.
 
-    python bench/toy.py --grid bench/toy_grid.png   # the full benchmark (~7 min on 2 CPU cores), seeded
-    python bench/toy.py --fast                      # the < 2 min version the test suite runs
+    python bench/toy.py --grid bench/toy_grid.png   # the full benchmark (~15 min on 2 CPU cores), seeded
+    python bench/toy.py --fast                      # the ~4 min version the test suite runs
 
 Everything goes through the real command line and real checkpoints:
-1. the task (`fvfunc/toy.py`): a T2V parquet dataset of moving-blob clips, a text-only parquet of the
+1. the task (`fvfunc/testing/toy.py`): a T2V parquet dataset of moving-blob clips, a text-only parquet of the
    16 prompts, and a randomly initialised tiny Wan folder;
 2. `python train.py finetune` pretrains the teacher from random init (flow matching, CFG dropout);
 3. `python train.py dmd2` distils the teacher's exported folder into a few-step student (simulate
    mode: text only), saving checkpoints along the way;
-4. every sampler setting is measured on fresh samples of all 16 prompts: adherence, Frechet
-   distance to held-out real clips, function evaluations and CPU time per sample; the student's
-   checkpoints give a learning curve; a PNG grid shows decoded frames.
+4. `python train.py kd` has the teacher sample ODE trajectories of the prompts once and trains a
+   student from the teacher's weights to jump along them (the ODE initialisation), and a second
+   `train.py dmd2`, as in 3. but from that student, shows kd as DMD2's initialisation;
+5. every sampler setting is measured on fresh samples of all 16 prompts: adherence, Frechet
+   distance to held-out real clips, function evaluations and CPU time per sample; the students'
+   checkpoints give learning curves (kd's also its loss on held-out trajectories); a PNG grid shows
+   decoded frames.
 
 The table goes to stdout and `OUT/results.md`, the grid to `OUT/toy_grid.png` (and `--grid PATH`).
 """
@@ -36,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import configs  # noqa: E402
 from fvfunc import checkpoint, random  # noqa: E402
+from fvfunc.losses import kd  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
 from fvfunc.samplers import nfe, sigmas_from_config  # noqa: E402
 from fvfunc.testing import tiny, toy  # noqa: E402
@@ -84,7 +89,25 @@ class Profile:
     student_timesteps: tuple[int, ...] = (1000, 750, 500, 250)
     """The student's 4 steps (2 steps: 1000 500; 1 step: 1000)."""
     dmd_checkpoint_every: int = 100
-    """Checkpoints kept for the learning curve."""
+    """Checkpoints kept for the learning curves."""
+    # kd (ODE init): the student starts from the teacher's weights, as DMD2's does, and learns to jump
+    # from the states of the teacher's own sampler (UniPC, CFG 4, shift 3, as in the table and as DMD2's
+    # real score) at the student's 4 timesteps to where the trajectory ends. 20 UniPC steps, not 50:
+    # on this teacher 10, 20, 30 and 50 steps give the same distance (3.9 to 4.2) at 2.5x less cost.
+    # 512 trajectories (32 fresh noises a prompt), 400 steps of 32 at lr 1e-3 (cosine to 1e-4): 600 or
+    # 1000 steps, 1024 trajectories or lr 5e-4 gave no better student (Frechet distance 4.0 to 5.1,
+    # within the spread of a 256-clip measure).
+    kd_repeats: int = 32
+    """The 16 prompts repeated this many times, each repeat with fresh noise: 16 x kd_repeats trajectories."""
+    kd_teacher_steps: int = 20
+    kd_steps: int = 400
+    kd_batch: int = 32
+    kd_lr: float = 1e-3
+    kd_chunk: int = 128
+    """Trajectories the teacher samples in one batch (a big batch is far cheaper a sample on a CPU)."""
+    kd_checkpoint_every: int = 100
+    kd_heldout: int = 128
+    """Teacher trajectories from fresh noise that kd's learning curve measures kd's loss on."""
     # evaluation
     eval_clips: int = 256
     """Clips sampled per row of the table (16 per prompt); FD against 4x as many held-out real clips."""
@@ -95,7 +118,7 @@ class Profile:
 FULL = Profile()
 FAST = dataclasses.replace(FULL, train_clips=512, teacher_steps=700, teacher_batch=16, teacher_warmup=30,
                            teacher_ema=0.98, dmd_steps=160, dmd_batch=8, dmd_checkpoint_every=80, eval_clips=16,
-                           curve_clips=128)
+                           curve_clips=128, kd_repeats=4, kd_steps=100, kd_batch=16, kd_checkpoint_every=50)
 
 
 def flags(d: dict) -> list[str]:
@@ -156,6 +179,16 @@ def measure(name, params, cfg, task, sampler, labels, reference, key) -> tuple[R
     return row, rgb
 
 
+def heldout_kd_loss(params, apply, trajectory: torch.Tensor, text: torch.Tensor, timesteps) -> list[float]:
+    """kd's loss of `params` on teacher trajectories [B, K + 1, ...] (states at `timesteps`, then the
+    end), one value per student timestep."""
+    b = trajectory.shape[0]
+    with torch.no_grad():
+        return [float(kd.kd_loss(params, {"trajectory": trajectory, "text": text, "t": torch.full((b,), float(t)),
+                                          "state": torch.full((b,), k)}, apply)[0])
+                for k, t in enumerate(timesteps)]
+
+
 def curve(metrics_path: Path, keys: list[str], points: int = 6) -> list[dict]:
     """Means of `keys` over `points` equal windows of a run's metrics.jsonl."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
@@ -176,7 +209,7 @@ def curve(metrics_path: Path, keys: list[str], points: int = 6) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "toy"), help="output folder (replaced)")
-    ap.add_argument("--fast", action="store_true", help="the < 2 min version the test suite runs (weaker teacher)")
+    ap.add_argument("--fast", action="store_true", help="the ~4 min version the test suite runs (weaker teacher)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (and OMP_NUM_THREADS of train.py)")
     ap.add_argument("--grid", default="", help="also write the PNG grid here (e.g. bench/toy_grid.png)")
@@ -217,20 +250,41 @@ def main(argv: list[str] | None = None) -> dict:
         "method.cfg-rate": prof.cfg_rate})], args.in_process, args.threads)
     teacher = teacher_dir / "export"
 
-    # 3. DMD2: student and critic start from the teacher; text-only data (simulate mode)
-    student_dir = out / "dmd2"
-    t_dmd = train(["dmd2", *flags({
-        "roles.student.path": teacher, "roles.teacher.path": teacher, "roles.critic.path": teacher,
-        "roles.teacher.dtype": "float32", "data.path": f"{out / 'prompts'}:4", **common,
-        "training.output-dir": student_dir, "training.max-steps": prof.dmd_steps,
-        "training.batch-size": prof.dmd_batch, "training.lr": prof.student_lr,
-        "training.checkpoint-every": prof.dmd_checkpoint_every, "training.keep-checkpoints": 0,
-        "method.latent-shape": task.latent_shape[1:],
-        "method.dmd-denoising-steps": prof.student_timesteps, "method.generator-update-interval": prof.interval,
-        "method.real-score-guidance-scale": prof.dmd_guidance, "method.flow-shift": prof.dmd_shift,
-        "method.critic-lr": prof.critic_lr})], args.in_process, args.threads)
+    def dmd2(student: Path, output_dir: Path) -> float:
+        """DMD2 from `student`; the critic starts from the teacher; text-only data (simulate mode)."""
+        return train(["dmd2", *flags({
+            "roles.student.path": student, "roles.teacher.path": teacher, "roles.critic.path": teacher,
+            "roles.teacher.dtype": "float32", "data.path": f"{out / 'prompts'}:4", **common,
+            "training.output-dir": output_dir, "training.max-steps": prof.dmd_steps,
+            "training.batch-size": prof.dmd_batch, "training.lr": prof.student_lr,
+            "training.checkpoint-every": prof.dmd_checkpoint_every, "training.keep-checkpoints": 0,
+            "method.latent-shape": task.latent_shape[1:],
+            "method.dmd-denoising-steps": prof.student_timesteps, "method.generator-update-interval": prof.interval,
+            "method.real-score-guidance-scale": prof.dmd_guidance, "method.flow-shift": prof.dmd_shift,
+            "method.critic-lr": prof.critic_lr})], args.in_process, args.threads)
 
-    # 4. measure
+    # 3. DMD2: the student starts from the teacher
+    student_dir = out / "dmd2"
+    t_dmd = dmd2(teacher, student_dir)
+
+    # 4. kd from the teacher's weights on the teacher's trajectories (generated into kd/trajectories),
+    #    then DMD2 as in 3. from the kd student
+    kd_dir, kd_dmd_dir = out / "kd", out / "kd-dmd2"
+    t_kd = train(["kd", *flags({
+        "roles.student.path": teacher, "roles.teacher.path": teacher, "roles.teacher.dtype": "float32",
+        "data.path": f"{out / 'prompts'}:{prof.kd_repeats}", **common, "training.output-dir": kd_dir,
+        "training.max-steps": prof.kd_steps, "training.batch-size": prof.kd_batch, "training.lr": prof.kd_lr,
+        "training.lr-schedule": "cosine", "training.min-lr-ratio": 0.1,
+        "training.checkpoint-every": prof.kd_checkpoint_every, "training.keep-checkpoints": 0,
+        "method.latent-shape": task.latent_shape[1:], "method.t-list": prof.student_timesteps,
+        "method.teacher-steps": prof.kd_teacher_steps, "method.flow-shift": prof.sample_shift,
+        "method.guidance-scale": prof.guidance, "method.chunk": prof.kd_chunk,
+        # sample i's noise key is fold_in(key(method.seed), i): a root key apart from this file's `key`
+        # (whose fold_in(key, 1..5) streams make the data and the measures), another one a seed
+        "method.seed": 1000 + args.seed})], args.in_process, args.threads)
+    t_kd_dmd = dmd2(kd_dir / "export", kd_dmd_dir)
+
+    # 5. measure
     print("measuring (samples of all 16 prompts, decoded; FD against held-out real clips)", flush=True)
     labels = toy.labels_for(prof.eval_clips)
     real_rgb = toy.render(random.fold_in(key, 2), toy.labels_for(4 * prof.eval_clips), task)
@@ -240,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
                 toy.frechet_distance(reference, toy.features(second)), 0, 0.0, 0.0)]
     t_cfg, t_params = wan.load(teacher)
     s_cfg, s_params = wan.load(student_dir / "export")
+    kd_cfg, kd_params = wan.load(kd_dir / "export")
+    kdd_cfg, kdd_params = wan.load(kd_dmd_dir / "export")
     sample_key = random.fold_in(key, 4)
 
     def unipc(n):
@@ -249,41 +305,71 @@ def main(argv: list[str] | None = None) -> dict:
     def sde(timesteps):
         return configs.SamplerConfig(kind="sde", timesteps=timesteps)
 
+    def ode(timesteps):  # Euler over the timesteps: kd's sampler (kd.SPEC.sampler)
+        return configs.SamplerConfig(kind="ode", timesteps=timesteps)
+
     steps4 = prof.student_timesteps
     two, one = (steps4[0], steps4[len(steps4) // 2]), (steps4[0],)
     runs = [("teacher, UniPC 50 steps, CFG", t_params, t_cfg, unipc(50)),
             ("teacher, UniPC 4 steps, CFG", t_params, t_cfg, unipc(4)),
             ("teacher, UniPC 1 step, CFG", t_params, t_cfg, unipc(1)),
-            ("teacher, SDE 4 steps, no CFG (student at step 0)", t_params, t_cfg, sde(steps4)),
+            ("teacher, SDE 4 steps, no CFG (DMD2 student at step 0)", t_params, t_cfg, sde(steps4)),
+            ("teacher, ODE 4 steps, no CFG (kd student at step 0)", t_params, t_cfg, ode(steps4)),
             ("DMD2 student, 4 steps", s_params, s_cfg, sde(steps4)),
             ("DMD2 student, 2 steps", s_params, s_cfg, sde(two)),
-            ("DMD2 student, 1 step", s_params, s_cfg, sde(one))]
+            ("DMD2 student, 1 step", s_params, s_cfg, sde(one)),
+            ("kd student, 4 steps (ODE)", kd_params, kd_cfg, ode(steps4)),
+            ("kd -> DMD2 student, 4 steps", kdd_params, kdd_cfg, sde(steps4))]
     pictures = {}
     for name, params, cfg, sampler in runs:
         row, rgb = measure(name, params, cfg, task, sampler, labels, reference, sample_key)
         rows.append(row)
         pictures[name] = rgb
 
-    # the student's learning curve: its checkpoints (step 0: the teacher's weights it starts from),
-    # sampled with its 4 steps on one set of clips
+    # learning curves: a run's checkpoints (step 0: the weights it starts from), sampled with the
+    # student's 4 steps on one set of clips
     curve_labels = toy.labels_for(prof.curve_clips)
     curve_text = toy.prompts(curve_labels, task)
-    learning = []
-    for ck in [None, *checkpoint.list_checkpoints(student_dir)]:
-        if ck is None:
-            step, params = 0, t_params
-        else:
-            trees, meta = checkpoint.load(ck)
-            step, params = meta["step"], trees["student"]
-        lat, _, _ = sample(params, s_cfg, curve_text, task.latent_shape, sde(steps4), sample_key)
-        rgb = toy.decode(lat, task)
-        learning.append({"step": step, "adherence": toy.adherence(rgb, curve_labels),
-                         "fd": toy.frechet_distance(reference, toy.features(rgb))})
 
-    # 5. picture: teacher 50 steps | student 4 steps | teacher 4 steps, one row a prompt
+    def learning_curve(run_dir: Path, start, sampler, extra=None) -> list[dict]:
+        points = []
+        for ck in [None, *checkpoint.list_checkpoints(run_dir)]:
+            if ck is None:
+                step, params = 0, start
+            else:
+                trees, meta = checkpoint.load(ck)
+                step, params = meta["step"], trees["student"]
+            lat, _, _ = sample(params, s_cfg, curve_text, task.latent_shape, sampler, sample_key)
+            rgb = toy.decode(lat, task)
+            points.append({"step": step, "adherence": toy.adherence(rgb, curve_labels),
+                           "fd": toy.frechet_distance(reference, toy.features(rgb)),
+                           **(extra(params) if extra else {})})
+        return points
+
+    # kd's curve also measures kd's own loss on trajectories it never trained on: the teacher's, as kd
+    # made them, from fresh noise (this file's key, not kd's)
+    def apply(p, x, t, c):
+        return wan.apply(p, t_cfg, x, t, c)
+    kd_run = configs.KDConfig(t_list=steps4, teacher_steps=prof.kd_teacher_steps, flow_shift=prof.sample_shift,
+                              guidance_scale=prof.guidance)
+    heldout_text = toy.prompts(toy.labels_for(prof.kd_heldout), task)
+    noise = random.normal(random.fold_in(key, 5), (prof.kd_heldout, *task.latent_shape))
+    heldout = kd.trajectories(tiny.role(apply, trainable=False), t_params, heldout_text, noise, kd_run)
+
+    def heldout_loss(params) -> dict:
+        per_step = heldout_kd_loss(params, apply, heldout, heldout_text, steps4)
+        return {"heldout_loss": sum(per_step) / len(per_step), "heldout_loss_per_step": per_step}
+
+    learning = learning_curve(student_dir, t_params, sde(steps4))
+    kd_learning = learning_curve(kd_dir, t_params, ode(steps4), heldout_loss)
+    kd_dmd_learning = learning_curve(kd_dmd_dir, kd_params, sde(steps4))
+
+    # 6. picture: one column a sampler, one row a prompt
     pick = torch.tensor([0, 5, 10, 15, 3, 6])  # red-left, green-right, blue-up, yellow-down, red-down, green-up
-    names = ["teacher, UniPC 50 steps, CFG", "DMD2 student, 4 steps", "teacher, UniPC 4 steps, CFG"]
+    names = ["teacher, UniPC 50 steps, CFG", "DMD2 student, 4 steps", "kd student, 4 steps (ODE)",
+             "kd -> DMD2 student, 4 steps", "teacher, UniPC 4 steps, CFG"]
     headers = ["teacher: 50 steps (UniPC, CFG, 100 NFE)", "DMD2 student: 4 steps (4 NFE)",
+               "kd student: 4 steps (ODE, 4 NFE)", "kd -> DMD2 student: 4 steps (4 NFE)",
                "teacher: 4 steps (UniPC, CFG, 8 NFE)"]
     import imageio.v2 as imageio
     image = toy.grid([pictures[n][pick] for n in names], headers=headers,
@@ -293,10 +379,15 @@ def main(argv: list[str] | None = None) -> dict:
         imageio.imwrite(args.grid, image)
 
     total = time.perf_counter() - t_start
-    result = {"rows": [dataclasses.asdict(r) for r in rows], "learning": learning,
+    kd_train = sum(json.loads(line)["step_time"] for line in (kd_dir / "metrics.jsonl").read_text().splitlines())
+    result = {"rows": [dataclasses.asdict(r) for r in rows], "learning": learning, "kd_learning": kd_learning,
+              "kd_dmd_learning": kd_dmd_learning,
               "teacher_curve": curve(teacher_dir / "metrics.jsonl", ["loss"]),
               "dmd_curve": curve(student_dir / "metrics.jsonl", ["critic_loss", "generator_loss"]),
-              "seconds": {"teacher": t_teacher, "dmd2": t_dmd, "total": total},
+              "kd_curve": curve(kd_dir / "metrics.jsonl", ["loss"]),
+              "kd_dmd_curve": curve(kd_dmd_dir / "metrics.jsonl", ["critic_loss", "generator_loss"]),
+              "seconds": {"teacher": t_teacher, "dmd2": t_dmd, "kd": t_kd, "kd_steps": kd_train,
+                          "kd_dmd2": t_kd_dmd, "total": total},
               "captions": [toy.caption(int(i)) for i in pick], "profile": dataclasses.asdict(prof)}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     report = markdown(result, args, prof)
@@ -310,7 +401,9 @@ def markdown(result: dict, args, prof: Profile) -> str:
     sec = result["seconds"]
     lines = [f"Command: `python bench/toy.py{' --fast' if args.fast else ''}` (seed {args.seed}, "
              f"{args.threads} torch threads); {time.strftime('%Y-%m-%d')}; {machine}.",
-             f"Wall time: teacher {sec['teacher']:.0f} s, DMD2 {sec['dmd2']:.0f} s, total {sec['total']:.0f} s.", "",
+             f"Wall time: teacher {sec['teacher']:.0f} s, DMD2 {sec['dmd2']:.0f} s, kd {sec['kd']:.0f} s "
+             f"({sec['kd_steps']:.0f} s of them training steps, the rest mostly the teacher's trajectories), "
+             f"kd -> DMD2 {sec['kd_dmd2']:.0f} s, total {sec['total']:.0f} s.", "",
              f"| sampler ({prof.eval_clips} clips, 16 prompts) | adherence % | Frechet distance | NFE "
              "| CPU ms / sample | wall ms / sample |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -319,16 +412,27 @@ def markdown(result: dict, args, prof: Profile) -> str:
     lines += ["", "NFE counts a guided step as 2. CPU ms: `time.process_time` of one batched sampling call "
               f"({prof.eval_clips} clips, {args.threads} threads, both threads counted) over the clips; wall ms: "
               "`time.perf_counter` likewise. Adherence: colour and direction both right (chance 6.25%). "
-              "Frechet distance: 11 blob features, in units of the real clips' spread (fvfunc/toy.py).",
-              "", f"DMD2 student (4 steps) over training, from its checkpoints ({prof.curve_clips} clips; "
-              "step 0 is the teacher's weights it starts from):", "",
-              "| step | adherence % | Frechet distance |", "|---|---|---|"]
-    lines += [f"| {p['step']} | {p['adherence']:.1f} | {p['fd']:.2f} |" for p in result["learning"]]
+              "Frechet distance: 11 blob features, in units of the real clips' spread (fvfunc/testing/toy.py).",
+              "", f"DMD2 students (4 steps, SDE) over training, from their checkpoints ({prof.curve_clips} "
+              "clips; step 0 is the weights they start from: the teacher's, or the kd student's):", "",
+              "| DMD2 step | adherence % | Frechet distance | | kd -> DMD2: adherence % | Frechet distance |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {p['step']} | {p['adherence']:.1f} | {p['fd']:.2f} | | {q['adherence']:.1f} | {q['fd']:.2f} |"
+              for p, q in zip(result["learning"], result["kd_dmd_learning"], strict=True)]
+    steps = " / ".join(str(t) for t in prof.student_timesteps)
+    lines += ["", f"kd student (4 steps, ODE) over training, from its checkpoints ({prof.curve_clips} clips; step 0 "
+              f"is the teacher's weights it starts from); held-out loss: kd's loss on {prof.kd_heldout} teacher "
+              "trajectories from fresh noise, the mean and the values at each student timestep:", "",
+              f"| kd step | adherence % | Frechet distance | held-out kd loss | at t = {steps} |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {p['step']} | {p['adherence']:.1f} | {p['fd']:.2f} | {p['heldout_loss']:.4f} | "
+              + " / ".join(f"{x:.4f}" for x in p["heldout_loss_per_step"]) + " |" for p in result["kd_learning"]]
     lines += ["", "Losses (window means of metrics.jsonl):", "",
-              "| teacher steps | loss | | DMD2 steps | critic loss | generator loss |", "|---|---|---|---|---|---|"]
-    for a, b in zip(result["teacher_curve"], result["dmd_curve"], strict=True):
+              "| teacher steps | loss | | DMD2 steps | critic loss | generator loss | | kd steps | loss |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for a, b, c in zip(result["teacher_curve"], result["dmd_curve"], result["kd_curve"], strict=True):
         lines.append(f"| {a['steps']} | {a['loss']:.4f} | | {b['steps']} | {b['critic_loss']:.4f} | "
-                     f"{b['generator_loss']:.4g} |")
+                     f"{b['generator_loss']:.4g} | | {c['steps']} | {c['loss']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
