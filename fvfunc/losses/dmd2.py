@@ -6,10 +6,13 @@ Generator (student) step, every `generator_update_interval` steps:
              few-step SDE from pure noise without grad and stops at a uniformly chosen step k;
              `data` noises a dataset latent to sigma_k
     x0_gen   = x_k - sigma_k v_student(x_k)                               (with grad)
-    sigma    = clamp(shift(u; flow_shift), min_ratio, max_ratio), u ~ U(min_ratio, max_ratio)
+    sigma    the score noise level, as FastVideo draws it: an integer t0 ~ U{0, ..., 999}, shifted,
+             t = 1000 shift(t0 / 1000), clamped to [int(min_ratio 1000), int(max_ratio 1000)] and
+             snapped to the nearest sigma of the shifted 1000-step training grid (`score_sigmas`)
     x_t      = (1 - sigma) x0_gen + sigma noise                           (no grad from here)
     fake     = x0 of the critic at x_t
-    real     = uncond + w (cond - uncond), the teacher's x0 with / without text, standard CFG.
+    real     = uncond + w (cond - uncond), the teacher's x0 with the prompt and with the negative
+               prompt's embedding (batch["negative_text"]; zeros when the run has none), standard CFG.
                FastVideo's older form cond + w' (cond - uncond) is this one with w = w' + 1, so its
                3.5 is 4.5 here.
     g        = (fake - real) / mean(|x0_gen - real|)   (per sample; non-finite entries zeroed)
@@ -33,7 +36,15 @@ from fvfunc import optim, random
 from fvfunc.autodiff import accumulate
 from fvfunc.losses.flow_matching import flow_matching_loss
 from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec
-from fvfunc.samplers import add_noise, sample, shift, timesteps_to_sigmas, with_timesteps, x0_from_v
+from fvfunc.samplers import (
+    NUM_TRAIN_TIMESTEPS,
+    add_noise,
+    sample,
+    shift,
+    timesteps_to_sigmas,
+    with_timesteps,
+    x0_from_v,
+)
 from fvfunc.state import TrainState
 
 log = logging.getLogger("fvfunc.config_file")  # a note on reading a run file
@@ -57,19 +68,33 @@ def distribution_matching_loss(x0_gen, x0_real, x0_fake) -> torch.Tensor:
     return 0.5 * F.mse_loss(x0_gen, (x0_gen - g).detach())
 
 
-def score_sigmas(u: torch.Tensor, cfg) -> torch.Tensor:
-    """Map u ~ U(min_ratio, max_ratio) to the teacher / critic noise level (shifted, clamped)."""
-    return shift(u, cfg.flow_shift).clamp(cfg.min_timestep_ratio, cfg.max_timestep_ratio)
+def score_sigmas(t0: torch.Tensor, cfg) -> torch.Tensor:
+    """The teacher / critic noise level of integer timesteps t0 in [0, 1000), FastVideo's way
+    (fastvideo/distillation adapters' `shift_and_clamp_timestep`, then its scheduler's `add_noise`):
+    t = 1000 shift(t0 / 1000; flow_shift), clamped to [int(1000 min_ratio), int(1000 max_ratio)], then
+    the sigma of the nearest point of FlowMatchEulerDiscreteScheduler(shift)'s training grid
+    sigma_j = shift(j / 1000), j = 1..1000 (float32, as FastVideo computes it). The model is called at
+    t = 1000 sigma of that grid point, so its timestep and the noise it sees agree (FastVideo feeds the
+    unsnapped t: at most half a grid step apart). At shift 8 and min_ratio 0.02 the smallest sigma is
+    0.0236, where a clamp of a shifted continuous u would stop at shift(0.02) = 0.140."""
+    s = cfg.flow_shift
+    grid = shift(torch.arange(1, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float32) / NUM_TRAIN_TIMESTEPS, s)
+    t = NUM_TRAIN_TIMESTEPS * shift(t0.float().cpu() / NUM_TRAIN_TIMESTEPS, s)
+    t = t.clamp(int(cfg.min_timestep_ratio * NUM_TRAIN_TIMESTEPS), int(cfg.max_timestep_ratio * NUM_TRAIN_TIMESTEPS))
+    nearest = (grid[None, :] * NUM_TRAIN_TIMESTEPS - t[:, None]).abs().argmin(dim=1)
+    return grid[nearest].to(t0.device)
 
 
 def x0_prediction(apply, params, x, sigma, context) -> torch.Tensor:
     return x0_from_v(x, apply(params, x, sigma * 1000, context).float(), sigma)
 
 
-def real_score(teacher, params, x_t, sigma, context, guidance: float) -> torch.Tensor:
-    """Teacher x0 with standard CFG; cond and uncond (zero text) in one batched call."""
+def real_score(teacher, params, x_t, sigma, context, uncond, guidance: float) -> torch.Tensor:
+    """Teacher x0 with standard CFG; cond and uncond (the negative prompt's embedding, or zeros when
+    None) in one batched call."""
+    uncond = torch.zeros_like(context) if uncond is None else uncond.to(context.dtype)
     both = teacher.apply(params, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]) * 1000,
-                         torch.cat([context, torch.zeros_like(context)])).float()
+                         torch.cat([context, uncond])).float()
     v_cond, v_uncond = both.chunk(2)
     return x0_from_v(x_t, v_uncond + guidance * (v_cond - v_uncond), sigma)
 
@@ -83,7 +108,7 @@ def generator_loss(student_params, batch, models, params, cfg):
         x_t = add_noise(x0_gen.detach(), batch["score_noise"], batch["score_sigma"])
         fake = x0_prediction(models["critic"].apply, params["critic"], x_t, batch["score_sigma"], batch["text"])
         real = real_score(models["teacher"], params["teacher"], x_t, batch["score_sigma"], batch["text"],
-                          cfg.real_score_guidance_scale)
+                          batch.get("negative_text"), cfg.real_score_guidance_scale)
     return distribution_matching_loss(x0_gen, real, fake), {}
 
 
@@ -99,30 +124,40 @@ def critic_loss(critic_params, batch, models):
 
 
 def draw(key, sample_index, shape, num_steps, device):
-    """Per-sample noises: rollout noise for each step [B, num_steps, *shape], score noise [B, *shape]
-    and u for the score sigma [B]."""
-    rollout, score, u = [], [], []
-    for k in random.per_sample(key, sample_index):
-        k_roll, k_score, k_u = random.split(k, 3)
+    """Per-sample draws: rollout noise for each step [B, num_steps, *shape], score noise [B, *shape],
+    the score's integer timestep t0 in [0, 1000) [B] and the few-step index k in [0, num_steps) [B].
+    Each sample draws its own k (FastVideo draws one per rank, i.e. per sample at its batch size of
+    1), from its index in the global batch: a batch covers several k, the same however many ranks and
+    micro-batches share it."""
+    rollout, score, t0, k = [], [], [], []
+    for key_b in random.per_sample(key, sample_index):
+        k_roll, k_score, k_t, k_k = random.split(key_b, 4)
         rollout.append(torch.stack([random.normal(random.fold_in(k_roll, j), shape, device=device)
                                     for j in range(num_steps)]))
         score.append(random.normal(k_score, shape, device=device))
-        u.append(random.uniform(k_u, (1,), device=device))
-    return torch.stack(rollout), torch.stack(score), torch.cat(u)
+        t0.append(random.randint(k_t, (1,), 0, NUM_TRAIN_TIMESTEPS))
+        k.append(random.randint(k_k, (1,), 0, num_steps))
+    return torch.stack(rollout), torch.stack(score), torch.cat(t0).to(device), torch.cat(k)
 
 
 @torch.no_grad()
-def student_input(student, params, batch, sigmas, k: int, mode: str) -> torch.Tensor:
-    """x_k: the student's input at sigmas[k]. simulate: k steps of the student's own SDE sampler from
-    pure noise (rollout_noise[:, 0]), re-noising step j with rollout_noise[:, j + 1]; data: the latent
-    noised to sigma_k."""
+def student_input(student, params, batch, sigmas, k: torch.Tensor, mode: str) -> torch.Tensor:
+    """x_k: each sample's input at sigmas[k_b] (k [B] on the CPU). simulate: k_b steps of the student's own
+    SDE sampler from pure noise (rollout_noise[:, 0]), re-noising step j with rollout_noise[:, j + 1]
+    (the batch runs max(k) steps together and each sample keeps its state at its own k_b); data: the
+    latent noised to sigma_k."""
     noise = batch["rollout_noise"]
+    sigma_k = sigmas[k].to(noise.device)
     if mode == "data":
-        return add_noise(batch["latents"], noise[:, 0], sigmas[k].item())
-    if k == 0:
+        return add_noise(batch["latents"], noise[:, 0], sigma_k)
+    last = int(k.max())
+    if last == 0:
         return noise[:, 0]
     denoise = lambda x, t: student.apply(params, x, t, batch["text"]).float()  # noqa: E731
-    return sample(denoise, noise[:, 0], sigmas[:k + 1], "sde", noise=lambda j: noise[:, j + 1])
+    end, states = sample(denoise, noise[:, 0], sigmas[:last + 1], "sde", noise=lambda j: noise[:, j + 1],
+                         states=True)
+    states = torch.stack([*states, end])  # [last + 1, B, ...]: the state at sigmas[0..last]
+    return states[k.to(noise.device), torch.arange(noise.shape[0], device=noise.device)]
 
 
 def make(run, roles, reduce=None) -> Method:
@@ -148,12 +183,10 @@ def make(run, roles, reduce=None) -> Method:
         """Draw this phase's noises and step k, and roll the student out to x_k (no grad)."""
         text = batch["text"]
         shape = batch["latents"].shape[1:] if cfg.rollout_mode == "data" else (channels, *cfg.latent_shape)
-        rollout_noise, score_noise, u = draw(key, batch["sample_index"], shape, num_steps, text.device)
-        k = int(random.randint(random.fold_in(key, -1), (), 0, num_steps))
-        u = cfg.min_timestep_ratio + (cfg.max_timestep_ratio - cfg.min_timestep_ratio) * u
-        batch = dict(batch, rollout_noise=rollout_noise, score_noise=score_noise, score_sigma=score_sigmas(u, cfg))
+        rollout_noise, score_noise, t0, k = draw(key, batch["sample_index"], shape, num_steps, text.device)
+        batch = dict(batch, rollout_noise=rollout_noise, score_noise=score_noise, score_sigma=score_sigmas(t0, cfg))
         x_k = student_input(student, student_params, batch, sigmas, k, cfg.rollout_mode)
-        sigma_k = torch.full((text.shape[0],), sigmas[k].item(), device=text.device)
+        sigma_k = sigmas[k].to(text.device)
         return dict(batch, x_k=x_k, sigma_k=sigma_k)
 
     def step(state: TrainState, batch: dict):

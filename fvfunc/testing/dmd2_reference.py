@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fvfunc import random
 from fvfunc.losses import dmd2
-from fvfunc.samplers import shift, timesteps_to_sigmas
+from fvfunc.samplers import timesteps_to_sigmas
 
 
 def make(modules: dict[str, torch.nn.Module], cfg, training, key: torch.Tensor,
@@ -56,26 +56,32 @@ def make(modules: dict[str, torch.nn.Module], cfg, training, key: torch.Tensor,
             v = module(x, sigma * 1000, text, return_dict=False)[0]
         return x - sigma.view(-1, 1, 1, 1, 1) * v.float()
 
+    grid = torch.arange(1, 1001, dtype=torch.float32) / 1000  # FastVideo's training sigmas, shifted
+    grid = cfg.flow_shift * grid / (1 + (cfg.flow_shift - 1) * grid)
+
     def draws(phase_key, batch):
-        """fvfunc's draws for one phase: rollout noise, score noise, score sigma, step k."""
+        """fvfunc's draws for one phase: rollout noise, score noise, score sigma, each sample's step k."""
         shape = (channels, *cfg.latent_shape)
-        rollout_noise, score_noise, u = dmd2.draw(phase_key, batch["sample_index"], shape, num_steps, device)
-        k = int(random.randint(random.fold_in(phase_key, -1), (), 0, num_steps))
-        u = cfg.min_timestep_ratio + (cfg.max_timestep_ratio - cfg.min_timestep_ratio) * u
-        score_sigma = shift(u, cfg.flow_shift).clamp(cfg.min_timestep_ratio, cfg.max_timestep_ratio)
+        rollout_noise, score_noise, t0, k = dmd2.draw(phase_key, batch["sample_index"], shape, num_steps, device)
+        u = t0.float().cpu() / 1000  # FastVideo: shift the integer timestep, clamp, snap to the grid
+        t = (1000 * cfg.flow_shift * u / (1 + (cfg.flow_shift - 1) * u)).clamp(
+            int(cfg.min_timestep_ratio * 1000), int(cfg.max_timestep_ratio * 1000))
+        score_sigma = grid[(grid[None] * 1000 - t[:, None]).abs().argmin(dim=1)].to(device)
         return rollout_noise, score_noise, score_sigma, k
 
     @torch.no_grad()
     def rollout(noise, k, text):
-        """The student's few-step SDE from pure noise, stopped at step k."""
+        """The student's few-step SDE from pure noise, each sample stopped at its own step k."""
         x = noise[:, 0]
-        for j in range(k):
+        states = [x]
+        for j in range(int(k.max())):
             x0 = x0_of(student, x, torch.full((x.shape[0],), sigmas[j], device=device), text)
             x = (1 - sigmas[j + 1]) * x0 + sigmas[j + 1] * noise[:, j + 1]
-        return x
+            states.append(x)
+        return torch.stack([states[int(kb)][b] for b, kb in enumerate(k)])
 
-    def full(value, text):
-        return torch.full((text.shape[0],), value, device=device)
+    def at(k):
+        return torch.tensor([sigmas[int(kb)] for kb in k], device=device)
 
     def update(loss, module, opt):
         loss.backward()
@@ -91,29 +97,30 @@ def make(modules: dict[str, torch.nn.Module], cfg, training, key: torch.Tensor,
         if i % cfg.generator_update_interval == 0:
             rollout_noise, score_noise, score_sigma, k = draws(random.fold_in(step_key, 0), batch)
             x_k = rollout(rollout_noise, k, text)
-            x0_gen = x0_of(student, x_k, full(sigmas[k], text), text)
+            x0_gen = x0_of(student, x_k, at(k), text)
             with torch.no_grad():
                 s = score_sigma.view(-1, 1, 1, 1, 1)
                 x_t = (1 - s) * x0_gen + s * score_noise
                 fake = x0_of(critic, x_t, score_sigma, text)
                 cond = x0_of(teacher, x_t, score_sigma, text)
-                uncond = x0_of(teacher, x_t, score_sigma, torch.zeros_like(text))
+                negative = batch.get("negative_text")
+                uncond = x0_of(teacher, x_t, score_sigma, torch.zeros_like(text) if negative is None else negative)
                 real = uncond + cfg.real_score_guidance_scale * (cond - uncond)
                 grad = (fake - real) / (x0_gen - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
                 grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
             loss = 0.5 * F.mse_loss(x0_gen, (x0_gen - grad).detach())
             update(loss, student, opt_student)
-            metrics.update(generator_loss=loss.detach(), generator_k=k)
+            metrics.update(generator_loss=loss.detach())
         rollout_noise, score_noise, score_sigma, k = draws(random.fold_in(step_key, 1), batch)
         with torch.no_grad():
-            x0 = x0_of(student, rollout(rollout_noise, k, text), full(sigmas[k], text), text)
+            x0 = x0_of(student, rollout(rollout_noise, k, text), at(k), text)
         s = score_sigma.view(-1, 1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * score_noise
         with autocast():
             v = critic(x_t, score_sigma * 1000, text, return_dict=False)[0]
         loss = torch.mean((v.float() - (score_noise - x0)) ** 2)
         update(loss, critic, opt_critic)
-        metrics.update(critic_loss=loss.detach(), critic_k=k)
+        metrics.update(critic_loss=loss.detach())
         return metrics
 
     return step
