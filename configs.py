@@ -171,6 +171,9 @@ class DataConfig:
     shuffle_window: int = 4
     """Row groups shuffled together under 'groups'; twice as many stay cached in memory (a FastVideo
     group of 64 Wan-1.3B samples is about 1 GB)."""
+    num_latent_t: int = 0
+    """Keep the first N latent frames of each sample (FastVideo's num_latent_t); 0 keeps them all. A
+    sample with fewer frames is an error naming its row."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,14 @@ class ValidationConfig:
     """Validate every N steps (and at the end); 0 disables validation."""
     prompts: str = ""
     """A text-only parquet folder of prompts; empty takes the first rows of the training data."""
+    dataset_file: str = ""
+    """FastVideo's validation JSON ({"data": [{"caption": ...}, ...]}) or a .txt of one prompt a line,
+    encoded once with the student folder's own umT5 (text_encoder/ + tokenizer/); overrides prompts."""
+    negative_prompt: str = ""
+    """The negative prompt of classifier-free guidance, encoded with the student folder's umT5."""
+    negative_prompt_embedding: str = ""
+    """Or its embedding: a .safetensors (one tensor) or .pt file of [L, D] or [1, L, D]. With neither,
+    a guided sampler's uncond is zero text (with a warning)."""
     num_prompts: int = 2
     """How many prompts to sample."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -263,6 +274,13 @@ class DMD2Config:
     latent_shape: tuple[int, int, int] = (21, 60, 104)
     """(T, H, W) of the latents the student generates in simulate mode (81x480x832 video for Wan);
     ignored in data mode, where the data's latents set the shape."""
+    negative_prompt: str = ""
+    """The teacher's unconditional input is this negative prompt, encoded once with the teacher folder's
+    umT5 (text_encoder/ + tokenizer/), as FastVideo and diffusers' Wan pipelines do. A FastVideo run
+    file gets FastVideo's default negative prompt unless it says otherwise."""
+    negative_prompt_embedding: str = ""
+    """Or its embedding: a .safetensors (one tensor) or .pt file of [L, D] or [1, L, D]. With neither,
+    the uncond is zero text (with a warning)."""
 
 
 @dataclass(frozen=True)
@@ -279,7 +297,14 @@ class KDConfig:
     flow_shift: float = 5.0
     """Flow shift of the teacher's sampling schedule."""
     guidance_scale: float = 5.0
-    """The teacher's classifier-free guidance when generating (1 disables it; uncond is zero text)."""
+    """The teacher's classifier-free guidance when generating (1 disables it)."""
+    negative_prompt: str = ""
+    """The teacher's unconditional input when generating is this negative prompt, encoded once with the teacher folder's
+    umT5 (text_encoder/ + tokenizer/), as FastVideo and diffusers' Wan pipelines do. A FastVideo run
+    file gets FastVideo's default negative prompt unless it says otherwise."""
+    negative_prompt_embedding: str = ""
+    """Or its embedding: a .safetensors (one tensor) or .pt file of [L, D] or [1, L, D]. With neither,
+    the uncond is zero text (with a warning)."""
     latent_shape: tuple[int, int, int] = (21, 60, 104)
     """(T, H, W) of the generated trajectories (81x480x832 video for Wan)."""
     cache: str = ""

@@ -86,6 +86,7 @@ import msgspec
 import yaml
 
 import configs
+from fvfunc import fastvideo_layout
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,23 @@ PRECISIONS = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "fl
 
 class ConfigError(ValueError):
     """A run config (from flags or a file) that fvfunc refuses; the message names the field."""
+
+
+FASTVIDEO_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards")
+"""FastVideo's default negative prompt (fastvideo/api/sampling_param.py), which its trainers encode as
+the teacher's and validation's unconditional input when a run file names none."""
+
+# FastVideo keys fvfunc reads and deliberately does not use: a file that sets one gets one note.
+IGNORED = ("training.tp_size", "training.hsdp_replicate_dim", "training.hsdp_shard_dim",
+           "training.train_sp_batch_size", "training.weight_only_checkpointing_steps", "training.trackers",
+           "training.log_visualization", "training.visualization_steps", "training.pin_cpu_memory",
+           "training.lr_num_cycles", "training.lr_power", "training.entity", "training.dit_precision",
+           "training.model_path", "training.preprocessed_data_type", "training.moba_config",
+           "roles.*.disable_custom_init_weights")
 
 
 # FastVideo keys each section accepts besides fvfunc's own field names, with their types.
@@ -115,7 +133,9 @@ _FASTVIDEO_TRAINING: dict[str, Any] = {
     "validation_sampling_steps": str | int, "validation_guidance_scale": str | float,
     "validation_preprocessed_path": str, "validation_dataset_file": str, "log_visualization": bool,
     "visualization_steps": int, "num_latent_t": int, "num_height": int, "num_width": int,
-    "num_frames": int, "training_cfg_rate": float, "ema_decay": float,
+    "num_frames": int, "training_cfg_rate": float, "ema_decay": float, "pin_cpu_memory": bool,
+    "lr_num_cycles": int, "lr_power": float, "entity": str, "dit_precision": str, "model_path": str,
+    "preprocessed_data_type": str, "moba_config": dict,
 }
 _FASTVIDEO_METHOD: dict[str, Any] = {"attn_kind": str}
 _FASTVIDEO_PIPELINE: dict[str, Any] = {"flow_shift": float, "sampler_kind": str}
@@ -223,8 +243,10 @@ def _validation_message(e: msgspec.ValidationError, root: type[msgspec.Struct]) 
         known = list(_field_types(root, parent))
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         owners = _methods_knowing(parent, key)
-        if not parent and key in ("distill", "models"):
-            msg += " (a schema-v1 name: schema v2 calls the sections recipe: and roles:)"
+        if not parent and not close:
+            msg += (" (fvfunc reads schema-v2 files, with recipe:, roles:, training:, pipeline_config:, "
+                    "method_config:, data:, validation:, tracking:, and FastVideo's fastvideo/train files, with "
+                    "models: of _target_ classes, method:, training:, callbacks:, pipeline:)")
         elif owners:
             msg += f" (a key of {' and '.join(owners)}, not of this method)"
         elif close:
@@ -299,10 +321,16 @@ class FileFacts:
     """What a method's FastVideo `read` may ask of the file being read (fvfunc/losses/spec.py): the
     family's VAE compression, the values assigned so far, and FastVideo's value formats."""
 
-    def __init__(self, out: _Assignments, run: type, fastvideo: bool):
+    def __init__(self, out: _Assignments, run: type, layout: str):
         self._out, self.run = out, run
-        self.fastvideo = fastvideo
-        """Whether the file uses any FastVideo-only key (a file `dump` wrote never does)."""
+        self.layout = layout
+        """'fvfunc' (fvfunc's own names only, as `dump` writes), 'fastvideo' (FastVideo's schema-v2
+        distillation YAML: its TrainingArgs names, its older CFG form in DMD2) or 'fastvideo-train'
+        (FastVideo's fastvideo/train YAML, translated by fvfunc/fastvideo_layout.py; standard CFG)."""
+        self.fastvideo = layout != "fvfunc"
+        """Whether the file is FastVideo's: keys it omits take FastVideo's defaults, not fvfunc's."""
+        self.negative_prompt = FASTVIDEO_NEGATIVE_PROMPT
+        """FastVideo's default negative prompt (its SamplingParam), for a FastVideo file's CFG."""
 
     @functools.cached_property
     def _compression(self) -> tuple[int, int]:
@@ -395,6 +423,8 @@ def _from_training(t: dict, out: _Assignments) -> None:
     put("tracking.run_name", "wandb_run_name")
     put("data.num_workers", "dataloader_num_workers")
     put("validation.prompts", "validation_preprocessed_path")
+    put("validation.dataset_file", "validation_dataset_file")
+    put("data.num_latent_t", "num_latent_t")
     if "data_path" in t:
         put("data.path", "data_path", _data_specs(t["data_path"]))
 
@@ -439,8 +469,9 @@ def _from_training(t: dict, out: _Assignments) -> None:
 def _from_method(m: dict, method: str, out: _Assignments) -> None:
     """method_config: the method's fvfunc fields (its FastVideo keys are the spec's to read)."""
     own = {f.name for f in dataclasses.fields(typing.get_type_hints(_spec(method).run)["method"])}
+    spec_reads = _spec(method).fastvideo.method_config  # the spec reads these itself (e.g. another form)
     for k, v in m.items():
-        if k in own:
+        if k in own and k not in spec_reads:
             _put(out, f"method.{k}", v, f"method_config.{k}")
     if m.get("attn_kind", "dense") != "dense":
         raise ConfigError(f"method_config.attn_kind: {m['attn_kind']!r} is not supported; fvfunc uses dense "
@@ -454,11 +485,22 @@ def _from_pipeline(p: dict, method: str, out: _Assignments) -> None:
         if "flow_shift" in own:
             _put(out, "method.flow_shift", p["flow_shift"], "pipeline_config.flow_shift")
         _put(out, "validation.sampler.shift", p["flow_shift"], "pipeline_config.flow_shift", weak=True)
-    if "sampler_kind" in p:
+    if "sampler_kind" in p:  # FastVideo's "ode" is its UniPC flow solver (FlowUniPCMultistepScheduler)
+        kinds = {"ode": "unipc", "sde": "sde"}
         kind = p["sampler_kind"]
-        if kind not in ("ode", "sde"):
+        if kind not in kinds:
             raise ConfigError(f"pipeline_config.sampler_kind: expected ode or sde, got {kind!r}")
-        _put(out, "validation.sampler.kind", kind, "pipeline_config.sampler_kind")
+        _put(out, "validation.sampler.kind", kinds[kind], "pipeline_config.sampler_kind")
+
+
+def _fastvideo_defaults(out: _Assignments) -> None:
+    """What FastVideo takes for the shared keys a FastVideo file omits (its TrainingArgs and fastvideo/train
+    defaults), where fvfunc's own defaults differ: no gradient clipping, no weight decay, AdamW betas
+    (0.9, 0.999), and its default negative prompt in validation. A method's own (e.g. DMD2's critic
+    learning rate = the student's) are set by its spec's `read`."""
+    for target, value in (("training.max_grad_norm", 0.0), ("training.weight_decay", 0.0),
+                          ("training.betas", (0.9, 0.999)), ("validation.negative_prompt", FASTVIDEO_NEGATIVE_PROMPT)):
+        _put(out, target, value, f"FastVideo's default for {target}", weak=True)
 
 
 def _from_sections(f, out: _Assignments) -> None:
@@ -514,6 +556,17 @@ def from_dict(raw: Any, method: str | None = None, where: str = "run file") -> t
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with recipe:, roles:, training:, ..., got "
                           f"{type(raw).__name__}")
+    layout, ignored = "fvfunc", []
+    if fastvideo_layout.is_train_layout(raw):
+        from fvfunc.losses import METHODS
+        from fvfunc.models import FAMILIES
+
+        targets = {spec.fastvideo.target: name for name, spec in METHODS.items() if spec.fastvideo.target}
+        try:
+            raw, ignored = fastvideo_layout.translate(raw, targets, tuple(FAMILIES), ROLE_NAMES)
+        except fastvideo_layout.LayoutError as e:
+            raise ConfigError(str(e)) from None
+        layout = "fastvideo-train"
     recipe = raw.get("recipe") or {}
     file_method = recipe.get("method") if isinstance(recipe, dict) else None
     if method is None:
@@ -547,7 +600,17 @@ def from_dict(raw: Any, method: str | None = None, where: str = "run file") -> t
     spec = _spec(method)
     sections = {"training": _given(f.training), "method_config": _given(f.method_config),
                 "pipeline_config": _given(f.pipeline_config)}
-    facts = FileFacts(out, spec.run, _fastvideo_vocabulary(f, method))
+    if layout == "fvfunc" and _fastvideo_vocabulary(f, method):
+        layout = "fastvideo"
+    facts = FileFacts(out, spec.run, layout)
+    if facts.fastvideo:
+        _fastvideo_defaults(out)
+        ignored += [f"training.{k}" for k in _given(f.training) if f"training.{k}" in IGNORED]
+        ignored += [f"roles.{r}.disable_custom_init_weights" for r in ROLE_NAMES
+                    if "disable_custom_init_weights" in _given(roles.get(r))]
+    if ignored:
+        log.warning("note: fvfunc reads and does not use %s (FastVideo's device layout and outputs fvfunc has "
+                    "no use for)", ", ".join(ignored))
     try:
         spec.fastvideo.read(sections, lambda target, key, value, weak=False: _put(out, target, value, key, weak),
                             facts)

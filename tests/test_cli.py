@@ -274,7 +274,7 @@ BAD_FILES = [
     ({"method_config": {"attn_kind": "vsa"}}, "method_config.attn_kind: 'vsa' is not supported"),
     ({"training": {"training_cfg_rate": 0.1}}, "training.training_cfg_rate: fvfunc's dmd2 drops no text"),
     ({"training": {"fake_score_lr_scheduler": "cosine"}}, "the critic's schedule (cosine) must match"),
-    ({"distill": {"model": "wan"}}, "unknown key distill (a schema-v1 name"),
+    ({"distill": {"model": "wan"}}, "unknown key distill (fvfunc reads schema-v2 files"),
     ([1, 2], "expected a mapping"),
 ]
 
@@ -389,15 +389,19 @@ def test_recipe_family_is_the_roles_default():
     assert (roles.student.family, roles.teacher.family, roles.critic.family) == ("other", "wan", "other")
 
 
-def test_fastvideo_guidance_scale_gets_a_note(caplog):
+def test_fastvideo_guidance_scale_is_read_in_fastvideos_form(caplog):
+    """FastVideo's schema-v2 DMD2 computes real = cond + w (cond - uncond): its 3.5 is fvfunc's standard
+    4.5, converted once with a note; the resolved config.yaml (fvfunc's names) reads back as 4.5."""
     with caplog.at_level("WARNING", logger="fvfunc.config_file"):
         d = {**FASTVIDEO_DMD2, "method_config": {"real_score_guidance_scale": 3.5}}
         _, cfg = config_file.from_dict(d, "dmd2")
-        assert cfg.method.real_score_guidance_scale == 3.5  # read as written: one meaning everywhere
-        assert "3.5 means 4.5 here" in caplog.text
+        assert cfg.method.real_score_guidance_scale == 4.5
+        assert caplog.text.count("w = 4.5") == 1
         caplog.clear()
-        config_file.from_dict(config_file.dump("dmd2", cfg), "dmd2")  # fvfunc's own names: no note
-        assert not caplog.text
+        _, again = config_file.from_dict(config_file.dump("dmd2", cfg), "dmd2")  # fvfunc's own names: no note
+        assert again.method.real_score_guidance_scale == 4.5 and "w = " not in caplog.text
+        own = {"method_config": {"real_score_guidance_scale": 3.5}}  # an fvfunc file stays standard
+        assert config_file.from_dict(own, "dmd2")[1].method.real_score_guidance_scale == 3.5
 
 
 def _varied(method: str):

@@ -252,21 +252,36 @@ def sampler(run):
     return with_timesteps(run.validation.sampler, run.method.dmd_denoising_steps, ("sde",))
 
 
-_TRAINING_KEYS = {"generator_update_interval": int, "real_score_guidance_scale": float, "min_timestep_ratio": float,
-                  "max_timestep_ratio": float, "dmd_denoising_steps": list[int]}
+_TRAINING_KEYS = {"generator_update_interval": int, "min_timestep_ratio": float, "max_timestep_ratio": float,
+                  "dmd_denoising_steps": list[int]}
 _CRITIC_KEYS = {"fake_score_learning_rate": float, "fake_score_betas": tuple[float, float] | str,
                 "fake_score_lr_scheduler": str, "simulate_generator_forward": bool, "warp_denoising_step": bool}
+_READ_HERE = {"real_score_guidance_scale": float, "rollout_mode": str}  # FastVideo writes these its own way
+_ROLLOUT_MODES = {"simulate": "simulate", "sim": "simulate", "data": "data", "data_latent": "data",
+                  "vae_latent": "data"}
+# What FastVideo takes for the DMD2 keys a file omits: (its schema-v2 TrainingArgs, fastvideo/train's DMD2Method)
+_DEFAULTS = {"fastvideo": {"min_timestep_ratio": 0.2, "max_timestep_ratio": 0.98, "generator_update_interval": 5,
+                           "real_score_guidance_scale": 3.5},
+             "fastvideo-train": {"min_timestep_ratio": 0.0, "max_timestep_ratio": 1.0, "generator_update_interval": 1,
+                                 "real_score_guidance_scale": 1.0}}
 
 
 def read_fastvideo(sections: dict, put, facts) -> None:
-    """FastVideo's DMD2 keys (its phase-2 TrainingArgs in training:, the schema-v2 ones in
-    method_config: and pipeline_config:) onto DMD2Config fields:
+    """FastVideo's DMD2 keys (its schema-v2 TrainingArgs in training:, method_config:, pipeline_config:;
+    fastvideo/train's method: arrives as method_config) onto DMD2Config fields:
 
-        training.generator_update_interval,          method.<same name>
-          real_score_guidance_scale, min/max_timestep_ratio, dmd_denoising_steps
+        training / method_config.generator_update_interval, method.<same name>
+          min/max_timestep_ratio, dmd_denoising_steps
         pipeline_config.dmd_denoising_steps          method.dmd_denoising_steps
-        training/method_config.fake_score_learning_rate  method.critic_lr (0 means the student's lr)
-        training/method_config.fake_score_betas      method.critic_betas
+        real_score_guidance_scale                    method.real_score_guidance_scale: in a schema-v2
+                                                       FastVideo file it is FastVideo's cond + w (cond -
+                                                       uncond), so w + 1 here (3.5 -> 4.5, with a note);
+                                                       fastvideo/train and fvfunc files use the standard
+                                                       uncond + w (cond - uncond), read as is
+        method_config.rollout_mode                   simulate | data (FastVideo's data_latent is data)
+        training/method_config.fake_score_learning_rate  method.critic_lr (0 or absent: the student's lr)
+        training/method_config.fake_score_betas      method.critic_betas (absent: 0.9, 0.999)
+        (absent)                                     method.critic_weight_decay = training.weight_decay
         training/method_config.fake_score_lr_scheduler  must name the student's schedule (fvfunc
                                                        shapes every role's learning rate alike)
         training/method_config.simulate_generator_forward  method.rollout_mode (true -> simulate)
@@ -277,10 +292,8 @@ def read_fastvideo(sections: dict, put, facts) -> None:
                                                        without num_latent_t, for Wan's VAE)
         training.validation_guidance_scale           unused: a DMD2 student samples without CFG
 
-    and the step list becomes validation.sampler.timesteps unless the file sets them. A file in
-    FastVideo's vocabulary that sets real_score_guidance_scale gets a note: fvfunc reads it as the
-    standard-form w of uncond + w (cond - uncond); FastVideo's schema-v2 DMD2 used cond + w (cond -
-    uncond), so its 3.5 is 4.5 here."""
+    Keys a FastVideo file omits take FastVideo's defaults (`_DEFAULTS`; the negative prompt is FastVideo's
+    default one), and the step list becomes validation.sampler.timesteps unless the file sets them."""
     t, m, p = sections["training"], sections["method_config"], sections["pipeline_config"]
     if t.get("training_cfg_rate", 0.0) != 0.0:
         raise ValueError("training.training_cfg_rate: fvfunc's dmd2 drops no text; set it to 0")
@@ -289,6 +302,13 @@ def read_fastvideo(sections: dict, put, facts) -> None:
             put(f"method.{k}", f"training.{k}", t[k])
     if "dmd_denoising_steps" in p:
         put("method.dmd_denoising_steps", "pipeline_config.dmd_denoising_steps", p["dmd_denoising_steps"])
+    _guidance(t, m, put, facts)
+    if "rollout_mode" in m:
+        mode = str(m["rollout_mode"]).strip().lower()
+        if mode not in _ROLLOUT_MODES:
+            raise ValueError(f"method_config.rollout_mode: expected simulate or data (FastVideo's data_latent), "
+                             f"got {m['rollout_mode']!r}")
+        put("method.rollout_mode", "method_config.rollout_mode", _ROLLOUT_MODES[mode])
     for section, keys in (("training", t), ("method_config", m)):
         if "fake_score_learning_rate" in keys:
             lr = keys["fake_score_learning_rate"]
@@ -319,14 +339,34 @@ def read_fastvideo(sections: dict, put, facts) -> None:
         H = facts.latent_size(t, "num_height", H)
         W = facts.latent_size(t, "num_width", W)
         put("method.latent_shape", f"training.{shape_keys[0]}", (T, H, W))
-    w = facts.value("method.real_score_guidance_scale", None)
-    if w is not None and facts.fastvideo:
-        log.warning("note: %s = %g is read as fvfunc's standard CFG scale, uncond + w (cond - uncond); "
-                    "FastVideo's schema-v2 DMD2 used cond + w (cond - uncond), where %g means %g here",
-                    facts.source("method.real_score_guidance_scale"), w, w, w + 1)
+    if facts.fastvideo:
+        default = f"FastVideo's default ({facts.layout})"
+        for k, v in _DEFAULTS[facts.layout].items():
+            if k != "real_score_guidance_scale":
+                put(f"method.{k}", default, v, weak=True)
+        put("method.critic_lr", default, facts.value("training.lr"), weak=True)
+        put("method.critic_betas", default, (0.9, 0.999), weak=True)
+        put("method.critic_weight_decay", "training.weight_decay", facts.value("training.weight_decay"), weak=True)
+        put("method.negative_prompt", default, facts.negative_prompt, weak=True)
     steps = facts.value("method.dmd_denoising_steps", None)
     if steps is not None:  # FastVideo samples a DMD2 student over its own step list
         put("validation.sampler.timesteps", facts.source("method.dmd_denoising_steps"), steps, weak=True)
+
+
+def _guidance(t: dict, m: dict, put, facts) -> None:
+    """real_score_guidance_scale, from method_config (or a schema-v2 file's training:), in the file's form."""
+    section = "method_config" if "real_score_guidance_scale" in m else "training"
+    keys = m if section == "method_config" else t
+    given = "real_score_guidance_scale" in keys
+    if not given and not facts.fastvideo:
+        return
+    w = keys["real_score_guidance_scale"] if given else _DEFAULTS[facts.layout]["real_score_guidance_scale"]
+    where = f"{section}.real_score_guidance_scale" if given else f"FastVideo's default ({facts.layout})"
+    if facts.layout == "fastvideo":  # FastVideo's schema-v2 DMD2: real = cond + w (cond - uncond)
+        log.warning("note: %s = %g is FastVideo's cond + w (cond - uncond), which is fvfunc's standard "
+                    "uncond + w (cond - uncond) with w = %g; the run uses %g", where, w, w + 1, w + 1)
+        w = w + 1
+    put("method.real_score_guidance_scale", where, float(w), weak=not given)
 
 
 SPEC = MethodSpec(
@@ -334,5 +374,7 @@ SPEC = MethodSpec(
     trainable=("student", "critic"),
     data=lambda run: (TEXT, LATENTS) if run.method.rollout_mode == "data" else (TEXT,),
     check=check, sampler=sampler, make=make,
-    fastvideo=FastVideoKeys(training={**_TRAINING_KEYS, **_CRITIC_KEYS}, method_config=_CRITIC_KEYS,
-                            pipeline_config={"dmd_denoising_steps": list[int]}, read=read_fastvideo))
+    fastvideo=FastVideoKeys(training={**_TRAINING_KEYS, **_CRITIC_KEYS, "real_score_guidance_scale": float},
+                            method_config={**_CRITIC_KEYS, **_READ_HERE},
+                            pipeline_config={"dmd_denoising_steps": list[int]}, read=read_fastvideo,
+                            target="DMD2Method"))

@@ -112,7 +112,8 @@ def check(run) -> None:
 def read_fastvideo(sections: dict, put, facts) -> None:
     """FastVideo's finetune keys in training: (its TrainingArgs): training_cfg_rate -> method.cfg_rate,
     precondition_outputs / weighting_scheme / logit_mean / logit_std / mode_scale -> method.<same>,
-    validation_guidance_scale: "5.0" -> validation.sampler.guidance_scale (one value)."""
+    validation_guidance_scale: "5.0" -> validation.sampler.guidance_scale (one value). A FastVideo file
+    without training_cfg_rate drops no text (FastVideo's default 0, fvfunc's own is 0.1)."""
     t = sections["training"]
     if "training_cfg_rate" in t:
         put("method.cfg_rate", "training.training_cfg_rate", t["training_cfg_rate"])
@@ -122,6 +123,8 @@ def read_fastvideo(sections: dict, put, facts) -> None:
     if "validation_guidance_scale" in t:
         w = facts.number(t["validation_guidance_scale"], float, "training.validation_guidance_scale")
         put("validation.sampler.guidance_scale", "training.validation_guidance_scale", w)
+    if facts.fastvideo:  # FastVideo drops no text unless told (training_cfg_rate defaults to 0)
+        put("method.cfg_rate", "FastVideo's default for training_cfg_rate", 0.0, weak=True)
 
 
 SPEC = MethodSpec(
@@ -131,4 +134,4 @@ SPEC = MethodSpec(
         training={"training_cfg_rate": float, "precondition_outputs": bool, "weighting_scheme": str,
                   "logit_mean": float, "logit_std": float, "mode_scale": float,
                   "validation_guidance_scale": str | float},
-        read=read_fastvideo))
+        read=read_fastvideo, target="FineTuneMethod"))

@@ -212,8 +212,14 @@ def sampler(run):
 
 
 def read_fastvideo(sections: dict, put, facts) -> None:
-    """FastVideo's kd method_config keys onto KDConfig fields."""
+    """FastVideo's kd method_config keys onto KDConfig fields (teacher_path_cache -> cache,
+    teacher_guidance_scale -> guidance_scale, standard CFG, teacher_inference_steps -> teacher_steps).
+    A FastVideo file without teacher_guidance_scale samples the teacher unguided (FastVideo's default 1)
+    and with FastVideo's default negative prompt."""
     m = sections["method_config"]
+    if facts.fastvideo:
+        put("method.guidance_scale", "FastVideo's default for teacher_guidance_scale", 1.0, weak=True)
+        put("method.negative_prompt", "FastVideo's default negative prompt", facts.negative_prompt, weak=True)
     for key, field in (("teacher_path_cache", "cache"), ("teacher_guidance_scale", "guidance_scale"),
                        ("teacher_inference_steps", "teacher_steps")):
         if key in m:
@@ -232,4 +238,4 @@ SPEC = MethodSpec(
     check=check, sampler=sampler, make=make, prepare=prepare,
     fastvideo=FastVideoKeys(method_config={"teacher_path_cache": str, "teacher_guidance_scale": float,
                                            "teacher_inference_steps": int, "student_sample_steps": int},
-                            read=read_fastvideo))
+                            read=read_fastvideo, target="KDMethod"))

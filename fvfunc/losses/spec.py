@@ -61,12 +61,17 @@ class FastVideoKeys(NamedTuple):
     sections = {"training": {...}, "method_config": {...}, "pipeline_config": {...}} as decoded (keys
     absent from the file are absent), `put(target, key, value, weak=False)` sets field `target`
     ("method.flow_shift") from the file key `key` ("pipeline_config.flow_shift"; a weak value is a
-    default that never overrides), facts = config_file.FileFacts (the family's VAE compression)."""
+    default that never overrides), facts = config_file.FileFacts (the file's layout, the family's VAE
+    compression, FastVideo's formats and defaults)."""
 
     training: dict[str, Any] = {}
     method_config: dict[str, Any] = {}
+    """(A method_config key that is also an fvfunc field name, listed here, is the spec's to read: e.g.
+    a value FastVideo writes in another form.)"""
     pipeline_config: dict[str, Any] = {}
     read: Callable[[dict, Callable, Any], None] = lambda sections, put, facts: None
+    target: str = ""
+    """The class name of this method in FastVideo's fastvideo/train files (`method._target_`)."""
 
 
 class MethodSpec(NamedTuple):
