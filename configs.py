@@ -68,9 +68,16 @@ class SamplerConfig:
     """Number of steps of a shifted schedule (ignored when `timesteps` is given)."""
     shift: float = 5.0
     """Flow shift s of the schedule, sigma' = s*sigma / (1 + (s-1)*sigma) (Wan uses 3 to 8)."""
-    timesteps: tuple[int, ...] = ()
+    schedule: Literal["unipc", "flow_match_euler"] = "unipc"
+    """The num_steps sigmas, named for the diffusers scheduler whose set_timesteps(num_steps) they equal
+    (a named rule rather than a pasted list: it depends on num_steps and shift). unipc: the Wan2.1
+    checkpoints' UniPCMultistepScheduler(flow_shift=shift), shift(linspace(1, 1/1000, n + 1)[:-1]);
+    flow_match_euler: FlowMatchEulerDiscreteScheduler(shift=shift), n sigmas between its largest and
+    smallest shifted training sigma, shifted again. Any kind runs on either; the model's timestep per
+    step follows the kind (unipc: floor(1000 * sigma), as diffusers' UniPC; ode, sde: 1000 * sigma)."""
+    timesteps: tuple[float, ...] = ()
     """Explicit timesteps in (0, 1000], strictly descending, e.g. 1000 750 500 250 for a few-step
-    student. Overrides num_steps and shift."""
+    student (floats allowed, e.g. a FlowMatchEuler pipeline's). Overrides num_steps, shift, schedule."""
     guidance_scale: float = 1.0
     """Classifier-free guidance w: v = v_uncond + w * (v_cond - v_uncond); 1 disables it."""
     seed: int = 0

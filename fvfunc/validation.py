@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fvfunc import data, random
-from fvfunc.samplers import guided, sample, sigmas_from_config
+from fvfunc.samplers import guided, sample, schedule
 
 log = logging.getLogger("fvfunc")
 
@@ -28,7 +28,8 @@ def generate(apply, params, text: torch.Tensor, shape, sampler_cfg, key=None) ->
     x = random.normal(k_init, (text.shape[0], *shape), device=text.device)
     denoise = guided(lambda x, t, c: apply(params, x, t, c).float(), text, None, sampler_cfg.guidance_scale)
     with torch.no_grad():
-        return sample(denoise, x, sigmas_from_config(sampler_cfg), sampler_cfg.kind, k_steps)
+        walk = schedule(sampler_cfg)
+        return sample(denoise, x, walk.sigmas, sampler_cfg.kind, k_steps, timesteps=walk.timesteps)
 
 
 def to_frames(latents: torch.Tensor, role_family=None, vae=None, facts=None) -> np.ndarray:
