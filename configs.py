@@ -359,15 +359,33 @@ class SampleRun:
     family: str = "wan"
     """Model family of a model folder."""
     prompts: str = ""
-    """A parquet folder (text-only or T2V schema) whose first rows are the prompts."""
-    num_prompts: int = 2
-    """How many prompts to sample."""
+    """The prompts, from a file: a parquet folder (text-only or T2V schema) of umT5 embeddings, a .txt
+    file of one prompt a line (blank lines skipped) encoded with the pipeline's umT5 as diffusers'
+    WanPipeline does, or a .safetensors / .pt file of embeddings [N, L, D] (one tensor, or "text")."""
+    prompt: tuple[str, ...] = ()
+    """Prompts as text instead, e.g. --prompt "a cat" "a dog" (needs the pipeline's text_encoder/ and
+    tokenizer/ beside its transformer)."""
+    negative_prompt: str = ""
+    """The negative prompt: its umT5 embedding is the uncond of guidance ("" as WanPipeline's default
+    still encodes the eos). Without a text encoder and without negative_embedding the uncond is zeros
+    (a warning says so)."""
+    negative_embedding: str = ""
+    """A .safetensors / .pt file of the negative prompt's embedding, [L, D], [1, L, D] or [N, L, D];
+    overrides negative_prompt."""
+    noise: str = ""
+    """A .safetensors / .pt file of the initial noise [N, C, T, H, W] (or [C, T, H, W] for every prompt),
+    normalised latents at sigma = 1; sets the latent shape. Empty: drawn from sampler.seed."""
+    num_prompts: int = 0
+    """How many prompts to sample, from the first; 0: every prompt given as text, in a .txt or tensor
+    file, and the first 2 rows of a parquet folder."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """The sampler."""
     latent_shape: tuple[int, int, int] = (21, 60, 104)
     """(T, H, W) of the sampled latents (81x480x832 video for Wan)."""
     output_dir: str = "samples"
-    """Where the mp4 files go."""
+    """Where the outputs go: per prompt i, sample-i.mp4, the lossless sample-i.safetensors (the sampled
+    latents [C, T, H, W], normalised as WanPipeline's output_type="latent", prompt in the metadata) and
+    the decoded frames as sample-i/frame-0000.png, ..."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
     precision: Literal["float32", "bfloat16"] = "bfloat16"

@@ -15,11 +15,13 @@ A prompt longer than max_length tokens is cropped to its first max_length - 1 to
 from __future__ import annotations
 
 import html
+import json
 import logging
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
+if TYPE_CHECKING:  # torch and transformers load in the functions: the CLI checks a run with find_encoder alone
+    import torch
 
 log = logging.getLogger("fvfunc")
 
@@ -43,9 +45,18 @@ def has_encoder(folder) -> bool:
     return (Path(folder) / "text_encoder").is_dir() and (Path(folder) / "tokenizer").is_dir()
 
 
-def load_encoder(folder, device="cpu", dtype: torch.dtype = torch.float32) -> Encoder:
-    """The tokenizer and umT5 of a diffusers pipeline folder. Raises ValueError naming the folder and
-    the missing subfolder when it has no text_encoder/ or tokenizer/."""
+def find_encoder(model) -> Path | None:
+    """The pipeline folder holding the text encoder, or None, given the pipeline or its transformer/
+    folder (as `wan.find_vae` finds the VAE) or a run's checkpoint folder (its student's folder)."""
+    meta = Path(model) / "meta.json"
+    folder = Path(json.loads(meta.read_text())["meta"]["roles"]["student"]) if meta.is_file() else Path(model)
+    return next((f for f in (folder, folder.parent) if has_encoder(f)), None)
+
+
+def load_encoder(folder, device="cpu", dtype: torch.dtype | None = None) -> Encoder:
+    """The tokenizer and umT5 of a diffusers pipeline folder, in `dtype` (None: float32). Raises
+    ValueError naming the folder and the missing subfolder when it has no text_encoder/ or tokenizer/."""
+    import torch
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     folder = Path(folder)
@@ -54,8 +65,8 @@ def load_encoder(folder, device="cpu", dtype: torch.dtype = torch.float32) -> En
         raise ValueError(f"{folder} has no {' and no '.join(f'{m}/' for m in missing)}: prompts given as text "
                          "need a pipeline folder with its umT5 text encoder and tokenizer (or give embeddings)")
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    model = UMT5EncoderModel.from_pretrained(folder / "text_encoder").to(device=device, dtype=dtype).eval()
-    return Encoder(tokenizer, model, torch.device(device), folder)
+    model = UMT5EncoderModel.from_pretrained(folder / "text_encoder").to(device=device, dtype=dtype or torch.float32)
+    return Encoder(tokenizer, model.eval(), torch.device(device), folder)
 
 
 def clean(prompt: str) -> str:
@@ -74,6 +85,8 @@ def clean(prompt: str) -> str:
 
 def encode(encoder: Encoder, prompts: list[str], max_length: int = MAX_LENGTH) -> torch.Tensor:
     """[B, max_length, D] float32 embeddings of `prompts`, each row zero past its own token count."""
+    import torch
+
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, got one str")
     if not prompts:
