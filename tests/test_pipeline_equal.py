@@ -2,8 +2,11 @@
 tokenizer, VAE, Wan2.1's scheduler), prompts, negative prompt and initial latents give the same latents,
 through the Python API and through `train.py sample`, with UniPC as shipped and with Euler."""
 
+import logging
+
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from configs import SamplerConfig, SampleRun
@@ -103,7 +106,7 @@ def test_train_py_sample_equals_wan_pipeline(folder, noise, reference, kind, tmp
         assert [f.name for f in frames] == ["frame-0000.png", "frame-0001.png"]
 
 
-def test_sample_inputs_as_files(folder, noise, reference, tmp_path):
+def test_sample_inputs_as_files(folder, noise, reference, tmp_path, caplog):
     """Prompts from a .txt file, the negative prompt as an embedding file, the noise as a .pt file; and
     without any negative, WanPipeline's "" (not zeros) as the uncond."""
     from fvfunc import sample
@@ -116,13 +119,17 @@ def test_sample_inputs_as_files(folder, noise, reference, tmp_path):
                     negative_embedding=str(tmp_path / "neg.safetensors"), noise=str(tmp_path / "noise.pt"),
                     sampler=sampler("unipc"), output_dir=str(tmp_path / "a"), device="cpu", precision="float32")
     sample.sample_command(cfg)
-    meta_prompt = [load_file(tmp_path / "a" / f"sample-{i}.safetensors") for i in range(2)]
-    got = torch.stack([m["latents"] for m in meta_prompt])
+    got = torch.stack([load_file(tmp_path / "a" / f"sample-{i}.safetensors")["latents"] for i in range(2)])
     assert rel(got, reference["unipc"]) <= 1e-5
+    with safe_open(tmp_path / "a" / "sample-1.safetensors", "pt") as f:
+        assert f.metadata() == {"prompt": PROMPTS[1]}
 
     empty = text.encode(encoder, [""])
     assert empty.abs().sum() > 0
     assert torch.equal(sample.read_uncond(SampleRun(model=str(folder)), encoder, 2), empty)
+    with caplog.at_level(logging.WARNING, logger="fvfunc"):  # no encoder, no file: zeros, said once
+        assert sample.read_uncond(SampleRun(), None, 2) is None
+    assert "guidance uses zeros as the uncond" in caplog.text
     with pytest.raises(ValueError, match="negative_embedding: 3 embeddings for 2 prompts"):
         torch.save(torch.zeros(3, 4, 32), tmp_path / "three.pt")
         sample.read_uncond(SampleRun(negative_embedding=str(tmp_path / "three.pt")), None, 2)
