@@ -361,7 +361,7 @@ class SampleRun:
     prompts: str = ""
     """The prompts, from a file: a parquet folder (text-only or T2V schema) of umT5 embeddings, a .txt
     file of one prompt a line (blank lines skipped) encoded with the pipeline's umT5 as diffusers'
-    WanPipeline does, or a .safetensors / .pt file of embeddings [N, L, D] (one tensor, or "text")."""
+    WanPipeline does, or a .safetensors file of embeddings [N, L, D] (one tensor, or "text")."""
     prompt: tuple[str, ...] = ()
     """Prompts as text instead, e.g. --prompt "a cat" "a dog" (needs the pipeline's text_encoder/ and
     tokenizer/ beside its transformer)."""
@@ -370,10 +370,10 @@ class SampleRun:
     still encodes the eos). Without a text encoder and without negative_embedding the uncond is zeros
     (a warning says so)."""
     negative_embedding: str = ""
-    """A .safetensors / .pt file of the negative prompt's embedding, [L, D], [1, L, D] or [N, L, D];
+    """A .safetensors file of the negative prompt's embedding, [L, D], [1, L, D] or [N, L, D];
     overrides negative_prompt."""
     noise: str = ""
-    """A .safetensors / .pt file of the initial noise [N, C, T, H, W] (or [C, T, H, W] for every prompt),
+    """A .safetensors file of the initial noise [N, C, T, H, W] (or [C, T, H, W] for every prompt),
     normalised latents at sigma = 1; sets the latent shape. Empty: drawn from sampler.seed."""
     num_prompts: int = 0
     """How many prompts to sample, from the first; 0: every prompt given as text, in a .txt or tensor

@@ -197,12 +197,12 @@ def _check_sample(cfg: configs.SampleRun) -> None:
     _need(bool(cfg.model), "model: give a model folder or a checkpoint folder (--model DIR)")
     _need(Path(cfg.model).exists(), f"model: {cfg.model} does not exist")
     _need(bool(cfg.prompt) != bool(cfg.prompts), "prompts: give the prompts as text (--prompt TEXT ...) or as "
-          "a file (--prompts PATH: a parquet folder, a .txt file, a .safetensors / .pt file), one of the two")
+          "a file (--prompts PATH: a parquet folder, a .txt file, a .safetensors file), one of the two")
     if cfg.prompts:
         p = Path(cfg.prompts)
         _need(p.exists(), f"prompts: {p} does not exist")
-        _need(p.is_dir() or p.suffix in (".txt", ".safetensors", ".pt", ".pth"), f"prompts: {p} is not a parquet "
-              "folder, a .txt file of prompts or a .safetensors / .pt file of embeddings")
+        _need(p.is_dir() or p.suffix in (".txt", ".safetensors"), f"prompts: {p} is not a parquet folder, a .txt "
+              "file of prompts or a .safetensors file of embeddings")
     encoder = find_encoder(cfg.model)
     as_text = bool(cfg.prompt) or Path(cfg.prompts).suffix == ".txt"
     _need(encoder is not None or not as_text, f"prompts: text prompts need the pipeline's umT5, but {cfg.model} "
@@ -213,6 +213,7 @@ def _check_sample(cfg: configs.SampleRun) -> None:
     for name in ("negative_embedding", "noise"):
         path = getattr(cfg, name)
         _need(not path or Path(path).is_file(), f"{name}: {path} is not a file")
+        _need(not path or Path(path).suffix == ".safetensors", f"{name}: {path} is not a .safetensors file")
     _need(cfg.num_prompts >= 0, f"num_prompts must be >= 0 (0: all), got {cfg.num_prompts}")
     _need(all(n >= 1 for n in cfg.latent_shape), f"latent_shape must be positive, got {cfg.latent_shape}")
     if cfg.sampler.timesteps:

@@ -29,19 +29,17 @@ PARQUET_PROMPTS = 2
 
 
 def read_tensor(path, keys: tuple[str, ...] = ()) -> torch.Tensor:
-    """The tensor of a .safetensors or .pt file: its only tensor, or the first of `keys` it holds."""
+    """The tensor of a .safetensors file: its only tensor, or the first of `keys` it holds. (No .pt:
+    fvfunc never unpickles; `safetensors.torch.save_file({"noise": x}, path)` writes one.)"""
+    from safetensors.torch import load_file
+
     path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: expected a .safetensors file (fvfunc reads no pickles; save the tensor with "
+                         "safetensors.torch.save_file)")
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(path)
-    elif path.suffix in (".pt", ".pth"):
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = tensors if isinstance(tensors, dict) else {"": tensors}
-    else:
-        raise ValueError(f"{path}: expected a .safetensors or .pt file")
+    tensors = load_file(path)
     if len(tensors) == 1:
         return next(iter(tensors.values())).clone()
     key = next((k for k in keys if k in tensors), None)

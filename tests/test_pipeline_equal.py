@@ -107,20 +107,26 @@ def test_train_py_sample_equals_wan_pipeline(folder, noise, reference, kind, tmp
 
 
 def test_sample_inputs_as_files(folder, noise, reference, tmp_path, caplog):
-    """Prompts from a .txt file, the negative prompt as an embedding file, the noise as a .pt file; and
+    """Prompts from a .txt file, the negative prompt as an embedding file, the noise as [C, T, H, W]; and
     without any negative, WanPipeline's "" (not zeros) as the uncond."""
     from fvfunc import sample
 
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
     encoder = text.load_encoder(folder)
     save_file({"text": text.encode(encoder, [NEGATIVE])[0, :7].clone()}, tmp_path / "neg.safetensors")  # trimmed
-    torch.save(noise, tmp_path / "noise.pt")
+    save_file({"a": noise[0], "b": noise[1]}, tmp_path / "two.safetensors")
+    with pytest.raises(ValueError, match=r"holds \['a', 'b'\]; expected one tensor or one named noise"):
+        sample.read_tensor(tmp_path / "two.safetensors", ("noise",))
+    with pytest.raises(ValueError, match="expected a .safetensors file"):
+        sample.read_tensor(tmp_path / "noise.pt")
+    save_file({"noise": noise[0].clone()}, tmp_path / "noise.safetensors")  # one noise for both prompts
     cfg = SampleRun(model=str(folder), prompts=str(tmp_path / "prompts.txt"),
-                    negative_embedding=str(tmp_path / "neg.safetensors"), noise=str(tmp_path / "noise.pt"),
+                    negative_embedding=str(tmp_path / "neg.safetensors"), noise=str(tmp_path / "noise.safetensors"),
                     sampler=sampler("unipc"), output_dir=str(tmp_path / "a"), device="cpu", precision="float32")
     sample.sample_command(cfg)
     got = torch.stack([load_file(tmp_path / "a" / f"sample-{i}.safetensors")["latents"] for i in range(2)])
-    assert rel(got, reference["unipc"]) <= 1e-5
+    want = wan_pipeline(folder, "unipc")(noise[:1].expand_as(noise).clone())
+    assert rel(got, want) <= 1e-5
     with safe_open(tmp_path / "a" / "sample-1.safetensors", "pt") as f:
         assert f.metadata() == {"prompt": PROMPTS[1]}
 
@@ -131,11 +137,11 @@ def test_sample_inputs_as_files(folder, noise, reference, tmp_path, caplog):
         assert sample.read_uncond(SampleRun(), None, 2) is None
     assert "guidance uses zeros as the uncond" in caplog.text
     with pytest.raises(ValueError, match="negative_embedding: 3 embeddings for 2 prompts"):
-        torch.save(torch.zeros(3, 4, 32), tmp_path / "three.pt")
-        sample.read_uncond(SampleRun(negative_embedding=str(tmp_path / "three.pt")), None, 2)
+        save_file({"text": torch.zeros(3, 4, 32)}, tmp_path / "three.safetensors")
+        sample.read_uncond(SampleRun(negative_embedding=str(tmp_path / "three.safetensors")), None, 2)
     with pytest.raises(ValueError, match=r"noise: .* has shape \[1, 16, 2, 4, 6\]; expected \[2, 16, T, H, W\]"):
-        torch.save(noise[:1], tmp_path / "one.pt")
-        sample.read_noise(SampleRun(noise=str(tmp_path / "one.pt")), 2, 16)
+        save_file({"noise": noise[:1].clone()}, tmp_path / "one.safetensors")
+        sample.read_noise(SampleRun(noise=str(tmp_path / "one.safetensors")), 2, 16)
 
 
 def test_sample_check_errors(folder, tmp_path, capsys):
@@ -145,6 +151,9 @@ def test_sample_check_errors(folder, tmp_path, capsys):
         (["--model", str(folder), "--prompt", "a cat", "--prompts", str(tmp_path)], "one of the two"),
         (["--model", str(bare), "--prompt", "a cat"], "text prompts need the pipeline's umT5"),
         (["--model", str(folder), "--prompt", "a cat", "--noise", str(tmp_path / "nope.pt")], "noise: "),
+        (["--model", str(bare), "--prompt", "a cat", "--negative-prompt", "x"], "text prompts need"),
+        (["--model", str(bare), "--prompts", str(tmp_path / "bare"), "--negative-prompt", "x"],
+         "negative_prompt: text needs the pipeline's umT5"),
         (["--model", str(folder), "--prompts", str(tmp_path / "p.csv")], "does not exist"),
     ]
     for args, message in cases:
