@@ -68,9 +68,16 @@ class SamplerConfig:
     """Number of steps of a shifted schedule (ignored when `timesteps` is given)."""
     shift: float = 5.0
     """Flow shift s of the schedule, sigma' = s*sigma / (1 + (s-1)*sigma) (Wan uses 3 to 8)."""
-    timesteps: tuple[int, ...] = ()
+    schedule: Literal["unipc", "flow_match_euler"] = "unipc"
+    """The num_steps sigmas, named for the diffusers scheduler whose set_timesteps(num_steps) they equal
+    (a named rule rather than a pasted list: it depends on num_steps and shift). unipc: the Wan2.1
+    checkpoints' UniPCMultistepScheduler(flow_shift=shift), shift(linspace(1, 1/1000, n + 1)[:-1]);
+    flow_match_euler: FlowMatchEulerDiscreteScheduler(shift=shift), n sigmas between its largest and
+    smallest shifted training sigma, shifted again. Any kind runs on either; the model's timestep per
+    step follows the kind (unipc: floor(1000 * sigma), as diffusers' UniPC; ode, sde: 1000 * sigma)."""
+    timesteps: tuple[float, ...] = ()
     """Explicit timesteps in (0, 1000], strictly descending, e.g. 1000 750 500 250 for a few-step
-    student. Overrides num_steps and shift."""
+    student (floats allowed, e.g. a FlowMatchEuler pipeline's). Overrides num_steps, shift, schedule."""
     guidance_scale: float = 1.0
     """Classifier-free guidance w: v = v_uncond + w * (v_cond - v_uncond); 1 disables it."""
     seed: int = 0
@@ -377,15 +384,33 @@ class SampleRun:
     family: str = "wan"
     """Model family of a model folder."""
     prompts: str = ""
-    """A parquet folder (text-only or T2V schema) whose first rows are the prompts."""
-    num_prompts: int = 2
-    """How many prompts to sample."""
+    """The prompts, from a file: a parquet folder (text-only or T2V schema) of umT5 embeddings, a .txt
+    file of one prompt a line (blank lines skipped) encoded with the pipeline's umT5 as diffusers'
+    WanPipeline does, or a .safetensors file of embeddings [N, L, D] (one tensor, or "text")."""
+    prompt: tuple[str, ...] = ()
+    """Prompts as text instead, e.g. --prompt "a cat" "a dog" (needs the pipeline's text_encoder/ and
+    tokenizer/ beside its transformer)."""
+    negative_prompt: str = ""
+    """The negative prompt: its umT5 embedding is the uncond of guidance ("" as WanPipeline's default
+    still encodes the eos). Without a text encoder and without negative_embedding the uncond is zeros
+    (a warning says so)."""
+    negative_embedding: str = ""
+    """A .safetensors file of the negative prompt's embedding, [L, D], [1, L, D] or [N, L, D];
+    overrides negative_prompt."""
+    noise: str = ""
+    """A .safetensors file of the initial noise [N, C, T, H, W] (or [C, T, H, W] for every prompt),
+    normalised latents at sigma = 1; sets the latent shape. Empty: drawn from sampler.seed."""
+    num_prompts: int = 0
+    """How many prompts to sample, from the first; 0: every prompt given as text, in a .txt or tensor
+    file, and the first 2 rows of a parquet folder."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """The sampler."""
     latent_shape: tuple[int, int, int] = (21, 60, 104)
     """(T, H, W) of the sampled latents (81x480x832 video for Wan)."""
     output_dir: str = "samples"
-    """Where the mp4 files go."""
+    """Where the outputs go: per prompt i, sample-i.mp4, the lossless sample-i.safetensors (the sampled
+    latents [C, T, H, W], normalised as WanPipeline's output_type="latent", prompt in the metadata) and
+    the decoded frames as sample-i/frame-0000.png, ..."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
     precision: Literal["float32", "bfloat16"] = "bfloat16"

@@ -192,14 +192,35 @@ def _check_roles(method: str, roles_needed, trainable, roles: configs.RolesConfi
 
 
 def _check_sample(cfg: configs.SampleRun) -> None:
+    from fvfunc.text import find_encoder
+
     _need(bool(cfg.model), "model: give a model folder or a checkpoint folder (--model DIR)")
     _need(Path(cfg.model).exists(), f"model: {cfg.model} does not exist")
-    _need(bool(cfg.prompts) and Path(cfg.prompts).exists(),
-          f"prompts: {cfg.prompts or '(empty)'} is not a parquet folder of prompt embeddings")
-    _need(cfg.num_prompts >= 1, "num_prompts must be >= 1")
+    _need(bool(cfg.prompt) != bool(cfg.prompts), "prompts: give the prompts as text (--prompt TEXT ...) or as "
+          "a file (--prompts PATH: a parquet folder, a .txt file, a .safetensors file), one of the two")
+    if cfg.prompts:
+        p = Path(cfg.prompts)
+        _need(p.exists(), f"prompts: {p} does not exist")
+        _need(p.is_dir() or p.suffix in (".txt", ".safetensors"), f"prompts: {p} is not a parquet folder, a .txt "
+              "file of prompts or a .safetensors file of embeddings")
+    encoder = find_encoder(cfg.model)
+    as_text = bool(cfg.prompt) or Path(cfg.prompts).suffix == ".txt"
+    _need(encoder is not None or not as_text, f"prompts: text prompts need the pipeline's umT5, but {cfg.model} "
+          "has no text_encoder/ and tokenizer/ (give embeddings: --prompts FOLDER or FILE)")
+    _need(encoder is not None or not cfg.negative_prompt or bool(cfg.negative_embedding),
+          f"negative_prompt: text needs the pipeline's umT5, but {cfg.model} has no text_encoder/ and "
+          "tokenizer/ (give --negative-embedding FILE)")
+    for name in ("negative_embedding", "noise"):
+        path = getattr(cfg, name)
+        _need(not path or Path(path).is_file(), f"{name}: {path} is not a file")
+        _need(not path or Path(path).suffix == ".safetensors", f"{name}: {path} is not a .safetensors file")
+    _need(cfg.num_prompts >= 0, f"num_prompts must be >= 0 (0: all), got {cfg.num_prompts}")
     _need(all(n >= 1 for n in cfg.latent_shape), f"latent_shape must be positive, got {cfg.latent_shape}")
     if cfg.sampler.timesteps:
         _check_timesteps(cfg.sampler.timesteps, "sampler.timesteps")
+    else:
+        _need(cfg.sampler.num_steps >= 1, f"sampler.num_steps must be >= 1, got {cfg.sampler.num_steps}")
+        _need(cfg.sampler.shift > 0, f"sampler.shift must be > 0, got {cfg.sampler.shift:g}")
 
 
 def check(method: str, cfg) -> None:

@@ -1,38 +1,163 @@
-"""`train.py sample`: mp4 files from a model folder or a training checkpoint (configs.SampleRun)."""
+"""`train.py sample`: videos from a model folder or a training checkpoint (configs.SampleRun).
+
+What WanPipeline does, step for step, so that the same folder, prompts and initial latents give the
+same latents: prompts as text are encoded with the pipeline's own umT5 (fvfunc/text.py); the
+uncond of guidance is the negative prompt's embedding ("" by default, as WanPipeline); the sampler
+walks `samplers.schedule(cfg.sampler)` (UniPC at diffusers' integer timesteps by default). Each
+sample is written three ways: an mp4 to watch, and losslessly its latents (safetensors) and its
+decoded frames (PNG).
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from fvfunc import checkpoint, data, runner
+import numpy as np
+import torch
+
+from fvfunc import checkpoint, data, runner, text
 from fvfunc.models import family
 from fvfunc.roles import DTYPES
 from fvfunc.trainer import resolve_device
 from fvfunc.validation import generate, to_frames, write_mp4
 
+log = logging.getLogger("fvfunc")
+
+PARQUET_PROMPTS = 2
+"""How many rows of a parquet folder `num_prompts = 0` samples."""
+
+
+def read_tensor(path, keys: tuple[str, ...] = ()) -> torch.Tensor:
+    """The tensor of a .safetensors file: its only tensor, or the first of `keys` it holds. (No .pt:
+    fvfunc never unpickles; `safetensors.torch.save_file({"noise": x}, path)` writes one.)"""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: expected a .safetensors file (fvfunc reads no pickles; save the tensor with "
+                         "safetensors.torch.save_file)")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    tensors = load_file(path)
+    if len(tensors) == 1:
+        return next(iter(tensors.values())).clone()
+    key = next((k for k in keys if k in tensors), None)
+    if key is None:
+        raise ValueError(f"{path} holds {sorted(tensors)}; expected one tensor or one named {' or '.join(keys)}")
+    return tensors[key].clone()
+
+
+def _embeddings(t: torch.Tensor, where: str, text_len: int) -> torch.Tensor:
+    """[N, text_len, D] float32 from a [L, D] or [N, L, D] embedding, zero-padded or cropped to text_len."""
+    t = t[None] if t.ndim == 2 else t
+    if t.ndim != 3:
+        raise ValueError(f"{where}: expected an embedding [L, D] or [N, L, D], got shape {list(t.shape)}")
+    t = t[:, :text_len].float()
+    return torch.cat([t, t.new_zeros(t.shape[0], text_len - t.shape[1], t.shape[2])], dim=1)
+
+
+def read_prompts(cfg, encoder: text.Encoder | None) -> tuple[torch.Tensor, list[str]]:
+    """(text [N, L, D] float32 on the CPU, captions) of the run's prompts."""
+    n = cfg.num_prompts or None
+    if cfg.prompt or Path(cfg.prompts).suffix == ".txt":
+        if cfg.prompt:
+            prompts = list(cfg.prompt)
+        else:
+            prompts = [line for line in Path(cfg.prompts).read_text().splitlines() if line.strip()]
+        prompts = prompts[:n]
+        if encoder is None:
+            raise ValueError(f"prompts as text need the pipeline's text encoder: {cfg.model} has no "
+                             "text_encoder/ and tokenizer/ (give embeddings with --prompts instead)")
+        return text.encode(encoder, prompts, cfg.text_len).cpu(), prompts
+    if Path(cfg.prompts).is_dir():
+        ds = data.ParquetDataset(cfg.prompts, data.TEXT_ONLY, text_len=cfg.text_len)
+        b = ds.batch(list(range(min(n or PARQUET_PROMPTS, len(ds)))))
+        return b["text"].float(), list(b["captions"])
+    emb = _embeddings(read_tensor(cfg.prompts, ("text", "prompt_embeds")), "prompts", cfg.text_len)[:n]
+    return emb, [f"{Path(cfg.prompts).name}[{i}]" for i in range(emb.shape[0])]
+
+
+def read_uncond(cfg, encoder: text.Encoder | None, n: int) -> torch.Tensor | None:
+    """The negative prompt's embedding [1 or N, L, D], or None (zeros) without an encoder and file."""
+    if cfg.negative_embedding:
+        emb = _embeddings(read_tensor(cfg.negative_embedding, ("text", "negative_prompt_embeds")),
+                          "negative_embedding", cfg.text_len)
+        if emb.shape[0] not in (1, n):
+            raise ValueError(f"negative_embedding: {emb.shape[0]} embeddings for {n} prompts (give 1 or {n})")
+        return emb
+    if encoder is not None:
+        return text.encode(encoder, [cfg.negative_prompt], cfg.text_len).cpu()
+    if cfg.negative_prompt:
+        raise ValueError(f"negative_prompt is text, but {cfg.model} has no text_encoder/ and tokenizer/ "
+                         "(give --negative-embedding FILE instead)")
+    log.warning("no text encoder and no negative_embedding: guidance uses zeros as the uncond embedding")
+    return None
+
+
+def read_noise(cfg, n: int, channels: int) -> torch.Tensor | None:
+    """The initial noise [N, C, T, H, W] float32 of cfg.noise, or None (drawn from the seed)."""
+    if not cfg.noise:
+        return None
+    x = read_tensor(cfg.noise, ("noise", "latents")).float()
+    x = x[None].expand(n, *x.shape).clone() if x.ndim == 4 else x
+    if x.ndim != 5 or x.shape[0] != n or x.shape[1] != channels:
+        raise ValueError(f"noise: {cfg.noise} has shape {list(x.shape)}; expected [{n}, {channels}, T, H, W] "
+                         f"({n} prompts, {channels} latent channels) or [{channels}, T, H, W]")
+    return x
+
+
+def write_sample(out: Path, i: int, latents: torch.Tensor, frames: np.ndarray, caption: str, fps: int) -> Path:
+    """sample-i.mp4, sample-i.safetensors (the latents, lossless) and sample-i/frame-k.png; the mp4's path."""
+    import imageio.v2 as imageio
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.float().cpu().contiguous()}, out / f"sample-{i}.safetensors",
+              metadata={"prompt": caption})
+    (out / f"sample-{i}").mkdir(exist_ok=True)
+    for k, frame in enumerate(frames):
+        imageio.imwrite(out / f"sample-{i}" / f"frame-{k:04d}.png", frame)
+    return write_mp4(out / f"sample-{i}.mp4", frames, fps)
+
+
+def load_model(cfg, device):
+    """(family, model config, params, pipeline folder) of a model folder or a run's checkpoint (its
+    student, or the student's EMA, on its folder's config)."""
+    model = Path(cfg.model)
+    if not (model / "meta.json").is_file():
+        fam = family(cfg.family)
+        mcfg, params = fam.load(model, device=device)
+        return fam, mcfg, params, model
+    trees, meta = checkpoint.load(model)
+    folder = meta["roles"]["student"]
+    fam = family(meta["config"]["roles"]["student"].get("family", cfg.family))
+    ema = trees.get("student.ema")
+    params = ema if (cfg.use_ema and ema is not None) else trees["student"]
+    return fam, fam.load_config(folder), {k: v.to(device) for k, v in params.items()}, Path(folder)
+
 
 def sample_command(cfg) -> list[Path]:
     device = resolve_device(cfg.device)
-    model = Path(cfg.model)
-    if (model / "meta.json").is_file():  # a run's checkpoint: the student (or its EMA) on its folder's config
-        trees, meta = checkpoint.load(model)
-        folder = meta["roles"]["student"]
-        fam = family(meta["config"]["roles"]["student"].get("family", cfg.family))
-        mcfg = fam.load_config(folder)
-        ema = trees.get("student.ema")
-        params = ema if (cfg.use_ema and ema is not None) else trees["student"]
-        params = {k: v.to(device) for k, v in params.items()}
-    else:
-        folder, fam = model, family(cfg.family)
-        mcfg, params = fam.load(folder, device=device)
-    apply = runner.make_apply(fam, mcfg, runner.Options(dtype=DTYPES[cfg.precision]))
+    dtype = DTYPES[cfg.precision]
+    guided = cfg.sampler.guidance_scale != 1
+    as_text = bool(cfg.prompt) or Path(cfg.prompts).suffix == ".txt" or (guided and not cfg.negative_embedding)
+    where = text.find_encoder(cfg.model) if as_text else None
+    encoder = text.load_encoder(where, device, dtype) if where is not None else None
+    prompts, captions = read_prompts(cfg, encoder)
+    uncond = read_uncond(cfg, encoder, len(captions)) if guided else None
+    del encoder  # the umT5 is done: free its memory before the transformer loads
+    fam, mcfg, params, folder = load_model(cfg, device)
     facts = fam.latents(mcfg, folder)
-    ds = data.ParquetDataset(cfg.prompts, data.TEXT_ONLY, text_len=cfg.text_len)
-    b = ds.batch(list(range(min(cfg.num_prompts, len(ds)))))
-    latents = generate(apply, params, b["text"].to(device), (facts.channels, *cfg.latent_shape), cfg.sampler)
+    noise = read_noise(cfg, len(captions), facts.channels)
+    shape = tuple(noise.shape[1:]) if noise is not None else (facts.channels, *cfg.latent_shape)
+    apply = runner.make_apply(fam, mcfg, runner.Options(dtype=dtype))
+    latents = generate(apply, params, prompts.to(device), shape, cfg.sampler,
+                       uncond=None if uncond is None else uncond.to(device),
+                       noise=None if noise is None else noise.to(device))
     frames = to_frames(latents, fam, fam.load_vae(folder, device), facts)
     out = Path(cfg.output_dir)
-    paths = [write_mp4(out / f"sample-{i}.mp4", clip, cfg.fps) for i, clip in enumerate(frames)]
-    for p, caption in zip(paths, b["captions"], strict=True):
+    paths = [write_sample(out, i, latents[i], clip, captions[i], cfg.fps) for i, clip in enumerate(frames)]
+    for p, caption in zip(paths, captions, strict=True):
         print(f"{p}  {caption}")
     return paths

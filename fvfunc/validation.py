@@ -16,19 +16,25 @@ import numpy as np
 import torch
 
 from fvfunc import data, random
-from fvfunc.samplers import guided, sample, sigmas_from_config
+from fvfunc.samplers import guided, sample, schedule
 
 log = logging.getLogger("fvfunc")
 
 
-def generate(apply, params, text: torch.Tensor, shape, sampler_cfg, key=None) -> torch.Tensor:
-    """Latents [B, *shape] sampled from `apply(params, x, t, context)` for text [B, L, D]."""
+def generate(apply, params, text: torch.Tensor, shape, sampler_cfg, key=None, uncond: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents [B, *shape] sampled from `apply(params, x, t, context)` for text [B, L, D].
+
+    uncond: the negative prompt's embedding ([B or 1, L, D]; None: zeros), used when guiding.
+    noise: the initial noise [B, *shape] (None: drawn from the key; the sde's noise comes from the key
+    either way)."""
     key = random.key(sampler_cfg.seed) if key is None else key
     k_init, k_steps = random.split(key, 2)
-    x = random.normal(k_init, (text.shape[0], *shape), device=text.device)
-    denoise = guided(lambda x, t, c: apply(params, x, t, c).float(), text, None, sampler_cfg.guidance_scale)
+    x = random.normal(k_init, (text.shape[0], *shape), device=text.device) if noise is None else noise
+    denoise = guided(lambda x, t, c: apply(params, x, t, c).float(), text, uncond, sampler_cfg.guidance_scale)
     with torch.no_grad():
-        return sample(denoise, x, sigmas_from_config(sampler_cfg), sampler_cfg.kind, k_steps)
+        walk = schedule(sampler_cfg)
+        return sample(denoise, x, walk.sigmas, sampler_cfg.kind, k_steps, timesteps=walk.timesteps)
 
 
 def to_frames(latents: torch.Tensor, role_family=None, vae=None, facts=None) -> np.ndarray:

@@ -21,7 +21,7 @@ from fvfunc import checkpoint, cli, config_file, random, runner, trainer, tree
 from fvfunc.autodiff import value_and_grad
 from fvfunc.losses import kd
 from fvfunc.models import wan
-from fvfunc.samplers import guided, sample
+from fvfunc.samplers import guided, model_timesteps, sample
 from fvfunc.testing import tiny
 
 CFG = tiny.tiny_config()
@@ -97,7 +97,9 @@ def test_trajectories_are_the_teachers_unipc_run():
     sigmas, at = kd.teacher_sigmas(cfg)
     denoise = guided(lambda x, t, c: apply(params, x, t, c), text, None, 3.0)
     with torch.no_grad():
-        end, states = sample(denoise, noise, sigmas, "unipc", states=True)
+        end, states = sample(denoise, noise, sigmas.float(), "unipc", states=True,
+                             timesteps=model_timesteps(sigmas, "unipc"))
+    assert model_timesteps(sigmas, "unipc")[at].tolist() == [999, 600, 300]  # diffusers' UniPC integers
     assert torch.equal(traj[:, 0], noise)  # the first state is the starting noise at t = 1000
     assert all(torch.equal(traj[:, j], states[i]) for j, i in enumerate(at))
     assert torch.equal(traj[:, -1], end)

@@ -43,7 +43,15 @@ from fvfunc.losses.spec import (
     MethodSpec,
     Prepared,
 )
-from fvfunc.samplers import NUM_TRAIN_TIMESTEPS, guided, sample, shifted_sigmas, timesteps_to_sigmas, with_timesteps
+from fvfunc.samplers import (
+    NUM_TRAIN_TIMESTEPS,
+    guided,
+    model_timesteps,
+    sample,
+    shifted_sigmas,
+    timesteps_to_sigmas,
+    with_timesteps,
+)
 from fvfunc.state import TrainState
 
 TRAJECTORIES = (TEXT, TRAJECTORY, TRAJECTORY_TIMESTEPS)
@@ -119,10 +127,11 @@ def make(run, roles, reduce=None) -> Method:
 
 
 def teacher_sigmas(cfg) -> tuple[torch.Tensor, list[int]]:
-    """The teacher's schedule, `teacher_steps` shifted sigmas with every t_list sigma merged in, and
-    the positions of the t_list sigmas in it."""
-    student = timesteps_to_sigmas(student_timesteps(cfg))[:-1]
-    merged = torch.cat([shifted_sigmas(cfg.teacher_steps, cfg.flow_shift), student]).unique().flip(0)
+    """The teacher's schedule (float64, so UniPC's integer model timesteps come out exact: 937, not
+    936), `teacher_steps` shifted sigmas with every t_list sigma merged in, and the positions of the
+    t_list sigmas in it."""
+    student = timesteps_to_sigmas(student_timesteps(cfg), torch.float64)[:-1]
+    merged = torch.cat([shifted_sigmas(cfg.teacher_steps, cfg.flow_shift, torch.float64), student]).unique().flip(0)
     return merged, [int((merged == s).nonzero()[0]) for s in student]
 
 
@@ -132,7 +141,8 @@ def trajectories(teacher, params, text: torch.Tensor, noise: torch.Tensor, cfg) 
     sigmas, at = teacher_sigmas(cfg)
     denoise = guided(lambda x, t, c: teacher.apply(params, x, t, c).float(), text, None, cfg.guidance_scale)
     with torch.no_grad():
-        end, states = sample(denoise, noise, sigmas, "unipc", states=True)
+        end, states = sample(denoise, noise, sigmas.float(), "unipc", states=True,
+                             timesteps=model_timesteps(sigmas, "unipc"))
     return torch.stack([states[i] for i in at] + [end], dim=1)
 
 

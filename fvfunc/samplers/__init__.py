@@ -13,21 +13,34 @@ from .flow import (
     x0_from_v,
 )
 from .loop import KINDS, guided, nfe, sample
-from .schedules import shifted_sigmas, sigmas_from_config, timesteps_to_sigmas, with_timesteps
+from .schedules import (
+    Schedule,
+    flow_match_euler_sigmas,
+    model_timesteps,
+    schedule,
+    shifted_sigmas,
+    sigmas_from_config,
+    timesteps_to_sigmas,
+    with_timesteps,
+)
 from .steps import ode_step, sde_step
 from .unipc import UniPCState, unipc_init, unipc_order, unipc_step
 
 __all__ = [
     "KINDS",
     "NUM_TRAIN_TIMESTEPS",
+    "Schedule",
     "UniPCState",
     "add_noise",
+    "flow_match_euler_sigmas",
     "guided",
+    "model_timesteps",
     "nfe",
     "noise_from_v",
     "ode_step",
     "per_sample",
     "sample",
+    "schedule",
     "sde_step",
     "shift",
     "shifted_sigmas",

@@ -1,8 +1,11 @@
 """The sampling loop and classifier-free guidance.
 
 `sample(denoise, x, sigmas, kind, key)` walks a schedule with one call of `denoise(x, t) -> v` per
-step (t = 1000 * sigma as a [B] float tensor in the schedule's dtype) and returns the clean sample.
-`denoise` is any pure function: a model's apply with its params bound, or `guided(...)` of one.
+step and returns the clean sample. t is a [B] float tensor: the step's entry of `timesteps`, by
+default the kind's rule (`schedules.model_timesteps`: the integers floor(1000 * sigma) for unipc, as
+diffusers' UniPC calls the model; 1000 * sigma for ode and sde). The solver itself always steps
+between the float sigmas. `denoise` is any pure function: a model's apply with its params bound, or
+`guided(...)` of one.
 
 Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598) in the flow form Wan and DMD2 use:
 
@@ -19,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import random
-from .flow import NUM_TRAIN_TIMESTEPS
+from .schedules import model_timesteps
 from .steps import ode_step, sde_step
 from .unipc import unipc_init, unipc_step
 
@@ -30,7 +33,8 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor | Sequence[float], kind: str = "ode",
            key: torch.Tensor | None = None, noise: Callable[[int], torch.Tensor] | None = None,
-           states: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+           states: bool = False, timesteps: torch.Tensor | Sequence[float] | None = None,
+           ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the sampler `kind` ("ode", "sde" or "unipc") from x at sigmas[0] down the schedule.
 
     x: [B, ...] the starting sample (pure noise when sigmas[0] = 1), never modified; keep it in fp32
@@ -44,6 +48,9 @@ def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor | Sequence[fl
     method drew itself).
     states: also return the trajectory, [x at sigmas[i] as `denoise` saw it, for each step i]
     (an ODE trajectory for "ode" and "unipc": what knowledge distillation learns from).
+    timesteps: [n], the model's timestep at each step; None takes `model_timesteps(sigmas, kind)`
+    (pass `schedules.schedule(cfg).timesteps`, made from the float64 schedule, for diffusers' exact
+    integers: a float32 sigma such as 0.937 floors to 936).
     Makes exactly n calls of `denoise` (see `nfe`).
     """
     if kind not in KINDS:
@@ -55,11 +62,15 @@ def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor | Sequence[fl
         raise ValueError(f"sigmas must be a 1-d float schedule of n + 1 >= 2 values, got {sigmas!r}")
     if not bool((sigmas[1:] < sigmas[:-1]).all()):
         raise ValueError(f"sigmas must be strictly descending, got {sigmas.tolist()}")
+    timesteps = model_timesteps(sigmas, kind) if timesteps is None else torch.as_tensor(timesteps)
+    timesteps = timesteps if timesteps.is_floating_point() else timesteps.float()
+    if timesteps.shape != (sigmas.numel() - 1,):
+        raise ValueError(f"timesteps must be one per step, [{sigmas.numel() - 1}], got shape {list(timesteps.shape)}")
     state = unipc_init(x) if kind == "unipc" else None
     trajectory = []
     for i in range(sigmas.numel() - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        t = (sigma * NUM_TRAIN_TIMESTEPS).repeat(x.shape[0]).to(x.device)
+        t = timesteps[i].repeat(x.shape[0]).to(x.device)
         if states:
             trajectory.append(x)
         v = denoise(x, t)

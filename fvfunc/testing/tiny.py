@@ -1,8 +1,10 @@
 """Tiny random Wan pipeline folders, for the tests, the demo and the toy benchmark.
 
 Nothing can be downloaded where fvfunc is built and tested, so fvfunc makes its own small models:
-a transformer folder written by `wan.save` (the same layout diffusers writes) and, optionally, a
-tiny diffusers `AutoencoderKLWan` in `vae/` so validation can decode real videos.
+a transformer folder written by `wan.save` (the same layout diffusers writes), the scheduler the
+Wan2.1 diffusers checkpoints ship and, optionally, a tiny diffusers `AutoencoderKLWan` in `vae/` (so
+validation can decode real videos) and a tiny umT5 text encoder with a word-level tokenizer in
+`text_encoder/` and `tokenizer/` (so prompts can be given as text): a folder `WanPipeline` loads.
 """
 
 from __future__ import annotations
@@ -42,17 +44,73 @@ def write_vae(folder: Path, z_dim: int = 16, seed: int = 0) -> Path:
     return folder / "vae"
 
 
+WORDS = ("a an the of in on at with and under over near by cat cats dog dogs bird fish horse man woman child "
+         "people car boat train city street forest beach river sea ocean mountain snow rain sky sun moon night "
+         "day red blue green yellow black white small big old young running runs walking walks flying flies "
+         "swimming jumping sitting playing dancing slowly quickly video of, blurry low quality static").split()
+"""The tiny tokenizer's words (a word outside them is <unk>)."""
+
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.json (diffusers' UniPC on flow sigmas, shift 3)
+WAN21_SCHEDULER = {
+    "_class_name": "UniPCMultistepScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+    "disable_corrector": [], "dynamic_thresholding_ratio": 0.995, "final_sigmas_type": "zero", "flow_shift": 3.0,
+    "lower_order_final": True, "num_train_timesteps": 1000, "predict_x0": True,
+    "prediction_type": "flow_prediction", "rescale_betas_zero_snr": False, "sample_max_value": 1.0,
+    "solver_order": 2, "solver_p": None, "solver_type": "bh2", "steps_offset": 0, "thresholding": False,
+    "timestep_spacing": "linspace", "trained_betas": None, "use_beta_sigmas": False,
+    "use_exponential_sigmas": False, "use_flow_sigmas": True, "use_karras_sigmas": False}
+
+
+def write_text_encoder(folder: Path, d_model: int = 32, seed: int = 0, vocab: tuple[str, ...] = WORDS) -> Path:
+    """A tiny random transformers UMT5EncoderModel in folder/text_encoder and a word-level tokenizer in
+    folder/tokenizer (ids: <pad> 0, </s> 1, <unk> 2 as umT5's own; every encoding ends in </s>), both
+    loadable by `from_pretrained` and so by diffusers' WanPipeline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    ids = {w: i for i, w in enumerate(dict.fromkeys([*specials, *vocab]))}
+    tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder / "tokenizer")
+    config = folder / "tokenizer" / "tokenizer_config.json"  # the class name transformers 4 and 5 both know
+    config.write_text(json.dumps({**json.loads(config.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"},
+                                 indent=2))
+    cfg = UMT5Config(vocab_size=len(ids), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                     num_heads=d_model // 8, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                     dropout_rate=0.0, feed_forward_proj="gated-gelu")
+    state = torch.get_rng_state()  # transformers initialises from the global RNG: restore it after
+    try:
+        torch.manual_seed(seed)
+        model = UMT5EncoderModel(cfg)
+    finally:
+        torch.set_rng_state(state)
+    model.save_pretrained(folder / "text_encoder")
+    return folder / "text_encoder"
+
+
 def write_pipeline(folder, cfg: wan.WanConfig | None = None, seed: int = 0, vae: bool = False,
-                   params: dict | None = None) -> Path:
-    """folder/transformer (random init from `seed`, or `params`) and optionally folder/vae."""
+                   params: dict | None = None, text_encoder: bool = False) -> Path:
+    """folder/transformer (random init from `seed`, or `params`), folder/scheduler (Wan2.1's), optionally
+    folder/vae and folder/text_encoder + folder/tokenizer (a umT5 of d_model = the model's text_dim)."""
     folder = Path(folder)
     cfg = cfg or tiny_config()
     params = params if params is not None else wan.init(cfg, random.key(seed))
     wan.save(folder / "transformer", cfg, params)
-    (folder / "model_index.json").write_text(json.dumps(
-        {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}, indent=2))
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(WAN21_SCHEDULER, indent=2))
+    index = {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+             "scheduler": ["diffusers", "UniPCMultistepScheduler"]}
     if vae:
         write_vae(folder, z_dim=cfg.in_channels, seed=seed)
+        index["vae"] = ["diffusers", "AutoencoderKLWan"]
+    if text_encoder:
+        write_text_encoder(folder, d_model=cfg.text_dim, seed=seed)
+        index.update(text_encoder=["transformers", "UMT5EncoderModel"],
+                     tokenizer=["transformers", "PreTrainedTokenizerFast"])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
 
