@@ -178,6 +178,8 @@ def _check_roles(method: str, roles_needed, trainable, roles: configs.RolesConfi
         try:
             model_cfg = fam.load_config(role.path)
             facts = fam.latents(model_cfg, role.path)
+            if fam.stored_dtypes is not None:  # the weights of roles.<role>.variant exist (headers only)
+                fam.stored_dtypes(role.path, role.variant)
         except (ValueError, OSError) as e:
             raise ConfigError(f"{where}.path: {e}") from None
         latents = (facts.channels, tuple(facts.patch))
