@@ -3,9 +3,10 @@
 A family module (`fvfunc/models/<family>.py`) holds one model's math and files and exports one
 `FAMILY = Family(...)`. The contract is this NamedTuple: config, load / save / init, the pure forward
 split into `embed` / `block` / `head`, and the family's latent facts (channels, VAE compression,
-latents mean / std, VAE decode). A family knows nothing of remat, compile, attention backends or
-sharding: `fvfunc/runner.py` applies those to any family's blocks. Adding a family is one module plus
-one line in FAMILIES.
+latents mean / std, VAE decode), and what an export needs of its pipeline folders (the pipeline
+around a model folder, its other components, the stored dtypes). A family knows nothing of remat,
+compile, attention backends or sharding: `fvfunc/runner.py` applies those to any family's blocks.
+Adding a family is one module plus one line in FAMILIES.
 
 The forward of every family is, for latents x [B, C, T, H, W], timesteps t [B] and text context:
 

@@ -4,6 +4,10 @@ Params are keyed exactly by diffusers' `WanTransformer3DModel` state-dict names,
 folder loads with safetensors alone and `save` writes a folder diffusers loads back. The forward
 follows diffusers' module step by step (it is the numerical reference, see tests/test_wan.py),
 including where it computes in fp32: the time embedder, the modulation tables and the LayerNorms.
+
+A model folder is a transformer folder or a diffusers WanPipeline folder around one; its weights are
+read in any of diffusers' variants (`diffusion_pytorch_model.fp16.safetensors`, sharded or not). The
+Wan2.2 pipelines whose sampling differs, two-expert A14B and TI2V, are refused when a folder is read.
 """
 
 from __future__ import annotations
@@ -291,10 +295,10 @@ def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
 
 _SHARD = r"-\d{5}-of-\d{5}"
 _VARIANT_NAMES = (  # the weight file names diffusers writes (or wrote) for a variant, e.g. fp16
-    re.compile(rf"diffusion_pytorch_model\.(?P<v>[^.]+?)(?:{_SHARD})?\.safetensors"),
-    re.compile(rf"diffusion_pytorch_model{_SHARD}\.(?P<v>[^.]+)\.safetensors"),  # older shard names
-    re.compile(r"diffusion_pytorch_model\.safetensors\.index\.(?P<v>[^.]+)\.json"),
-    re.compile(r"diffusion_pytorch_model\.safetensors\.(?P<v>[^.]+)\.index\.json"),  # older index name
+    rf"diffusion_pytorch_model\.(?P<v>[^.]+?)(?:{_SHARD})?\.safetensors",
+    rf"diffusion_pytorch_model{_SHARD}\.(?P<v>[^.]+)\.safetensors",  # older shard names
+    r"diffusion_pytorch_model\.safetensors\.index\.(?P<v>[^.]+)\.json",
+    r"diffusion_pytorch_model\.safetensors\.(?P<v>[^.]+)\.index\.json",  # older index name
 )
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 """The folders of a diffusers WanPipeline besides its transformer (an export carries them over)."""
@@ -308,7 +312,7 @@ def variants(folder: Path) -> list[str]:
         if f.name in (WEIGHTS, INDEX):
             found.add("")
         for pattern in _VARIANT_NAMES:
-            if m := pattern.fullmatch(f.name):
+            if m := re.fullmatch(pattern, f.name):
                 found.add(m["v"])
     return sorted(found)
 
