@@ -36,6 +36,9 @@ class RoleConfig:
     ema_decay: float = 0.0
     """Keep an EMA of this trainable role's params with this decay (e.g. 0.98); 0 keeps none. The
     student's EMA is what validation samples (validation.use_ema) and what is exported."""
+    variant: str = ""
+    """Weight variant of the folder to load, diffusers' naming: 'fp16' reads
+    diffusion_pytorch_model.fp16.safetensors (or its shards and index); empty reads the plain files."""
 
 
 def _role(trainable: bool, dtype: str = "float32") -> RoleConfig:
@@ -152,7 +155,12 @@ class TrainingConfig:
     log_every: int = 1
     """Write metrics every N steps."""
     export: bool = True
-    """At the end, export the student (its EMA when kept) as a diffusers folder in output_dir/export."""
+    """At the end, export the student (its EMA when kept) to output_dir/export: a diffusers pipeline folder
+    (the trained transformer plus the student pipeline's other components), or transformer/ alone when
+    the student's folder is a bare transformer."""
+    export_dtype: Literal["source", "float32", "bfloat16"] = "source"
+    """Dtype of the exported transformer: 'source' keeps each tensor's dtype in the student's folder (a
+    bf16 model exports bf16 even when trained in fp32), or cast all to float32 / bfloat16."""
 
 
 # ------------------------------------------------------------------------------------------ data

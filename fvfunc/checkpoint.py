@@ -91,7 +91,7 @@ def save(output_dir: str | os.PathLike, step: int, trees: Trees, meta: dict, kee
     for name, tree in files.items():
         path = tmp / (name + _SUFFIX)
         safetensors.torch.save_file(_to_cpu(name, tree), str(path))
-        _fsync(path)
+        fsync(path)
         sizes[path.name] = path.stat().st_size
     if sync is not None:
         every = sync(sizes)
@@ -102,13 +102,13 @@ def save(output_dir: str | os.PathLike, step: int, trees: Trees, meta: dict, kee
     if rank == 0:
         record = {"format_version": FORMAT_VERSION, "step": step, "files": sizes, "meta": meta}
         (tmp / "meta.json").write_text(json.dumps(record, indent=2) + "\n")
-        _fsync(tmp / "meta.json")
-        _fsync(tmp)
+        fsync(tmp / "meta.json")
+        fsync(tmp)
         if final.exists():
-            _swap_in(tmp, final)
+            swap_in(tmp, final)
         else:
             os.rename(tmp, final)
-        _fsync(out)
+        fsync(out)
         if keep > 0:
             others = [p for p in list_checkpoints(out) if p != final]
             for old in others[: max(len(others) - (keep - 1), 0)]:
@@ -135,12 +135,12 @@ def _to_cpu(name: str, tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def _swap_in(new: Path, final: Path) -> None:
+def swap_in(new: Path, final: Path) -> None:
     """Put the complete folder `new` at `final`, which already exists, then delete the old one.
 
     Linux's renameat2(RENAME_EXCHANGE) swaps the two names in one step, so `final` is always a
-    complete checkpoint. Elsewhere two renames leave a moment in which `final` is absent (its older
-    steps still are present and complete)."""
+    complete folder. Elsewhere two renames leave a moment in which `final` is absent (for a checkpoint,
+    its older steps still are present and complete). fvfunc/export.py replaces an export with it too."""
     old = final.with_name(f".{final.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -173,7 +173,7 @@ def _remove_stale_temporaries(out: Path) -> None:
             shutil.rmtree(p)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -153,8 +153,9 @@ def _check_data(method: str, cfg, columns) -> None:
 
 
 def _check_roles(method: str, roles_needed, trainable, roles: configs.RolesConfig) -> None:
-    """Each role the method needs: a known family, a model folder, the right trainable flag; and
-    all of them on the same latents (channels, patch size)."""
+    """Each role the method needs: a known family, a model folder the family reads (with weights of
+    the role's variant), the right trainable flag; and all of them on the same latents (channels,
+    patch size)."""
     from fvfunc.models import family
 
     first = None
@@ -178,6 +179,8 @@ def _check_roles(method: str, roles_needed, trainable, roles: configs.RolesConfi
         try:
             model_cfg = fam.load_config(role.path)
             facts = fam.latents(model_cfg, role.path)
+            if fam.stored_dtypes is not None:  # the weights of roles.<role>.variant exist (headers only)
+                fam.stored_dtypes(role.path, role.variant)
         except (ValueError, OSError) as e:
             raise ConfigError(f"{where}.path: {e}") from None
         latents = (facts.channels, tuple(facts.patch))
@@ -225,7 +228,8 @@ def _check_sample(cfg: configs.SampleRun) -> None:
 
 def check(method: str, cfg) -> None:
     """Refuse a run that cannot work, before any model loads: raises one ConfigError whose message
-    names the field (`roles.teacher.path`, `training.batch_size`, ...). Reads only config.json files."""
+    names the field (`roles.teacher.path`, `training.batch_size`, ...). Reads only config files
+    (config.json, model_index.json) and safetensors headers."""
     from fvfunc.losses import METHODS
 
     if method == "sample":

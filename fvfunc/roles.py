@@ -61,7 +61,7 @@ def build(run, spec, process: distributed.Process) -> dict[str, Role]:
         if sharded and run.training.compile:
             raise RoleError(f"roles.{name} is sharded: training.compile is not supported with sharded roles yet")
         mcfg, params = fam.load(cfg.path, dtype=DTYPES[cfg.dtype], device="cpu" if sharded else process.device,
-                                rows=distributed.rows_of(process) if sharded else None)
+                                rows=distributed.rows_of(process) if sharded else None, variant=cfg.variant)
         roles[name] = place(name, fam, mcfg, params, run.training, process, sharded, name in spec.trainable,
                             cfg.ema_decay, cfg.path)
     return roles

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm import tqdm
 
-from fvfunc import checkpoint, config_file, data, distributed, random, roles, tracking
+from fvfunc import checkpoint, config_file, data, distributed, export, random, roles, tracking
 from fvfunc.losses import METHODS
 from fvfunc.losses.spec import DataIO, MethodSpec
 from fvfunc.models import family
@@ -313,15 +313,14 @@ def _finish(s: Setup, state: TrainState, student_sharded: bool) -> None:
     if s.cfg.training.export:
         whole = whole_student(state, use_ema=True) if student_sharded else state
         if s.process.rank == 0:
-            export(s.out / "export", s.roles["student"], whole, s.cfg.roles.student.dtype)
+            export_student(s.out / "export", s.roles["student"], whole, s.cfg)
         distributed.barrier(s.process)
 
 
-def export(folder: Path, student: roles.Role, state: TrainState, dtype: str) -> Path:
-    """The student (its EMA when kept) as a diffusers folder, in the role's dtype."""
+def export_student(folder: Path, student: roles.Role, state: TrainState, run) -> Path:
+    """The student (its EMA when kept) as a diffusers pipeline folder (fvfunc/export.py)."""
     params = state.ema.get("student", state.params["student"])
-    params = {k: v.to(roles.DTYPES[dtype]) for k, v in params.items()}
-    student.family.save(folder / "transformer", student.config, params)
+    export.export(folder, student.family, student.config, params, student.folder, run.training.export_dtype,
+                  run.roles.student.variant)
     log.info("exported the student%s to %s", " (EMA)" if "student" in state.ema else "", folder)
     return folder
-

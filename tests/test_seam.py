@@ -67,8 +67,8 @@ def load_config(folder):
     return MixerConfig(**{**d, "patch": tuple(d["patch"])})
 
 
-def load(folder, dtype=None, device=None, rows=None):
-    del rows
+def load(folder, dtype=None, device=None, rows=None, variant=""):
+    del rows, variant
     cfg = load_config(folder)
     weights = load_file(Path(folder) / "w.safetensors")
     return cfg, {k: v.to(dtype=dtype or v.dtype, device=device) for k, v in weights.items()}

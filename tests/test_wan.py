@@ -1,5 +1,6 @@
 """Wan as params + pure apply, against diffusers' WanTransformer3DModel (the numerical reference)."""
 
+import dataclasses
 import json
 import math
 
@@ -241,3 +242,128 @@ def test_load_casts_dtype(tmp_path):
     folder, cfg = _write(tmp_path, None)
     _, p16 = wan.load(folder, dtype=torch.bfloat16)
     assert all(v.dtype == torch.bfloat16 for v in p16.values())
+
+
+# ------------------------------------------------------------------------------ model folders
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_weight_variants_load_as_diffusers_names_them(tmp_path, sharded):
+    m = make_module(CONFIGS[1])
+    folder = tmp_path / "pipe" / "transformer"
+    m.save_pretrained(folder)  # the plain fp32 weights
+    half = make_module(CONFIGS[1], seed=1).to(torch.float16)
+    half.save_pretrained(folder, variant="fp16", **({"max_shard_size": "20KB"} if sharded else {}))
+    assert (folder / ("diffusion_pytorch_model.safetensors.index.fp16.json" if sharded
+                      else "diffusion_pytorch_model.fp16.safetensors")).is_file()
+
+    _, plain = wan.load(tmp_path / "pipe")
+    assert tree.equal(plain, params_of(m))
+    cfg, fp16 = wan.load(tmp_path / "pipe", variant="fp16")
+    assert tree.equal(fp16, params_of(half)) and {v.dtype for v in fp16.values()} == {torch.float16}
+    assert set(wan.stored_dtypes(folder, "fp16").values()) == {torch.float16}
+    ref = WanTransformer3DModel.from_pretrained(folder, variant="fp16").eval()
+    x, t, ctx = inputs(ref, CONFIGS[1])
+    with torch.no_grad():
+        assert rel(wan.apply({k: v.float() for k, v in fp16.items()}, cfg, x, t, ctx), ref(x, t, ctx).sample) <= 1e-5
+
+    with pytest.raises(ModelError, match=r"transformer: no weights of variant 'bf16' .*the variants here: "
+                                         r"'' \(plain\), 'fp16'"):
+        wan.load(tmp_path / "pipe", variant="bf16")
+    for f in folder.glob("diffusion_pytorch_model.safetensors*"):
+        f.unlink()
+    with pytest.raises(ModelError, match=r"no weights of variant '' .*the variants here: 'fp16'"):
+        wan.load(folder)
+
+
+def test_roles_load_the_variant_of_their_config(tmp_path):
+    import configs
+    from fvfunc import cli, distributed, roles
+    from fvfunc.losses import METHODS
+    from fvfunc.testing import tiny
+
+    cfg = tiny.tiny_config()
+    base = wan.init(cfg, random.key(0))
+    tiny.write_pipeline(tmp_path / "p", cfg, params=base)
+    half = {k: (v * 2).half() for k, v in base.items()}
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in half.items()}, str(tmp_path / "p" / "transformer" /
+                                                              "diffusion_pytorch_model.fp16.safetensors"))
+    spec = METHODS["finetune"]
+    run = spec.run()
+    for variant, want in (("", base), ("fp16", half)):
+        student = configs.RoleConfig(path=str(tmp_path / "p"), trainable=True, variant=variant)
+        run = dataclasses.replace(run, roles=configs.RolesConfig(student=student))
+        built = roles.build(run, spec, distributed.init("cpu"))
+        assert tree.equal(built["student"].params, {k: v.float() for k, v in want.items()}), variant
+    with pytest.raises(cli.ConfigError, match=r"roles.student.path: .*no weights of variant 'bf16'.*'fp16'"):
+        _check_student(tmp_path / "p", tmp_path, variant="bf16")
+
+
+def test_out_channels_null_means_in_channels(tmp_path):
+    folder, cfg = _write(tmp_path, {"out_channels": None})
+    got, params = wan.load(folder)
+    assert got == cfg and got.out_channels == got.in_channels == 4
+    ref = WanTransformer3DModel.from_pretrained(folder).eval()
+    x, t, ctx = torch.randn(1, 4, 1, 2, 2), torch.tensor([300.0]), torch.randn(1, 3, 8)
+    with torch.no_grad():
+        assert rel(wan.apply(params, got, x, t, ctx), ref(x, t, ctx).sample) <= 1e-5
+
+
+def _pipeline(root, **index):
+    from fvfunc.testing import tiny
+
+    tiny.write_pipeline(root)
+    d = json.loads((root / "model_index.json").read_text())
+    d.update(index)
+    (root / "model_index.json").write_text(json.dumps(d))
+    return root
+
+
+def _check_student(root, tmp_path, variant=""):
+    """cli.check of a finetune run whose student is `root`."""
+    import configs
+    from fvfunc import cli
+
+    (tmp_path / "data").mkdir(exist_ok=True)
+    run = configs.FinetuneRun()
+    return cli.check("finetune", dataclasses.replace(
+        run, roles=configs.RolesConfig(student=configs.RoleConfig(path=str(root), trainable=True,
+                                                                     variant=variant)),
+        data=configs.DataConfig(path=(str(tmp_path / "data"),))))
+
+
+def test_two_expert_wan22_is_refused_at_load_and_at_the_config_check(tmp_path, capsys):
+    from fvfunc import cli
+
+    root = _pipeline(tmp_path / "a14b", transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.875)
+    from fvfunc.testing import tiny
+    wan.save(root / "transformer_2", tiny.tiny_config(), wan.init(tiny.tiny_config(), random.key(1)))
+    why = "a two-expert pipeline \\(transformer_2\\); two-expert Wan2.2 A14B is not supported yet"
+    for path in (root, root / "transformer", root / "transformer_2"):
+        with pytest.raises(ModelError, match=f"{root}: {why}"):
+            wan.load(path)
+    with pytest.raises(cli.ConfigError, match=f"roles.student.path: {root}: {why}"):
+        _check_student(root / "transformer", tmp_path)
+    out = tmp_path / "run"
+    code = cli.main(["finetune", "--roles.student.path", str(root), "--data.path", str(tmp_path / "data"),
+                     "--training.output-dir", str(out)])
+    assert code == 2 and "two-expert Wan2.2 A14B is not supported yet" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_ti2v_is_refused_from_the_transformer_or_the_pipeline_config(tmp_path):
+    from fvfunc import cli
+
+    folder, _ = _write(tmp_path, {"expand_timesteps": True})
+    why = "Wan2.2 TI2V \\(expand_timesteps\\) is not supported yet"
+    with pytest.raises(ModelError, match=f"config.json: {why}"):
+        wan.load(folder)
+    root = _pipeline(tmp_path / "ti2v", expand_timesteps=True)
+    with pytest.raises(ModelError, match=f"model_index.json: {why}"):
+        wan.load(root)
+    with pytest.raises(cli.ConfigError, match=f"roles.student.path: .*model_index.json: {why}"):
+        _check_student(root, tmp_path)
+    # the Wan2.1 folders' own `"transformer_2": [null, null]` and `"expand_timesteps": false` are fine
+    ok = _pipeline(tmp_path / "t2v", transformer_2=[None, None], expand_timesteps=False, boundary_ratio=None)
+    _check_student(ok, tmp_path)

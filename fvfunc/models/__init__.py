@@ -3,9 +3,10 @@
 A family module (`fvfunc/models/<family>.py`) holds one model's math and files and exports one
 `FAMILY = Family(...)`. The contract is this NamedTuple: config, load / save / init, the pure forward
 split into `embed` / `block` / `head`, and the family's latent facts (channels, VAE compression,
-latents mean / std, VAE decode). A family knows nothing of remat, compile, attention backends or
-sharding: `fvfunc/runner.py` applies those to any family's blocks. Adding a family is one module plus
-one line in FAMILIES.
+latents mean / std, VAE decode), and what an export needs of its pipeline folders (the pipeline
+around a model folder, its other components, the stored dtypes). A family knows nothing of remat,
+compile, attention backends or sharding: `fvfunc/runner.py` applies those to any family's blocks.
+Adding a family is one module plus one line in FAMILIES.
 
 The forward of every family is, for latents x [B, C, T, H, W], timesteps t [B] and text context:
 
@@ -24,6 +25,7 @@ structure (one compiled graph serves them all).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -57,8 +59,9 @@ class Family(NamedTuple):
     load_config: Callable[[Any], Any]
     """load_config(folder) -> cfg, from a model or pipeline folder; ModelError when it is not one."""
     load: Callable[..., tuple[Any, dict]]
-    """load(folder, dtype=None, device=None, rows=None) -> (cfg, params); rows: n -> (start, stop) reads
-    only those rows of each tensor's dim 0 (one rank's piece of a sharded role)."""
+    """load(folder, dtype=None, device=None, rows=None, variant="") -> (cfg, params); rows: n -> (start,
+    stop) reads only those rows of each tensor's dim 0 (one rank's piece of a sharded role); variant
+    picks a weight variant of the folder (e.g. "fp16"), "" the plain weights."""
     save: Callable[[Any, Any, dict], Any]
     """save(folder, cfg, params): a folder the reference implementation (diffusers) loads."""
     init: Callable[..., dict]
@@ -78,6 +81,15 @@ class Family(NamedTuple):
     """load_vae(folder, device) -> a VAE (or None when the folder has none)."""
     decode: Callable[[Any, torch.Tensor], torch.Tensor]
     """decode(vae, latents) -> video [B, 3, F, H, W] in [-1, 1], from raw (unnormalised) latents."""
+    # what fvfunc/export.py needs to write a whole pipeline; the defaults suit a family of bare model folders
+    pipeline: Callable[[Any], Path | None] = lambda folder: None
+    """pipeline(folder) -> the diffusers pipeline folder (model_index.json) a model folder is or sits in,
+    None for a bare transformer folder. An export carries that pipeline's other components over."""
+    components: tuple[str, ...] = ()
+    """The pipeline's folders besides the transformer (Wan: vae, text_encoder, tokenizer, scheduler)."""
+    stored_dtypes: Callable[..., dict[str, torch.dtype]] | None = None
+    """stored_dtypes(folder, variant="") -> each param's dtype in the folder's files (headers only), the
+    export's 'source' dtype; None: the export keeps the trained params' dtypes."""
 
 
 BLOCKS = "blocks."

@@ -4,6 +4,10 @@ Params are keyed exactly by diffusers' `WanTransformer3DModel` state-dict names,
 folder loads with safetensors alone and `save` writes a folder diffusers loads back. The forward
 follows diffusers' module step by step (it is the numerical reference, see tests/test_wan.py),
 including where it computes in fp32: the time embedder, the modulation tables and the LayerNorms.
+
+A model folder is a transformer folder or a diffusers WanPipeline folder around one; its weights are
+read in any of diffusers' variants (`diffusion_pytorch_model.fp16.safetensors`, sharded or not). The
+Wan2.2 pipelines whose sampling differs, two-expert A14B and TI2V, are refused when a folder is read.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +83,8 @@ def config_from_dict(d: dict, source: str = "config") -> WanConfig:
     values = {k: v for k, v in d.items() if k in names}
     if "patch_size" in values:
         values["patch_size"] = tuple(values["patch_size"])
+    if "out_channels" in values and values["out_channels"] is None:  # diffusers: out_channels or in_channels
+        values["out_channels"] = values.get("in_channels", WanConfig.in_channels)
     cfg = WanConfig(**values)
     if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None or cfg.pos_embed_seq_len is not None:
         raise ModelError(f"{source}: a Wan image-to-video config (image_dim / added_kv_proj_dim / "
@@ -286,43 +293,144 @@ def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
 # ------------------------------------------------------------------------------------ load / save
 
 
+_SHARD = r"-\d{5}-of-\d{5}"
+_VARIANT_NAMES = (  # the weight file names diffusers writes (or wrote) for a variant, e.g. fp16
+    rf"diffusion_pytorch_model\.(?P<v>[^.]+?)(?:{_SHARD})?\.safetensors",
+    rf"diffusion_pytorch_model{_SHARD}\.(?P<v>[^.]+)\.safetensors",  # older shard names
+    r"diffusion_pytorch_model\.safetensors\.index\.(?P<v>[^.]+)\.json",
+    r"diffusion_pytorch_model\.safetensors\.(?P<v>[^.]+)\.index\.json",  # older index name
+)
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+"""The folders of a diffusers WanPipeline besides its transformer (an export carries them over)."""
+
+
+def variants(folder: Path) -> list[str]:
+    """The weight variants a transformer folder holds: "" for the plain files, else each variant name
+    in diffusers' file naming (`diffusion_pytorch_model.fp16.safetensors`, ...)."""
+    found = set()
+    for f in folder.iterdir():
+        if f.name in (WEIGHTS, INDEX):
+            found.add("")
+        for pattern in _VARIANT_NAMES:
+            if m := re.fullmatch(pattern, f.name):
+                found.add(m["v"])
+    return sorted(found)
+
+
+def _index_names(variant: str) -> tuple[str, ...]:
+    if not variant:
+        return (INDEX,)
+    return (f"diffusion_pytorch_model.safetensors.index.{variant}.json",
+            f"diffusion_pytorch_model.safetensors.{variant}.index.json")
+
+
+def weight_files(folder: Path, variant: str = "") -> list[Path]:
+    """The safetensors files of one variant ("" the plain one) of a transformer folder, as diffusers
+    names them: one `diffusion_pytorch_model[.<variant>].safetensors`, or the shards its index lists."""
+    single = folder / (WEIGHTS if not variant else f"diffusion_pytorch_model.{variant}.safetensors")
+    if single.is_file():
+        return [single]
+    for name in _index_names(variant):
+        index = folder / name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ModelError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise ModelError(f"{folder / missing[0]}: shard listed in {name} is missing")
+            return [folder / s for s in shards]
+    held = ", ".join(repr(v) if v else "'' (plain)" for v in variants(folder)) or "none"
+    raise ModelError(f"{folder}: no weights of variant {variant!r} ({single.name} or {_index_names(variant)[0]}); "
+                     f"the variants here: {held} (set roles.<role>.variant)")
+
+
 def resolve_folder(path: str | os.PathLike) -> Path:
-    """The transformer folder of `path` (itself, or its transformer/ subfolder)."""
+    """The transformer folder of `path` (itself, or its transformer/ subfolder), holding weights of
+    some variant."""
     p = Path(path)
     if not p.is_dir():
         raise ModelError(f"{p}: model folder does not exist")
     for cand in (p, p / "transformer"):
-        if (cand / "config.json").is_file() and ((cand / WEIGHTS).is_file() or (cand / INDEX).is_file()):
+        if (cand / "config.json").is_file() and variants(cand):
             return cand
     raise ModelError(f"{p}: not a Wan transformer folder (need config.json and {WEIGHTS} or {INDEX}, "
-                     "here or in transformer/)")
+                     "or a variant of them, here or in transformer/)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ModelError(f"{path}: not a JSON object")
+    return d
+
+
+def pipeline(path) -> Path | None:
+    """The diffusers pipeline folder (with model_index.json) that `path` is, or whose component `path`
+    is (e.g. its transformer/); None for a bare transformer folder."""
+    p = Path(path)
+    if (p / "model_index.json").is_file():
+        return p
+    if (p.parent / "model_index.json").is_file() and p.name in _read_json(p.parent / "model_index.json"):
+        return p.parent
+    return None
+
+
+def _refuse_unsupported(folder: Path, d: dict) -> None:
+    """ModelError for the Wan variants fvfunc does not train yet, seen in the transformer's config or
+    in its pipeline's model_index.json (Wan2.2 A14B's two experts, Wan2.2 TI2V's per-token timesteps)."""
+    if d.get("expand_timesteps"):
+        raise ModelError(f"{folder / 'config.json'}: Wan2.2 TI2V (expand_timesteps) is not supported yet")
+    root = pipeline(folder)
+    if root is None:
+        return
+    index = _read_json(root / "model_index.json")
+    second = index.get("transformer_2")
+    if (isinstance(second, list) and any(second)) or (root / "transformer_2" / "config.json").is_file():
+        raise ModelError(f"{root}: a two-expert pipeline (transformer_2); two-expert Wan2.2 A14B is not "
+                         "supported yet")
+    if index.get("expand_timesteps"):
+        raise ModelError(f"{root / 'model_index.json'}: Wan2.2 TI2V (expand_timesteps) is not supported yet")
 
 
 def load_config(path) -> WanConfig:
+    """The WanConfig of a transformer or pipeline folder; ModelError for a folder fvfunc cannot train."""
     folder = resolve_folder(path)
-    try:
-        d = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{folder / 'config.json'}: invalid JSON ({e})") from None
+    d = _read_json(folder / "config.json")
+    _refuse_unsupported(folder, d)
     return config_from_dict(d, str(folder / "config.json"))
 
 
-def load(path, dtype: torch.dtype | None = None, device=None, rows=None) -> tuple[WanConfig, dict]:
-    """(cfg, params) from a diffusers folder (single or sharded safetensors). dtype None keeps the
-    stored dtype. rows: `n -> (start, stop)`, to read only those rows of each tensor's dim 0 (one
-    rank's piece of a sharded role: fvfunc.distributed.rows_of), never the whole tensor; shapes are
-    checked against the config all the same."""
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtypes(path, variant: str = "") -> dict[str, torch.dtype]:
+    """Each param's dtype as the folder stores it, from the safetensors headers (no tensor is read)."""
+    folder = resolve_folder(path)
+    out = {}
+    for f in weight_files(folder, variant):
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for k in sf.keys():
+                name = sf.get_slice(k).get_dtype()
+                if name in _DTYPES:
+                    out[k] = _DTYPES[name]
+    return out
+
+
+def load(path, dtype: torch.dtype | None = None, device=None, rows=None, variant: str = "") -> tuple[WanConfig, dict]:
+    """(cfg, params) from a diffusers folder (single or sharded safetensors, of the weight `variant`:
+    "" the plain files, "fp16" `diffusion_pytorch_model.fp16.safetensors` or its shards). dtype None
+    keeps the stored dtype. rows: `n -> (start, stop)`, to read only those rows of each tensor's dim 0
+    (one rank's piece of a sharded role: fvfunc.distributed.rows_of), never the whole tensor; shapes
+    are checked against the config all the same."""
     folder = resolve_folder(path)
     cfg = load_config(folder)
-    if (folder / WEIGHTS).is_file():
-        files = {folder / WEIGHTS: None}
-    else:
-        index = json.loads((folder / INDEX).read_text())
-        files = {folder / f: None for f in sorted(set(index["weight_map"].values()))}
     params, shapes = {}, {}
-    for f in files:
-        if not f.is_file():
-            raise ModelError(f"{f}: shard listed in {INDEX} is missing")
+    for f in weight_files(folder, variant):
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             for k in sf.keys():
                 if "norm_added_q" in k:  # diffusers ignores this legacy key too
@@ -427,4 +535,5 @@ def decode(vae, z: torch.Tensor) -> torch.Tensor:
 
 FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=init, param_shapes=param_shapes,
                 num_blocks=lambda cfg: cfg.num_layers, embed=embed, block=block, head=head, latents=latents,
-                load_vae=load_vae, decode=decode)
+                load_vae=load_vae, decode=decode, pipeline=pipeline, components=COMPONENTS,
+                stored_dtypes=stored_dtypes)

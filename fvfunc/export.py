@@ -1,0 +1,128 @@
+"""The trained student as a diffusers pipeline folder (`output_dir/export`), written atomically.
+
+`export` writes a folder that the source's pipeline class (`diffusers.WanPipeline.from_pretrained`)
+loads as is: the source pipeline's model_index.json with `_diffusers_version` set to the diffusers
+installed here, the trained transformer in transformer/, and the source pipeline's other components
+(the family's `components`; Wan: vae, text_encoder, tokenizer, scheduler) carried over. Carrying
+hard-links the large files when source and export share a filesystem and copies them otherwise; the
+small ones (the configs a user may edit in place) are always copied, and nothing is a symlink, so
+editing or deleting the source later never touches the export.
+
+diffusers resolves each component from model_index.json's `name: [library, class]` entries and loads
+it from the subfolder of the same name, so the carried folders keep their names and the index stays
+the source's.
+
+A student whose folder is a bare transformer (no model_index.json around it) has no pipeline to carry:
+the export is transformer/ alone, which the model class's from_pretrained loads and a pipeline takes
+as `transformer=`; the log says so.
+
+The folder is built under a hidden name beside its destination, fsynced, and only then renamed into
+place (swapping out an older export), so a crash leaves the old export or the new one, never a half
+folder under the final name.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from fvfunc import checkpoint
+from fvfunc.models import Family
+from fvfunc.roles import DTYPES
+
+log = logging.getLogger("fvfunc")
+
+TRANSFORMER = "transformer"
+"""The subfolder of the trained model, as diffusers' pipelines name it."""
+LINK_MIN_BYTES = 1 << 20
+"""Files at least this big are hard-linked (weights); smaller ones (configs, vocabularies) are copied."""
+
+
+def dtypes(fam: Family, params: dict, source, dtype: str, variant: str = "") -> dict[str, torch.dtype]:
+    """Each exported tensor's dtype: `dtype` for all, or for 'source' the dtype the source folder stores
+    it in (the params' own dtype when the family cannot tell)."""
+    if dtype != "source":
+        return {k: DTYPES[dtype] for k in params}
+    stored = fam.stored_dtypes(source, variant) if fam.stored_dtypes is not None else {}
+    return {k: stored.get(k, v.dtype) for k, v in params.items()}
+
+
+def carry(src: Path, dst: Path, link_min_bytes: int = LINK_MIN_BYTES) -> None:
+    """Recreate the folder tree `src` at `dst`: big files hard-linked (symlinks in src, as in a hub
+    cache, followed to their target), else copied; never a link into src that a deletion breaks."""
+    dst.mkdir(parents=True)
+    for entry in sorted(src.iterdir()):
+        target = dst / entry.name
+        if entry.is_dir():
+            carry(entry, target, link_min_bytes)
+            continue
+        real = entry.resolve()
+        if real.stat().st_size >= link_min_bytes:
+            try:
+                os.link(real, target)
+                continue
+            except OSError:  # another filesystem, or links not allowed: copy
+                pass
+        shutil.copyfile(real, target)
+
+
+def _diffusers_version(fallback):
+    try:
+        return importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        return fallback
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for f in files:
+            checkpoint.fsync(Path(root) / f)
+        checkpoint.fsync(Path(root))
+
+
+def _write(tmp: Path, fam: Family, cfg, params: dict, pipeline: Path | None, link_min_bytes: int) -> None:
+    fam.save(tmp / TRANSFORMER, cfg, params)
+    if pipeline is None:
+        return
+    index = json.loads((pipeline / "model_index.json").read_text())
+    index["_diffusers_version"] = _diffusers_version(index.get("_diffusers_version"))
+    for name in fam.components:
+        if (pipeline / name).is_dir():
+            carry(pipeline / name, tmp / name, link_min_bytes)
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    absent = [n for n in fam.components if not (pipeline / n).is_dir()]
+    if absent:
+        log.warning("the student's pipeline %s has no %s: the export lacks them too (pass them to the "
+                    "pipeline's from_pretrained)", pipeline, ", ".join(absent))
+
+
+def export(dest, fam: Family, cfg, params: dict, source, dtype: str = "source", variant: str = "",
+           link_min_bytes: int = LINK_MIN_BYTES) -> Path:
+    """Write `params` (a model of `fam` with config `cfg`, trained from the folder `source`) as the
+    pipeline folder `dest`, replacing any export there; tensors in `dtype` ('source', 'float32',
+    'bfloat16'; `variant` is the source's weight variant, to read its dtypes)."""
+    dest = Path(dest)
+    pipeline = fam.pipeline(source)
+    types = dtypes(fam, params, source, dtype, variant)
+    params = {k: v.to(types[k]) for k, v in params.items()}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if tmp.exists():  # left behind by a killed export
+        shutil.rmtree(tmp)
+    _write(tmp, fam, cfg, params, pipeline, link_min_bytes)
+    _fsync_tree(tmp)
+    if dest.exists():
+        checkpoint.swap_in(tmp, dest)
+    else:
+        os.rename(tmp, dest)
+    checkpoint.fsync(dest.parent)
+    if pipeline is None:
+        log.info("the student's folder %s is a bare transformer (no model_index.json around it): %s holds "
+                 "the transformer only (%s/); load it into a pipeline as its transformer", source, dest, TRANSFORMER)
+    return dest
