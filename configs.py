@@ -400,9 +400,9 @@ class SampleRun:
     tokenizer/ beside its transformer)."""
     negative_prompt: str = ""
     """The negative prompt: its umT5 embedding is the uncond of guidance ("" as WanPipeline's default
-    still encodes the eos). Without a text encoder and without negative_embedding the uncond is zeros
+    still encodes the eos). Without a text encoder and without negative_prompt_embedding the uncond is zeros
     (a warning says so)."""
-    negative_embedding: str = ""
+    negative_prompt_embedding: str = ""
     """A .safetensors file of the negative prompt's embedding, [L, D], [1, L, D] or [N, L, D];
     overrides negative_prompt."""
     noise: str = ""

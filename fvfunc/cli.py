@@ -210,10 +210,10 @@ def _check_sample(cfg: configs.SampleRun) -> None:
     as_text = bool(cfg.prompt) or Path(cfg.prompts).suffix == ".txt"
     _need(encoder is not None or not as_text, f"prompts: text prompts need the pipeline's umT5, but {cfg.model} "
           "has no text_encoder/ and tokenizer/ (give embeddings: --prompts FOLDER or FILE)")
-    _need(encoder is not None or not cfg.negative_prompt or bool(cfg.negative_embedding),
+    _need(encoder is not None or not cfg.negative_prompt or bool(cfg.negative_prompt_embedding),
           f"negative_prompt: text needs the pipeline's umT5, but {cfg.model} has no text_encoder/ and "
-          "tokenizer/ (give --negative-embedding FILE)")
-    for name in ("negative_embedding", "noise"):
+          "tokenizer/ (give --negative-prompt-embedding FILE)")
+    for name in ("negative_prompt_embedding", "noise"):
         path = getattr(cfg, name)
         _need(not path or Path(path).is_file(), f"{name}: {path} is not a file")
         _need(not path or Path(path).suffix == ".safetensors", f"{name}: {path} is not a .safetensors file")

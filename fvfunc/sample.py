@@ -28,35 +28,6 @@ PARQUET_PROMPTS = 2
 """How many rows of a parquet folder `num_prompts = 0` samples."""
 
 
-def read_tensor(path, keys: tuple[str, ...] = ()) -> torch.Tensor:
-    """The tensor of a .safetensors file: its only tensor, or the first of `keys` it holds. (No .pt:
-    fvfunc never unpickles; `safetensors.torch.save_file({"noise": x}, path)` writes one.)"""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: expected a .safetensors file (fvfunc reads no pickles; save the tensor with "
-                         "safetensors.torch.save_file)")
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    tensors = load_file(path)
-    if len(tensors) == 1:
-        return next(iter(tensors.values())).clone()
-    key = next((k for k in keys if k in tensors), None)
-    if key is None:
-        raise ValueError(f"{path} holds {sorted(tensors)}; expected one tensor or one named {' or '.join(keys)}")
-    return tensors[key].clone()
-
-
-def _embeddings(t: torch.Tensor, where: str, text_len: int) -> torch.Tensor:
-    """[N, text_len, D] float32 from a [L, D] or [N, L, D] embedding, zero-padded or cropped to text_len."""
-    t = t[None] if t.ndim == 2 else t
-    if t.ndim != 3:
-        raise ValueError(f"{where}: expected an embedding [L, D] or [N, L, D], got shape {list(t.shape)}")
-    t = t[:, :text_len].float()
-    return torch.cat([t, t.new_zeros(t.shape[0], text_len - t.shape[1], t.shape[2])], dim=1)
-
-
 def read_prompts(cfg, encoder: text.Encoder | None) -> tuple[torch.Tensor, list[str]]:
     """(text [N, L, D] float32 on the CPU, captions) of the run's prompts."""
     n = cfg.num_prompts or None
@@ -74,24 +45,24 @@ def read_prompts(cfg, encoder: text.Encoder | None) -> tuple[torch.Tensor, list[
         ds = data.ParquetDataset(cfg.prompts, data.TEXT_ONLY, text_len=cfg.text_len)
         b = ds.batch(list(range(min(n or PARQUET_PROMPTS, len(ds)))))
         return b["text"].float(), list(b["captions"])
-    emb = _embeddings(read_tensor(cfg.prompts, ("text", "prompt_embeds")), "prompts", cfg.text_len)[:n]
+    emb = text.pad_embeddings(text.read_tensor(cfg.prompts, ("text", "prompt_embeds")), "prompts", cfg.text_len)[:n]
     return emb, [f"{Path(cfg.prompts).name}[{i}]" for i in range(emb.shape[0])]
 
 
 def read_uncond(cfg, encoder: text.Encoder | None, n: int) -> torch.Tensor | None:
     """The negative prompt's embedding [1 or N, L, D], or None (zeros) without an encoder and file."""
-    if cfg.negative_embedding:
-        emb = _embeddings(read_tensor(cfg.negative_embedding, ("text", "negative_prompt_embeds")),
-                          "negative_embedding", cfg.text_len)
+    if cfg.negative_prompt_embedding:
+        emb = text.pad_embeddings(text.read_tensor(cfg.negative_prompt_embedding, ("text", "negative_prompt_embeds")),
+                          "negative_prompt_embedding", cfg.text_len)
         if emb.shape[0] not in (1, n):
-            raise ValueError(f"negative_embedding: {emb.shape[0]} embeddings for {n} prompts (give 1 or {n})")
+            raise ValueError(f"negative_prompt_embedding: {emb.shape[0]} embeddings for {n} prompts (give 1 or {n})")
         return emb
     if encoder is not None:
         return text.encode(encoder, [cfg.negative_prompt], cfg.text_len).cpu()
     if cfg.negative_prompt:
         raise ValueError(f"negative_prompt is text, but {cfg.model} has no text_encoder/ and tokenizer/ "
-                         "(give --negative-embedding FILE instead)")
-    log.warning("no text encoder and no negative_embedding: guidance uses zeros as the uncond embedding")
+                         "(give --negative-prompt-embedding FILE instead)")
+    log.warning("no text encoder and no negative_prompt_embedding: guidance uses zeros as the uncond embedding")
     return None
 
 
@@ -99,7 +70,7 @@ def read_noise(cfg, n: int, channels: int) -> torch.Tensor | None:
     """The initial noise [N, C, T, H, W] float32 of cfg.noise, or None (drawn from the seed)."""
     if not cfg.noise:
         return None
-    x = read_tensor(cfg.noise, ("noise", "latents")).float()
+    x = text.read_tensor(cfg.noise, ("noise", "latents")).float()
     x = x[None].expand(n, *x.shape).clone() if x.ndim == 4 else x
     if x.ndim != 5 or x.shape[0] != n or x.shape[1] != channels:
         raise ValueError(f"noise: {cfg.noise} has shape {list(x.shape)}; expected [{n}, {channels}, T, H, W] "
@@ -141,7 +112,7 @@ def sample_command(cfg) -> list[Path]:
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.precision]
     guided = cfg.sampler.guidance_scale != 1
-    as_text = bool(cfg.prompt) or Path(cfg.prompts).suffix == ".txt" or (guided and not cfg.negative_embedding)
+    as_text = bool(cfg.prompt) or Path(cfg.prompts).suffix == ".txt" or (guided and not cfg.negative_prompt_embedding)
     where = text.find_encoder(cfg.model) if as_text else None
     encoder = text.load_encoder(where, device, dtype) if where is not None else None
     prompts, captions = read_prompts(cfg, encoder)

@@ -107,3 +107,57 @@ def encode(encoder: Encoder, prompts: list[str], max_length: int = MAX_LENGTH) -
 def encode_prompts(folder, prompts: list[str], max_length: int = MAX_LENGTH, device="cpu") -> torch.Tensor:
     """`encode` with the encoder of `folder`, loaded for this call (fp32)."""
     return encode(load_encoder(folder, device), prompts, max_length)
+
+
+def read_tensor(path, keys: tuple[str, ...] = ()) -> torch.Tensor:
+    """The tensor of a .safetensors file: its only tensor, or the first of `keys` it holds. (No .pt:
+    fvfunc never unpickles; `safetensors.torch.save_file({"noise": x}, path)` writes one.)"""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: expected a .safetensors file (fvfunc reads no pickles; save the tensor with "
+                         "safetensors.torch.save_file)")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    tensors = load_file(path)
+    if len(tensors) == 1:
+        return next(iter(tensors.values())).clone()
+    key = next((k for k in keys if k in tensors), None)
+    if key is None:
+        raise ValueError(f"{path} holds {sorted(tensors)}; expected one tensor or one named {' or '.join(keys)}")
+    return tensors[key].clone()
+
+
+def pad_embeddings(t: torch.Tensor, where: str, text_len: int) -> torch.Tensor:
+    """[N, text_len, D] float32 from a [L, D] or [N, L, D] embedding, zero-padded or cropped to text_len."""
+    import torch
+
+    t = t[None] if t.ndim == 2 else t
+    if t.ndim != 3:
+        raise ValueError(f"{where}: expected an embedding [L, D] or [N, L, D], got shape {list(t.shape)}")
+    t = t[:, :text_len].float()
+    return torch.cat([t, t.new_zeros(t.shape[0], text_len - t.shape[1], t.shape[2])], dim=1)
+
+
+def negative_embedding(prompt: str, embedding_file: str, folder, max_length: int, field: str,
+                       device="cpu") -> torch.Tensor | None:
+    """The negative prompt's embedding [1, max_length, D] for classifier-free guidance's uncond: the
+    tensor of `embedding_file` if given, else `prompt` encoded with the umT5 of `folder` (a pipeline, or
+    its transformer/ folder; loaded for this call and freed), else None, which callers read as zero
+    text (after one warning naming `field`). Errors name `field` ("method.negative_prompt")."""
+    if embedding_file:
+        emb = pad_embeddings(read_tensor(embedding_file, ("text", "negative_prompt_embeds")),
+                             f"{field}_embedding", max_length)
+        if emb.shape[0] != 1:
+            raise ValueError(f"{field}_embedding: {embedding_file} holds {emb.shape[0]} embeddings; give one")
+        return emb.to(device)
+    if prompt:
+        where = find_encoder(folder) if folder else None
+        if where is None:
+            raise ValueError(f"{field}: {folder or 'the model'} has no text_encoder/ and tokenizer/ to encode it "
+                             f"with; give {field}_embedding (a .safetensors file) instead")
+        return encode(load_encoder(where, device), [prompt], max_length)
+    log.warning("%s: none given (nor %s_embedding): classifier-free guidance uses zero text as its uncond",
+                field, field)
+    return None

@@ -109,6 +109,8 @@ class Setup(NamedTuple):
     """The resumed checkpoint's meta, or None."""
     run_config: dict
     """The resolved run as config_file.dump writes it."""
+    constants: dict
+    """Tensors [1, ...] added to every batch, repeated per sample (Prepared.batch)."""
 
 
 def open_dataset(run, columns, paths=None) -> data.ParquetDataset:
@@ -120,7 +122,8 @@ def open_dataset(run, columns, paths=None) -> data.ParquetDataset:
         facts = fam.latents(fam.load_config(student.path), student.path)
         stats = None if facts.mean is None else (facts.mean, facts.std)
     return data.ParquetDataset(run.data.path if paths is None else paths, columns, text_len=run.data.text_len,
-                               latent_stats=stats, cache_groups=max(4, 2 * run.data.shuffle_window))
+                               latent_stats=stats, cache_groups=max(4, 2 * run.data.shuffle_window),
+                               num_latent_t=run.data.num_latent_t)
 
 
 def data_io(run, process) -> DataIO:
@@ -129,9 +132,14 @@ def data_io(run, process) -> DataIO:
         return tqdm(total=total, initial=initial, desc=desc, disable=process.rank != 0, file=sys.stderr,
                     dynamic_ncols=True)
 
+    def negative(prompt, embedding_file, folder, field):
+        from fvfunc import text
+
+        return text.negative_embedding(prompt, embedding_file, folder, run.data.text_len, field, process.device)
+
     return DataIO(open=lambda path, columns: open_dataset(run, columns, path), write=data.write_atomic,
                   finished=data.ids_in, progress=progress, rank=process.rank, world_size=process.world_size,
-                  barrier=lambda: distributed.barrier(process), device=process.device)
+                  barrier=lambda: distributed.barrier(process), device=process.device, negative=negative)
 
 
 def _setup(spec: MethodSpec, cfg, process: distributed.Process) -> tuple[Setup, TrainState, tuple[int, int]]:
@@ -154,6 +162,7 @@ def _setup(spec: MethodSpec, cfg, process: distributed.Process) -> tuple[Setup, 
         built = roles.build(cfg, spec, process)
     except roles.RoleError as e:
         raise TrainingError(str(e)) from None
+    constants = {}  # entries of every batch the method asked for (prepare's Prepared.batch)
     if spec.prepare is not None:
         try:
             prepared = spec.prepare(cfg, built, data_io(cfg, process))
@@ -161,8 +170,10 @@ def _setup(spec: MethodSpec, cfg, process: distributed.Process) -> tuple[Setup, 
             raise
         except ValueError as e:  # the method's own, already clear refusal (e.g. a cache of another run)
             raise TrainingError(str(e)) from None
-        if prepared is not None:
+        if prepared is not None and prepared.paths is not None:
             dataset = open_dataset(cfg, prepared.columns, prepared.paths)
+        if prepared is not None:
+            constants = dict(prepared.batch)
             for name in prepared.release:  # e.g. a teacher only needed to make the data
                 del built[name]
     method = spec.make(cfg, built, distributed.make_reduce(process))
@@ -185,7 +196,7 @@ def _setup(spec: MethodSpec, cfg, process: distributed.Process) -> tuple[Setup, 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         config_file.write(out / "config.yaml", spec.name, cfg)
-    setup = Setup(spec, cfg, process, out, built, method.step, dataset, resume_from, meta, run_config)
+    setup = Setup(spec, cfg, process, out, built, method.step, dataset, resume_from, meta, run_config, constants)
     return setup, state, (position, data_key)
 
 
@@ -245,6 +256,7 @@ def _run(spec: MethodSpec, cfg, process: distributed.Process) -> Path:
     loader = _loader(s, position, data_key)
     per_rank = loader.batch_size
     index = torch.arange(per_rank) + rank * per_rank  # a sample's index in the global batch
+    constants = {k: v.expand(per_rank, *v.shape[1:]) for k, v in s.constants.items()}
     sync = distributed.exchange(process)
     save = functools.partial(_save, s, loader=loader, sync=sync)
     student_sharded = distributed.is_sharded(state.params["student"])
@@ -266,7 +278,7 @@ def _run(spec: MethodSpec, cfg, process: distributed.Process) -> Path:
         with tracker, loader, _Stop() as stop:
             while state.step < t.max_steps and stopping is None:
                 t0 = time.perf_counter()
-                batch = dict(to_device(next(loader), process.device), sample_index=index)
+                batch = dict(to_device(next(loader), process.device), sample_index=index, **constants)
                 state, metrics = s.step(state, batch)
                 metrics = {k: distributed.scalar(v) for k, v in metrics.items()}
                 # one all-reduce: the metrics' means over ranks, and whether any rank was asked to stop

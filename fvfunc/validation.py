@@ -9,6 +9,7 @@ shown as a latent preview (three channels, upsampled), and written as mp4 files.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -68,15 +69,56 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> Path:
     return path
 
 
-def prompts_from(run, dataset) -> tuple[torch.Tensor, list[str], tuple | None]:
-    """(text [N, L, D], captions, the data's latent (T, H, W) or None) of the validation prompts."""
+def captions_of(path) -> list[str]:
+    """The prompts of a validation file: FastVideo's JSON ({"data": [{"caption": ...}, ...]}, or a plain
+    list of such entries or of strings) or a .txt of one prompt a line. Errors name the file and entry."""
+    path = Path(path)
+    try:
+        raw = path.read_text()
+    except OSError as e:
+        raise ValueError(f"validation.dataset_file: cannot read {path} ({e.strerror or e})") from None
+    if path.suffix == ".txt":
+        captions = [line.strip() for line in raw.splitlines() if line.strip()]
+    else:
+        try:
+            entries = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"validation.dataset_file: {path} is not valid JSON ({e})") from None
+        entries = entries.get("data") if isinstance(entries, dict) else entries
+        if not isinstance(entries, list):
+            raise ValueError(f'validation.dataset_file: {path} must hold {{"data": [{{"caption": ...}}, ...]}}')
+        captions = []
+        for i, e in enumerate(entries):
+            caption = e.get("caption") if isinstance(e, dict) else e
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"validation.dataset_file: {path}, entry {i} has no caption")
+            captions.append(caption)
+    if not captions:
+        raise ValueError(f"validation.dataset_file: {path} holds no prompts")
+    return captions
+
+
+def prompts_from(run, dataset, folder="") -> tuple[torch.Tensor, list[str], tuple | None]:
+    """(text [N, L, D], captions, the data's latent (T, H, W) or None) of the validation prompts: the
+    captions of validation.dataset_file encoded with the umT5 of `folder` (the student's), or the
+    embeddings of validation.prompts, or the first rows of the training data."""
     n = run.validation.num_prompts
+    shapes = [tuple(dataset[0][c.key].shape[-3:]) for c in dataset.spec if c.rank >= 4]  # latents, trajectories
+    if run.validation.dataset_file:
+        from fvfunc import text
+
+        captions = captions_of(run.validation.dataset_file)[:n]
+        where = text.find_encoder(folder) if folder else None
+        if where is None:
+            raise ValueError(f"validation.dataset_file: {folder or 'the student'} has no text_encoder/ and "
+                             "tokenizer/ to encode its captions with; give validation.prompts (embeddings) instead")
+        return text.encode(text.load_encoder(where), captions, run.data.text_len), captions, (
+            shapes[0] if shapes else None)
     if run.validation.prompts:
         ds = data.ParquetDataset(run.validation.prompts, data.TEXT_ONLY, text_len=run.data.text_len)
     else:
         ds = dataset
     b = ds.batch(list(range(min(n, len(ds)))))
-    shapes = [tuple(b[c.key].shape[-3:]) for c in ds.spec if c.rank >= 4]  # latents, trajectories
     return b["text"], b["captions"], shapes[0] if shapes else None
 
 
@@ -85,8 +127,15 @@ class Validator:
 
     def __init__(self, run, sampler_cfg, student, dataset, out: Path, device):
         self.run, self.out, self.device, self.sampler, self.student = run, Path(out), device, sampler_cfg, student
-        self.text, self.captions, data_shape = prompts_from(run, dataset)
+        self.text, self.captions, data_shape = prompts_from(run, dataset, student.folder)
         self.text = self.text.to(device)
+        v = run.validation
+        self.uncond = None
+        if sampler_cfg.guidance_scale != 1:  # the negative prompt, encoded once
+            from fvfunc import text
+
+            self.uncond = text.negative_embedding(v.negative_prompt, v.negative_prompt_embedding, student.folder,
+                                                  run.data.text_len, "validation.negative_prompt", device)
         v = run.validation
         default = data_shape or tuple(getattr(run.method, "latent_shape", (1, 8, 8)))
         self.shape = (student.latents.channels, v.num_frames or default[0], v.height or default[1],
@@ -97,7 +146,7 @@ class Validator:
     def __call__(self, state, tracker) -> list[Path]:
         v = self.run.validation
         params = state.ema["student"] if (v.use_ema and "student" in state.ema) else state.params["student"]
-        latents = generate(self.student.apply, params, self.text, self.shape, self.sampler)
+        latents = generate(self.student.apply, params, self.text, self.shape, self.sampler, uncond=self.uncond)
         frames = to_frames(latents, self.student.family, self.vae, self.facts)
         paths = []
         for i, clip in enumerate(frames):

@@ -159,8 +159,8 @@ def _bad_row(rows, **changes):
      r"bad\.parquet, row 1 \(id 's1'\): unknown vae_latent_dtype 'float64'"),
     ("text width", lambda p, r: write_fastvideo(p, _bad_row(r, text=np.zeros((3, D + 1), np.float32))),
      r"bad\.parquet, row 1 \(id 's1'\): text embedding width 9"),
-    ("text too long", lambda p, r: write_fastvideo(p, _bad_row(r, text=np.zeros((17, D), np.float32))),
-     r"bad\.parquet, row 1 \(id 's1'\): text embedding has 17 tokens, more than text_len 16"),
+    ("too few frames", lambda p, r: write_fastvideo(p, _bad_row(r, latent=np.zeros((C, 1, H, W), np.float32))),
+     r"bad\.parquet, row 1 \(id 's1'\): vae_latent has 1 latent frames, fewer than data.num_latent_t 2"),
 ])
 def test_bad_inputs_name_the_file_and_row(tmp_path, case, build, match):
     build(tmp_path / "d" / "bad.parquet", make_rows(4))
@@ -168,12 +168,28 @@ def test_bad_inputs_name_the_file_and_row(tmp_path, case, build, match):
         with pytest.raises(DataError, match=match):
             ParquetDataset(tmp_path / "d", T2V, text_len=16)
         return
-    ds = ParquetDataset(tmp_path / "d", T2V, text_len=16)  # rows are checked when read
+    ds = ParquetDataset(tmp_path / "d", T2V, text_len=16, num_latent_t=2)  # rows are checked when read
     ds[0]
     with pytest.raises(DataError, match=match):
         ds[1]
     with Loader(ds, batch_size=4, seed=0) as loader, pytest.raises(DataError, match=match):
         next(loader)  # a worker thread's error reaches the training loop
+
+
+def test_fastvideo_crops_long_text_and_trims_latent_frames(tmp_path, caplog):
+    """FastVideo's reader crops text to its length and keeps num_latent_t frames; fvfunc does the same
+    (one note for the text) and names image-to-video columns it does not read."""
+    rows = make_rows(3)
+    rows[1]["text"] = np.arange(20 * D, dtype=np.float32).reshape(20, D)
+    clip = pa.array([encode(np.ones((4, D), np.float32), "float32")] * 3, BINARY)
+    write_fastvideo(tmp_path / "d" / "a.parquet", rows, clip_feature_bytes=clip)
+    with caplog.at_level(logging.WARNING, logger="fvfunc"):
+        ds = ParquetDataset(tmp_path / "d", T2V, text_len=16, num_latent_t=1)
+        b = ds.batch([0, 1, 2])
+    assert torch.equal(b["text"][1], torch.from_numpy(rows[1]["text"][:16])) and b["text_len"][1] == 16
+    assert torch.equal(b["latents"][2], torch.from_numpy(rows[2]["latent"][:, :1]))
+    assert caplog.text.count("cropped to data.text_len 16") == 1
+    assert "image-to-video columns (clip_feature)" in caplog.text
 
 
 def test_bad_folders(tmp_path):

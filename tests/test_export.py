@@ -164,9 +164,9 @@ def test_a_bare_transformer_exports_the_transformer_alone(tmp_path, caplog):
 
 
 def test_missing_components_are_named_in_the_log(tmp_path, caplog):
-    source = tiny.write_pipeline(tmp_path / "source", vae=True)  # transformer and vae only
+    source = tiny.write_pipeline(tmp_path / "source", vae=True)  # transformer, vae and scheduler only
     cfg, params = wan.load(source)
     with caplog.at_level(logging.WARNING, logger="fvfunc"):
         dest = export.export(tmp_path / "export", wan.FAMILY, cfg, params, source)
-    assert sorted(p.name for p in dest.iterdir()) == ["model_index.json", "transformer", "vae"]
-    assert "has no text_encoder, tokenizer, scheduler" in caplog.text
+    assert sorted(p.name for p in dest.iterdir()) == ["model_index.json", "scheduler", "transformer", "vae"]
+    assert "has no text_encoder, tokenizer:" in caplog.text

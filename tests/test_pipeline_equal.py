@@ -116,12 +116,13 @@ def test_sample_inputs_as_files(folder, noise, reference, tmp_path, caplog):
     save_file({"text": text.encode(encoder, [NEGATIVE])[0, :7].clone()}, tmp_path / "neg.safetensors")  # trimmed
     save_file({"a": noise[0], "b": noise[1]}, tmp_path / "two.safetensors")
     with pytest.raises(ValueError, match=r"holds \['a', 'b'\]; expected one tensor or one named noise"):
-        sample.read_tensor(tmp_path / "two.safetensors", ("noise",))
+        text.read_tensor(tmp_path / "two.safetensors", ("noise",))
     with pytest.raises(ValueError, match="expected a .safetensors file"):
-        sample.read_tensor(tmp_path / "noise.pt")
+        text.read_tensor(tmp_path / "noise.pt")
     save_file({"noise": noise[0].clone()}, tmp_path / "noise.safetensors")  # one noise for both prompts
     cfg = SampleRun(model=str(folder), prompts=str(tmp_path / "prompts.txt"),
-                    negative_embedding=str(tmp_path / "neg.safetensors"), noise=str(tmp_path / "noise.safetensors"),
+                    negative_prompt_embedding=str(tmp_path / "neg.safetensors"),
+                    noise=str(tmp_path / "noise.safetensors"),
                     sampler=sampler("unipc"), output_dir=str(tmp_path / "a"), device="cpu", precision="float32")
     sample.sample_command(cfg)
     got = torch.stack([load_file(tmp_path / "a" / f"sample-{i}.safetensors")["latents"] for i in range(2)])
@@ -136,9 +137,9 @@ def test_sample_inputs_as_files(folder, noise, reference, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fvfunc"):  # no encoder, no file: zeros, said once
         assert sample.read_uncond(SampleRun(), None, 2) is None
     assert "guidance uses zeros as the uncond" in caplog.text
-    with pytest.raises(ValueError, match="negative_embedding: 3 embeddings for 2 prompts"):
+    with pytest.raises(ValueError, match="negative_prompt_embedding: 3 embeddings for 2 prompts"):
         save_file({"text": torch.zeros(3, 4, 32)}, tmp_path / "three.safetensors")
-        sample.read_uncond(SampleRun(negative_embedding=str(tmp_path / "three.safetensors")), None, 2)
+        sample.read_uncond(SampleRun(negative_prompt_embedding=str(tmp_path / "three.safetensors")), None, 2)
     with pytest.raises(ValueError, match=r"noise: .* has shape \[1, 16, 2, 4, 6\]; expected \[2, 16, T, H, W\]"):
         save_file({"noise": noise[:1].clone()}, tmp_path / "one.safetensors")
         sample.read_noise(SampleRun(noise=str(tmp_path / "one.safetensors")), 2, 16)

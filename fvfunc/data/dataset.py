@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from fvfunc.data.parquet import DataError, cell, copy_into, triplet
+from fvfunc.data.parquet import Cell, DataError, cell, copy_into, triplet
 from fvfunc.losses.spec import TEXT, Column
 
 logger = logging.getLogger(__name__)
@@ -43,20 +43,29 @@ def parse_specs(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     return specs
 
 
+CONDITIONS = ("clip_feature", "first_frame_latent", "pil_image")
+"""FastVideo's image-to-video columns (its i2v schema); a run that reads none of them is told once."""
+
+
 class ParquetDataset:
     """The samples of one or more folders of FastVideo parquet files; `ds[i]` reads sample i.
 
     columns: the data spec, the tensor columns to read (fvfunc.data.T2V, TEXT_ONLY, ...); no other
       tensor column is ever read.
-    text_len: a 'text' column is zero-padded to [text_len, D]; a longer embedding is an error.
+    text_len: a 'text' column is zero-padded to [text_len, D]; a longer embedding is cropped to its first
+      text_len tokens, as FastVideo does (with one warning).
+    num_latent_t: keep the first N frames (dim -3) of a 'latents' column, as FastVideo's num_latent_t
+      does; 0 keeps all, and a sample with fewer frames is an error naming it.
     latent_stats: the VAE's per-channel (mean, std) that 'latents' columns are normalised with; None
       keeps them as stored (with a warning).
     cache_groups: row groups kept in memory (LRU), so neighbouring rows cost one read.
     """
 
     def __init__(self, paths, columns: Sequence[Column], *, text_len: int = 512,
-                 latent_stats: tuple[torch.Tensor, torch.Tensor] | None = None, cache_groups: int = 4):
+                 latent_stats: tuple[torch.Tensor, torch.Tensor] | None = None, cache_groups: int = 4,
+                 num_latent_t: int = 0):
         self.spec, self.text_len, self.cache_groups = tuple(columns), text_len, cache_groups
+        self.num_latent_t, self._cropped = num_latent_t, False
         has_latents = any(c.kind == "latents" for c in self.spec)
         self.latent_stats = latent_stats if has_latents else None
         self.columns = ["id", "caption", *(name for c in self.spec for name in triplet(c))]
@@ -108,6 +117,12 @@ class ParquetDataset:
         missing = [n for n in ("id", "caption") if n not in names]
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+        asked = {c.name for c in self.spec}
+        unread = [c for c in CONDITIONS if f"{c}_bytes" in names and c not in asked]
+        if unread and file_index == 0:
+            logger.warning("%s holds image-to-video columns (%s) that this run does not read: the model trains "
+                           "text-to-video on its latents and captions (an image-to-video family reads them)",
+                           path, ", ".join(unread))
         rows, start = [], 0
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
@@ -174,23 +189,43 @@ class ParquetDataset:
             if t.shape[1] != self.text_dim:
                 raise DataError(f"{where}: text embedding width {t.shape[1]}, but the first row of "
                                 f"{self._text_dim_from} has {self.text_dim}")
-            if t.shape[0] > self.text_len:
-                raise DataError(f"{where}: text embedding has {t.shape[0]} tokens, more than text_len "
-                                f"{self.text_len}")
+        cells = [self._crop_text(t, where) for t, (_, _, where) in zip(cells, rows, strict=True)]
         text = torch.empty(len(rows), self.text_len, self.text_dim)
         for b, t in enumerate(cells):
             copy_into(text[b, : t.shape[0]], t)
             text[b, t.shape[0]:] = 0
         return text, torch.tensor([t.shape[0] for t in cells], dtype=torch.long)
 
+    def _crop_text(self, t: Cell, where: str) -> Cell:
+        """A text cell of more than text_len tokens as its first text_len (a prefix of its bytes)."""
+        if t.shape[0] <= self.text_len:
+            return t
+        if not self._cropped:
+            self._cropped = True
+            logger.warning("%s: text embedding has %d tokens, cropped to data.text_len %d (as FastVideo crops; "
+                           "this note is shown once)", where, t.shape[0], self.text_len)
+        size = self.text_len * t.shape[1] * t.dtype.itemsize
+        return Cell(t.buf.slice(0, size), (self.text_len, t.shape[1]), t.dtype)
+
     def _stacked(self, cells, rows, column: Column) -> torch.Tensor:
-        if len({x.shape for x in cells}) > 1:
+        crop = self.num_latent_t if column.kind == "latents" else 0
+        for x, (_, _, where) in zip(cells, rows, strict=True):
+            if crop and x.shape[-3] < crop:
+                raise DataError(f"{where}: {column.name} has {x.shape[-3]} latent frames, fewer than "
+                                f"data.num_latent_t {crop}")
+        kept = [(*x.shape[:-3], crop, *x.shape[-2:]) if crop else x.shape for x in cells]
+        if len(set(kept)) > 1:
             listing = "; ".join(f"{w}: {list(x.shape)}" for x, (_, _, w) in zip(cells, rows, strict=True))
             raise DataError(f"{column.name} of different shapes in one batch ({listing}); use batch_size 1 "
                             f"or one resolution per dataset")
-        out = torch.empty(len(rows), *cells[0].shape)
+        out = torch.empty(len(rows), *kept[0])
         for b, x in enumerate(cells):
-            copy_into(out[b], x)
+            if crop and x.shape[-3] != crop:  # the first frames of a longer clip (FastVideo's num_latent_t)
+                whole = torch.empty(x.shape)
+                copy_into(whole, x)
+                out[b] = whole[..., :crop, :, :]
+            else:
+                copy_into(out[b], x)
         if column.kind == "latents" and self.latent_stats is not None:
             mean, std = (s.view(-1, 1, 1, 1) for s in self.latent_stats)  # channels at dim -4
             if len(mean) != out.shape[-4]:

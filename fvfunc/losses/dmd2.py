@@ -35,7 +35,7 @@ import configs
 from fvfunc import optim, random
 from fvfunc.autodiff import accumulate
 from fvfunc.losses.flow_matching import flow_matching_loss
-from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec
+from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec, Prepared
 from fvfunc.samplers import (
     NUM_TRAIN_TIMESTEPS,
     add_noise,
@@ -247,6 +247,15 @@ def check(run) -> None:
         raise ValueError(f"method.latent_shape {tuple(m.latent_shape)} must be positive (T, H, W)")
 
 
+def prepare(run, roles, io) -> Prepared:
+    """The teacher's uncond, once before training: the negative prompt's embedding (its file, or its text
+    encoded with the teacher folder's umT5), added to every batch as "negative_text"; none: zeros."""
+    m = run.method
+    negative = io.negative(m.negative_prompt, m.negative_prompt_embedding, roles["teacher"].folder,
+                           "method.negative_prompt")
+    return Prepared(batch={} if negative is None else {"negative_text": negative})
+
+
 def sampler(run):
     """The validation sampler: the student's own SDE over its step list unless timesteps are given."""
     return with_timesteps(run.validation.sampler, run.method.dmd_denoising_steps, ("sde",))
@@ -373,7 +382,7 @@ SPEC = MethodSpec(
     name="dmd2", run=configs.DMD2Run, roles=lambda run: ("student", "teacher", "critic"),
     trainable=("student", "critic"),
     data=lambda run: (TEXT, LATENTS) if run.method.rollout_mode == "data" else (TEXT,),
-    check=check, sampler=sampler, make=make,
+    check=check, sampler=sampler, make=make, prepare=prepare,
     fastvideo=FastVideoKeys(training={**_TRAINING_KEYS, **_CRITIC_KEYS, "real_score_guidance_scale": float},
                             method_config={**_CRITIC_KEYS, **_READ_HERE},
                             pipeline_config={"dmd_denoising_steps": list[int]}, read=read_fastvideo,

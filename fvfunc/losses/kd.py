@@ -135,11 +135,12 @@ def teacher_sigmas(cfg) -> tuple[torch.Tensor, list[int]]:
     return merged, [int((merged == s).nonzero()[0]) for s in student]
 
 
-def trajectories(teacher, params, text: torch.Tensor, noise: torch.Tensor, cfg) -> torch.Tensor:
+def trajectories(teacher, params, text: torch.Tensor, noise: torch.Tensor, cfg,
+                 uncond: torch.Tensor | None = None) -> torch.Tensor:
     """[B, K + 1, C, T, H, W]: the teacher's UniPC run from `noise`, its states at the t_list
-    timesteps and its end."""
+    timesteps and its end; guided with `uncond` (the negative prompt's embedding [1, L, D]; None: zeros)."""
     sigmas, at = teacher_sigmas(cfg)
-    denoise = guided(lambda x, t, c: teacher.apply(params, x, t, c).float(), text, None, cfg.guidance_scale)
+    denoise = guided(lambda x, t, c: teacher.apply(params, x, t, c).float(), text, uncond, cfg.guidance_scale)
     with torch.no_grad():
         end, states = sample(denoise, noise, sigmas.float(), "unipc", states=True,
                              timesteps=model_timesteps(sigmas, "unipc"))
@@ -151,7 +152,8 @@ def _meta(run) -> dict:
     return {"teacher": str(run.roles.teacher.path), "source": [str(p) for p in run.data.path],
             "t_list": student_timesteps(m), "teacher_steps": m.teacher_steps, "flow_shift": m.flow_shift,
             "guidance_scale": m.guidance_scale, "latent_shape": list(m.latent_shape), "seed": m.seed,
-            "text_len": run.data.text_len, "precision": run.training.precision}
+            "text_len": run.data.text_len, "precision": run.training.precision,
+            "negative_prompt": m.negative_prompt, "negative_prompt_embedding": m.negative_prompt_embedding}
 
 
 def prepare(run, roles, io):
@@ -177,13 +179,18 @@ def prepare(run, roles, io):
     done = io.finished(folder)
     todo = [c for c in range(0, n, chunk) if not all(f"{i:08d}" in done for i in range(c, min(c + chunk, n)))]
     mine = todo if teacher.sharded else todo[io.rank::io.world_size]  # a sharded teacher needs every rank
+    negative = None
+    if mine and cfg.guidance_scale != 1:
+        negative = io.negative(cfg.negative_prompt, cfg.negative_prompt_embedding, teacher.folder,
+                               "method.negative_prompt")
     bar = io.progress(total=n, initial=n - sum(min(chunk, n - c) for c in todo), desc="kd: teacher trajectories")
     key, channels = random.key(cfg.seed), teacher.latents.channels
     for start in mine:
         index = list(range(start, min(start + chunk, n)))
         b = source.batch(index)
         noise = torch.stack([random.normal(random.fold_in(key, i), (channels, *cfg.latent_shape)) for i in index])
-        traj = trajectories(teacher, teacher.params, b["text"].to(io.device), noise.to(io.device), cfg).cpu()
+        traj = trajectories(teacher, teacher.params, b["text"].to(io.device), noise.to(io.device), cfg,
+                            negative).cpu()
         stamps = torch.tensor([*student_timesteps(cfg), 0], dtype=torch.float32)
         rows = [{"id": f"{i:08d}", "caption": caption, "text_embedding": b["text"][j, : b["text_len"][j]],
                  "trajectory_latents": traj[j], "trajectory_timesteps": stamps, "media_type": "text",

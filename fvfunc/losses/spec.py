@@ -103,14 +103,18 @@ class MethodSpec(NamedTuple):
 
 
 class Prepared(NamedTuple):
-    """What a method's `prepare` made: the data to train on and the roles no longer needed."""
+    """What a method's `prepare` made: the data to train on, entries for every batch and the roles no
+    longer needed."""
 
-    paths: Any
-    """Dataset folders (as data.path takes them)."""
-    columns: DataSpec
+    paths: Any = None
+    """Dataset folders (as data.path takes them); None keeps the run's dataset."""
+    columns: DataSpec = ()
     """The columns to read from them."""
     release: tuple[str, ...] = ()
     """Roles the trainer may free now (e.g. a teacher that only made the data)."""
+    batch: dict[str, Any] = {}
+    """Tensors [1, ...] the trainer adds to every batch, repeated per sample (e.g. "negative_text",
+    the negative prompt's embedding [1, L, D])."""
 
 
 class DataIO(NamedTuple):
@@ -129,3 +133,7 @@ class DataIO(NamedTuple):
     world_size: int
     barrier: Callable[[], None]
     device: Any
+    negative: Callable[..., Any] = lambda prompt, embedding_file, folder, field: None
+    """negative(prompt, embedding_file, folder, field) -> the negative prompt's embedding [1, L, D] on
+    `device` (the file's, or the prompt encoded with the umT5 of the role folder `folder`), or None
+    for zero text (with a warning); errors name `field` ("method.negative_prompt")."""
