@@ -140,17 +140,25 @@ def draw(key, sample_index, shape, num_steps, device):
     return torch.stack(rollout), torch.stack(score), torch.cat(t0).to(device), torch.cat(k)
 
 
+def rollout_steps(key, batch_size: int, num_steps: int) -> int:
+    """The largest k of the global batch (samples 0..batch_size - 1), as `draw` draws them: every rank
+    runs that many rollout steps, so a sharded student gathers its blocks the same number of times on
+    every rank whatever k its own samples drew."""
+    return max(int(random.randint(random.split(k, 4)[3], (1,), 0, num_steps))
+               for k in random.per_sample(key, range(batch_size)))
+
+
 @torch.no_grad()
-def student_input(student, params, batch, sigmas, k: torch.Tensor, mode: str) -> torch.Tensor:
+def student_input(student, params, batch, sigmas, k: torch.Tensor, mode: str, last: int | None = None) -> torch.Tensor:
     """x_k: each sample's input at sigmas[k_b] (k [B] on the CPU). simulate: k_b steps of the student's own
     SDE sampler from pure noise (rollout_noise[:, 0]), re-noising step j with rollout_noise[:, j + 1]
-    (the batch runs max(k) steps together and each sample keeps its state at its own k_b); data: the
-    latent noised to sigma_k."""
+    (the batch runs `last` >= max(k) steps together, default max(k), and each sample keeps its state at
+    its own k_b); data: the latent noised to sigma_k."""
     noise = batch["rollout_noise"]
     sigma_k = sigmas[k].to(noise.device)
     if mode == "data":
         return add_noise(batch["latents"], noise[:, 0], sigma_k)
-    last = int(k.max())
+    last = int(k.max()) if last is None else last
     if last == 0:
         return noise[:, 0]
     denoise = lambda x, t: student.apply(params, x, t, batch["text"]).float()  # noqa: E731
@@ -185,7 +193,8 @@ def make(run, roles, reduce=None) -> Method:
         shape = batch["latents"].shape[1:] if cfg.rollout_mode == "data" else (channels, *cfg.latent_shape)
         rollout_noise, score_noise, t0, k = draw(key, batch["sample_index"], shape, num_steps, text.device)
         batch = dict(batch, rollout_noise=rollout_noise, score_noise=score_noise, score_sigma=score_sigmas(t0, cfg))
-        x_k = student_input(student, student_params, batch, sigmas, k, cfg.rollout_mode)
+        last = max(rollout_steps(key, training.batch_size, num_steps), int(k.max()))
+        x_k = student_input(student, student_params, batch, sigmas, k, cfg.rollout_mode, last)
         sigma_k = sigmas[k].to(text.device)
         return dict(batch, x_k=x_k, sigma_k=sigma_k)
 
