@@ -12,7 +12,7 @@ import yaml
 
 import configs
 from fvfunc import config_file, distributed, random, text, trainer, validation
-from fvfunc.losses import dmd2
+from fvfunc.losses import METHODS, dmd2
 from fvfunc.testing import tiny
 
 
@@ -228,3 +228,21 @@ def test_validation_captions_file(tmp_path):
     f.write_text(json.dumps({"data": [{"caption": "a cat"}, {"prompt": "x"}]}))
     with pytest.raises(ValueError, match=r"validation.dataset_file: .*v.json, entry 1 has no caption"):
         validation.captions_of(f)
+
+
+def test_validation_encodes_the_caption_file_and_negative_prompt_with_the_students_umt5(tmp_path):
+    folder = tiny.write_pipeline(tmp_path / "p", text_encoder=True)
+    f = tmp_path / "v.json"
+    f.write_text(json.dumps({"data": [{"caption": "a cat"}, {"caption": "a dog"}]}))
+    v = configs.ValidationConfig(dataset_file=str(f), num_prompts=2)
+    run = tiny.run_of(METHODS["finetune"], validation=v, data=configs.DataConfig(text_len=16))
+    dataset = [{"text": torch.zeros(16, 32)}]  # only its spec and first sample's shapes are read
+    ds = type("DS", (), {"spec": (), "__getitem__": lambda self, i: dataset[i]})()
+    emb, captions, _ = validation.prompts_from(run, ds, str(folder / "transformer"))
+    assert captions == ["a cat", "a dog"] and torch.equal(emb, text.encode_prompts(folder, captions, 16))
+    with pytest.raises(ValueError, match="validation.dataset_file: .* has no text_encoder"):
+        validation.prompts_from(run, ds, str(tmp_path / "elsewhere"))
+    neg = text.negative_embedding("a cat", "", str(folder / "transformer"), 16, "validation.negative_prompt")
+    assert torch.equal(neg, emb[:1])
+    with pytest.raises(ValueError, match="validation.negative_prompt: .* has no text_encoder"):
+        text.negative_embedding("a cat", "", str(tmp_path / "elsewhere"), 16, "validation.negative_prompt")
