@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from configs import SamplerConfig, SampleRun
 from fvfunc import cli, random, text
 from fvfunc import samplers as S
-from fvfunc.models import wan
 from fvfunc.testing import tiny
+from fvfunc.testing.pipeline import fvfunc_latents as pipeline_latents
+from fvfunc.testing.pipeline import rel, wan_pipeline_latents
 
 PROMPTS = ["a cat runs on the beach", "a red bird flies over the sea at night"]
 NEGATIVE = "blurry low quality static"
@@ -32,20 +33,8 @@ def noise():
 
 
 def wan_pipeline(folder, scheduler):
-    """diffusers' latents: WanPipeline in fp32, output_type="latent", from the given initial latents."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    def run(latents):
-        pipe = WanPipeline.from_pretrained(folder)  # fp32, as the tiny folder is saved
-        if scheduler == "flow_match_euler":
-            pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        pipe.set_progress_bar_config(disable=True)
-        _, _, t, h, w = latents.shape
-        scale = pipe.vae_scale_factor_spatial
-        return pipe(prompt=PROMPTS, negative_prompt=NEGATIVE, latents=latents.clone(), height=h * scale,
-                    width=w * scale, num_frames=(t - 1) * pipe.vae_scale_factor_temporal + 1,
-                    num_inference_steps=STEPS, guidance_scale=SCALE, output_type="latent").frames
-    return run
+    """diffusers' latents of PROMPTS / NEGATIVE from given initial latents."""
+    return lambda latents: wan_pipeline_latents(folder, scheduler, PROMPTS, NEGATIVE, latents, STEPS, SCALE)
 
 
 def sampler(kind):
@@ -54,19 +43,7 @@ def sampler(kind):
 
 
 def fvfunc_latents(folder, noise, sampler_cfg, timesteps=None):
-    """fvfunc's Python API: text.encode, wan.apply, guided, schedule, sample."""
-    encoder = text.load_encoder(folder)
-    cond, uncond = text.encode(encoder, PROMPTS), text.encode(encoder, [NEGATIVE])
-    cfg, params = wan.load(folder / "transformer")
-    walk = S.schedule(sampler_cfg)
-    denoise = S.guided(lambda x, t, c: wan.apply(params, cfg, x, t, c), cond, uncond, sampler_cfg.guidance_scale)
-    with torch.no_grad():
-        return S.sample(denoise, noise, walk.sigmas, sampler_cfg.kind,
-                        timesteps=walk.timesteps if timesteps is None else timesteps)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+    return pipeline_latents(folder, PROMPTS, NEGATIVE, noise, sampler_cfg, timesteps)
 
 
 @pytest.fixture(scope="module")

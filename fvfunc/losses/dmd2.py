@@ -129,23 +129,28 @@ def draw(key, sample_index, shape, num_steps, device):
     Each sample draws its own k (FastVideo draws one per rank, i.e. per sample at its batch size of
     1), from its index in the global batch: a batch covers several k, the same however many ranks and
     micro-batches share it."""
-    rollout, score, t0, k = [], [], [], []
+    rollout, score, t0 = [], [], []
     for key_b in random.per_sample(key, sample_index):
-        k_roll, k_score, k_t, k_k = random.split(key_b, 4)
+        k_roll, k_score, k_t, _ = random.split(key_b, 4)
         rollout.append(torch.stack([random.normal(random.fold_in(k_roll, j), shape, device=device)
                                     for j in range(num_steps)]))
         score.append(random.normal(k_score, shape, device=device))
         t0.append(random.randint(k_t, (1,), 0, NUM_TRAIN_TIMESTEPS))
-        k.append(random.randint(k_k, (1,), 0, num_steps))
-    return torch.stack(rollout), torch.stack(score), torch.cat(t0).to(device), torch.cat(k)
+    return torch.stack(rollout), torch.stack(score), torch.cat(t0).to(device), step_indices(key, sample_index,
+                                                                                             num_steps)
+
+
+def step_indices(key, sample_index, num_steps: int) -> torch.Tensor:
+    """Each sample's few-step index k [B] in [0, num_steps), from its own key (the 4th of `draw`'s)."""
+    return torch.cat([random.randint(random.split(k, 4)[3], (1,), 0, num_steps)
+                      for k in random.per_sample(key, sample_index)])
 
 
 def rollout_steps(key, batch_size: int, num_steps: int) -> int:
-    """The largest k of the global batch (samples 0..batch_size - 1), as `draw` draws them: every rank
-    runs that many rollout steps, so a sharded student gathers its blocks the same number of times on
-    every rank whatever k its own samples drew."""
-    return max(int(random.randint(random.split(k, 4)[3], (1,), 0, num_steps))
-               for k in random.per_sample(key, range(batch_size)))
+    """The largest k of the global batch (samples 0..batch_size - 1): every rank runs that many rollout
+    steps, so a sharded student gathers its blocks the same number of times on every rank whatever k
+    its own samples drew."""
+    return int(step_indices(key, range(batch_size), num_steps).max())
 
 
 @torch.no_grad()
