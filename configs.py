@@ -150,8 +150,15 @@ class TrainingConfig:
     keep_checkpoints: int = 3
     """How many of the newest checkpoints to keep; 0 keeps all."""
     resume: str = ""
-    """Resume from 'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint
-    folder path. Empty starts fresh (and refuses an output_dir that already holds checkpoints)."""
+    """Resume from 'latest' (the newest intact checkpoint in output_dir, if any; damaged newer ones are
+    reported and set aside) or a checkpoint folder path (which must be intact). Empty starts fresh (and
+    refuses an output_dir that already holds checkpoints). A resumed run must be the checkpoint's run:
+    see allow_changes."""
+    allow_changes: tuple[str, ...] = ()
+    """Fields (e.g. training.lr data.path) a resumed run may change although the change alters the
+    results; `all` allows every change. max_steps, logging, checkpointing, validation, tracking and
+    speed settings (device, attention, compile, remat, sharding) may always change; moved model or data
+    folders with the same content pass too."""
     log_every: int = 1
     """Write metrics every N steps."""
     export: bool = True
@@ -161,6 +168,19 @@ class TrainingConfig:
     export_dtype: Literal["source", "float32", "bfloat16"] = "source"
     """Dtype of the exported transformer: 'source' keeps each tensor's dtype in the student's folder (a
     bf16 model exports bf16 even when trained in fp32), or cast all to float32 / bfloat16."""
+
+
+RESUME_FREE = (
+    "training.max_steps", "training.checkpoint_every", "training.keep_checkpoints", "training.resume",
+    "training.allow_changes", "training.log_every", "training.export", "training.export_dtype",
+    "training.output_dir", "training.device", "training.attention", "training.grad_transform", "training.remat",
+    "training.remat_fraction", "training.compile", "training.donate", "training.micro_batches", "data.num_workers",
+    "validation.", "tracking.", "roles.student.sharding", "roles.teacher.sharding", "roles.critic.sharding",
+)
+"""Fields a resumed run may change without changing what it computes (a trailing '.': a whole section):
+how long it runs, what it logs, checkpoints and validates, and how fast (micro-batches split the same
+batch). Every other field must equal the checkpoint's (fvfunc/resume.py) unless training.allow_changes
+names it."""
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -380,6 +400,11 @@ class KDRun:
     method: KDConfig = field(default_factory=KDConfig)
     config: str = ""
     """A schema-v2 YAML/JSON run file; flags given on the command line override it."""
+
+
+RUNS = {"finetune": FinetuneRun, "dmd2": DMD2Run, "kd": KDRun}
+"""Method name (the subcommand) -> its run config, as the method specs (fvfunc/losses) name them (a test
+checks they agree); here so that the command line is parsed and checked before torch is imported."""
 
 
 @dataclass(frozen=True)

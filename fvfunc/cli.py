@@ -14,6 +14,7 @@ errors exit 2 too), else hands the run to `fvfunc.trainer.run`.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import logging
@@ -21,6 +22,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Union
 
@@ -48,10 +50,16 @@ def _config_arg(argv: list[str]) -> str | None:
 
 
 def parse(argv: list[str]) -> tuple[str, Any]:
-    """(method, run config) from the command line. Raises ConfigError for a bad run file and
-    SystemExit for --help and tyro's usage errors (code 2, with a did-you-mean)."""
+    """(method, run config) from the command line. Raises ConfigError for a bad run file or an
+    unknown command and SystemExit for --help and tyro's usage errors (code 2, with a did-you-mean)."""
     argv = list(argv)
     runs = config_file.runs()
+    known = [*runs, "sample"]
+    if argv and not argv[0].startswith("-") and argv[0] not in known:
+        close = difflib.get_close_matches(argv[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown command {argv[0]!r}{hint}; the commands are {', '.join(known)} "
+                          "(train.py --help)")
     method = argv[0] if argv and argv[0] in runs else None
     defaults: dict[str, Any] = {}
     path = _config_arg(argv)
@@ -89,8 +97,29 @@ def _check_betas(betas, where: str) -> None:
     _need(all(0 <= b < 1 for b in betas), f"{where} {tuple(betas)} must each be in [0, 1)")
 
 
+def _check_writable(folder: str, where: str) -> None:
+    """`folder` (made if absent) can be written: it, or its nearest existing parent, is a folder a file
+    can be created in. Tested by creating one, which also catches read-only file systems."""
+    p = Path(folder)
+    _need(not p.exists() or p.is_dir(), f"{where}: {p} is a file, not a folder")
+    base = p
+    while not base.exists():
+        base = base.parent
+    _need(base.is_dir(), f"{where}: {p} cannot be made, {base} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fvfunc-write-test-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot write into {base} ({e.strerror or e})") from None
+
+
 def _check_training(t: configs.TrainingConfig) -> None:
     _need(bool(t.output_dir), "training.output_dir is empty")
+    _check_writable(t.output_dir, "training.output_dir")
+    bad = [f for f in t.allow_changes if f != "all" and not re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+", f)]
+    if bad:
+        raise ConfigError(f"training.allow_changes: {bad[0]!r} is not a field name (such as training.lr), nor 'all'")
     _need(t.max_steps >= 1, f"training.max_steps must be >= 1, got {t.max_steps}")
     _need(t.batch_size >= 1, f"training.batch_size must be >= 1, got {t.batch_size}")
     _need(t.micro_batches >= 1, f"training.micro_batches must be >= 1, got {t.micro_batches}")
@@ -217,6 +246,8 @@ def _check_sample(cfg: configs.SampleRun) -> None:
         path = getattr(cfg, name)
         _need(not path or Path(path).is_file(), f"{name}: {path} is not a file")
         _need(not path or Path(path).suffix == ".safetensors", f"{name}: {path} is not a .safetensors file")
+    _need(bool(cfg.output_dir), "output_dir is empty")
+    _check_writable(cfg.output_dir, "output_dir")
     _need(cfg.num_prompts >= 0, f"num_prompts must be >= 0 (0: all), got {cfg.num_prompts}")
     _need(all(n >= 1 for n in cfg.latent_shape), f"latent_shape must be positive, got {cfg.latent_shape}")
     if cfg.sampler.timesteps:
@@ -230,19 +261,19 @@ def check(method: str, cfg) -> None:
     """Refuse a run that cannot work, before any model loads: raises one ConfigError whose message
     names the field (`roles.teacher.path`, `training.batch_size`, ...). Reads only config files
     (config.json, model_index.json) and safetensors headers."""
-    from fvfunc.losses import METHODS
-
     if method == "sample":
         _check_sample(cfg)
         return
-    _need(method in METHODS, f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    _need(method in configs.RUNS, f"unknown method {method!r}; known: {', '.join(configs.RUNS)}")
+    _check_training(cfg.training)  # plain config checks first: their errors come before torch is imported
+    _check_validation(cfg.validation)
+    from fvfunc.losses import METHODS
+
     spec = METHODS[method]
-    _check_training(cfg.training)
     try:
         spec.check(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _check_validation(cfg.validation)
     _check_data(method, cfg, spec.data(cfg))
     _check_roles(method, spec.roles(cfg), spec.trainable, cfg.roles)
 
@@ -277,12 +308,25 @@ def main(argv: list[str] | None = None) -> int:
     seed = cfg.sampler.seed if method == "sample" else cfg.training.seed
     torch.manual_seed(seed)
 
+    from fvfunc.checkpoint import CheckpointError
+
     try:
         if method == "sample":
             importlib.import_module("fvfunc.sample").sample_command(cfg)
         else:
             trainer.run(method, cfg)
-    except (trainer.TrainingError, DataError, ModelError, BatchError) as e:  # the run's own, already clear errors
+    except ConfigError as e:  # bad input the run found before any model loaded (a checkpoint of another run)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (trainer.TrainingError, DataError, ModelError, BatchError, CheckpointError) as e:  # already clear
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the machine's: a full disk, a folder that cannot be written
+        what = f"{e.filename}: " if e.filename else ""
+        print(f"error: {what}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves a checkpoint and stops)
+        print("error: interrupted: stopped at once, without saving; resume with --training.resume latest from "
+              "the last checkpoint", file=sys.stderr)
+        return 130
     return 0

@@ -27,7 +27,8 @@ from typing import Any, NamedTuple
 import torch
 from tqdm import tqdm
 
-from fvfunc import checkpoint, config_file, data, distributed, export, random, roles, tracking
+from fvfunc import checkpoint, config_file, data, distributed, export, random, resume, roles, tracking
+from fvfunc.config_file import ConfigError
 from fvfunc.losses import METHODS
 from fvfunc.losses.spec import DataIO, MethodSpec
 from fvfunc.models import family
@@ -111,6 +112,8 @@ class Setup(NamedTuple):
     """The resolved run as config_file.dump writes it."""
     constants: dict
     """Tensors [1, ...] added to every batch, repeated per sample (Prepared.batch)."""
+    record: dict
+    """What every checkpoint's meta keeps of the run, for a resume to be checked against (resume.record)."""
 
 
 def open_dataset(run, columns, paths=None) -> data.ParquetDataset:
@@ -142,22 +145,101 @@ def data_io(run, process) -> DataIO:
                   barrier=lambda: distributed.barrier(process), device=process.device, negative=negative)
 
 
+def _resolve(out: Path, resume: str, process: distributed.Process) -> Path | None:
+    """The checkpoint to resume from (fvfunc.checkpoint.resolve, on rank 0, told to every rank);
+    damaged or incomplete newer checkpoints that `latest` passed over are reported and renamed aside
+    (`checkpoint-<step>.damaged`), so this run's own save of that step cannot overwrite them."""
+    found = None
+    if process.rank == 0:
+        try:
+            r = checkpoint.resolve(out, resume)
+            for path, _ in r.skipped:
+                aside = path.with_name(f"{path.name}.damaged")
+                n = 1
+                while aside.exists():
+                    n += 1
+                    aside = path.with_name(f"{path.name}.damaged-{n}")
+                path.rename(aside)
+            found = (r.path, [(p, why, p.with_name(f"{p.name}.damaged")) for p, why in r.skipped], None)
+        except (checkpoint.CheckpointError, OSError) as e:
+            found = (None, [], str(e))
+        removed = checkpoint.clean(out)  # what a killed save or prune left behind
+        if removed:
+            log.info("removed %s, left by an interrupted checkpoint save or prune",
+                     ", ".join(p.name for p in removed))
+    sync = distributed.exchange(process)
+    if sync is not None:
+        found = sync(found)[0]
+    path, skipped, error = found
+    if error is not None:
+        raise ConfigError(f"training.resume {resume!r}: {error}")
+    for p, why, aside in skipped:
+        log.warning("training.resume latest: passed over %s (%s); it is kept as %s, delete it when done", p.name,
+                    why, aside.name)
+    return path
+
+
+def last_checkpoint_note(out: Path) -> str:
+    found = checkpoint.latest(out)
+    if found is None:
+        return "no checkpoint was written yet"
+    return f"the last checkpoint, {found}, is intact (resume with --training.resume latest)"
+
+
+def _check_fit(spec: MethodSpec, cfg, dataset: data.ParquetDataset) -> None:
+    """The data against the models' config files, before any model loads: text width, latent channels,
+    and one batch's worth of samples."""
+    for column in dataset.spec:
+        shape = dataset.first_shapes.get(column.key) or ()
+        for name in spec.roles(cfg):
+            role = getattr(cfg.roles, name)
+            fam = family(role.family)
+            model_cfg = fam.load_config(role.path)
+            if column.kind == "text" and shape and (width := fam.text_width(model_cfg)) is not None \
+                    and shape[-1] != width:
+                raise ConfigError(f"data.path: {dataset.first_file} holds {column.what} {shape[-1]} wide, but the "
+                                  f"model of roles.{name}.path takes text_dim {width}")
+            if column.kind == "latents" and len(shape) >= 4:
+                channels = fam.latents(model_cfg, role.path).channels
+                if shape[-4] != channels:
+                    raise ConfigError(f"data.path: {dataset.first_file} holds {column.what} of {shape[-4]} channels, "
+                                      f"but the model of roles.{name}.path takes {channels}")
+    if len(dataset) < cfg.training.batch_size:
+        raise ConfigError(f"training.batch_size {cfg.training.batch_size} is more than the dataset's "
+                          f"{len(dataset)} samples (data.path); lower it or add data (DIR:N repeats a folder)")
+
+
 def _setup(spec: MethodSpec, cfg, process: distributed.Process) -> tuple[Setup, TrainState, tuple[int, int]]:
     rank, world, t = process.rank, process.world_size, cfg.training
     out = Path(t.output_dir)
     if t.batch_size % world or (t.batch_size // world) % t.micro_batches:
-        raise TrainingError(f"training.batch_size {t.batch_size} must split evenly into {world} rank(s) x "
-                            f"{t.micro_batches} micro-batch(es)")
+        raise ConfigError(f"training.batch_size {t.batch_size} must split evenly into {world} rank(s) x "
+                          f"{t.micro_batches} micro-batch(es)")
     if t.attention == "fa4" and (problem := fa4_problem(process.device)):
         raise TrainingError(f"training.attention 'fa4' cannot run: {problem}")
-    resume_from = checkpoint.resolve(out, t.resume)
-    if resume_from is None and checkpoint.list_checkpoints(out):
-        raise TrainingError(f"{out} already holds checkpoints; pass --training.resume latest to continue, "
-                            "or choose another --training.output-dir")
+    resume_from = _resolve(out, t.resume, process)
+    if resume_from is None and checkpoint.steps_in(out):
+        raise ConfigError(f"training.output_dir: {out} already holds checkpoints; pass --training.resume latest "
+                          "to continue, or choose another --training.output-dir")
     distributed.barrier(process)  # every rank has looked before rank 0 writes anything
 
     # data first: it is cheap to open and its errors should come before minutes of model loading
-    dataset = open_dataset(cfg, spec.data(cfg))
+    try:
+        dataset = open_dataset(cfg, spec.data(cfg))
+    except data.DataError as e:
+        raise ConfigError(f"data.path: {e}") from None
+    _check_fit(spec, cfg, dataset)
+    needed = spec.roles(cfg)
+    record = resume.record(cfg, needed, {r: family(getattr(cfg.roles, r).family) for r in needed}, dataset)
+    meta = None
+    if resume_from is not None:
+        meta = checkpoint.read_meta(resume_from)
+        try:
+            notes = resume.check(meta, record, spec.name, needed, t.allow_changes, str(resume_from))
+        except resume.Refused as e:
+            raise ConfigError(f"training.resume: {e}") from None
+        for note in notes:
+            log.warning("%s", note)
     try:
         built = roles.build(cfg, spec, process)
     except roles.RoleError as e:
@@ -180,11 +262,9 @@ def _setup(spec: MethodSpec, cfg, process: distributed.Process) -> tuple[Setup, 
     data_key, step_key = random.split(random.key(t.seed), 2)  # one key per purpose
     state = method.init({name: r.params for name, r in built.items()}, step_key)
     built = {name: r._replace(params=None) for name, r in built.items()}  # the state holds the params now
-    position, meta = (0, 0), None
+    position = (0, 0)
     if resume_from is not None:
-        trees, meta = checkpoint.load(resume_from, shard=(rank, world))
-        if meta.get("method", spec.name) != spec.name:
-            raise TrainingError(f"{resume_from} is a {meta['method']} checkpoint, this is a {spec.name} run")
+        trees, meta = checkpoint.load(resume_from, shard=(rank, world), verify=False)  # resolve checked it
         try:
             state = from_trees(state, trees, meta["step"], spec.trainable, distributed.like)
         except StateError as e:
@@ -196,7 +276,8 @@ def _setup(spec: MethodSpec, cfg, process: distributed.Process) -> tuple[Setup, 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         config_file.write(out / "config.yaml", spec.name, cfg)
-    setup = Setup(spec, cfg, process, out, built, method.step, dataset, resume_from, meta, run_config, constants)
+    setup = Setup(spec, cfg, process, out, built, method.step, dataset, resume_from, meta, run_config, constants,
+                  record)
     return setup, state, (position, data_key)
 
 
@@ -243,10 +324,13 @@ def _save(s: Setup, state: TrainState, loader: data.Loader, sync) -> None:
     meta = {"step": state.step, "method": s.spec.name, "data_position": list(loader.position),
             "data_order": [loader.shuffle, loader.window], "roles": {r: getattr(cfg.roles, r).path
                                                                      for r in s.spec.roles(cfg)},
-            "config": s.run_config, "world_size": p.world_size}
+            "config": s.run_config, "world_size": p.world_size, **s.record}
     whole, pieces = distributed.pieces(to_trees(state, s.spec.trainable))
-    path = checkpoint.save(s.out, state.step, whole, meta, cfg.training.keep_checkpoints, shards=pieces,
-                           rank=p.rank, world_size=p.world_size, sync=sync)
+    try:
+        path = checkpoint.save(s.out, state.step, whole, meta, cfg.training.keep_checkpoints, shards=pieces,
+                               rank=p.rank, world_size=p.world_size, sync=sync)
+    except checkpoint.CheckpointError as e:
+        raise TrainingError(f"{e}; {last_checkpoint_note(s.out)}") from None
     log.info("saved %s", path)
 
 
@@ -285,7 +369,7 @@ def _run(spec: MethodSpec, cfg, process: distributed.Process) -> Path:
                 metrics = distributed.mean_over_ranks(process, dict(metrics, _stop=float(stop.signal is not None)))
                 if metrics.pop("_stop") > 0:
                     stopping = stop.signal or "a signal to another rank"
-                _check_finite(state.step, metrics)
+                _check_finite(state.step, metrics, s.out)
                 metrics["step_time"] = time.perf_counter() - t0
                 if state.step % t.log_every == 0 or state.step == t.max_steps:
                     tracker.log(state.step, metrics)
@@ -310,12 +394,11 @@ def _run(spec: MethodSpec, cfg, process: distributed.Process) -> Path:
     return s.out
 
 
-def _check_finite(step: int, metrics: dict) -> None:
+def _check_finite(step: int, metrics: dict, out: Path) -> None:
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         names = ", ".join(f"{k} = {v}" for k, v in bad.items())
-        raise TrainingError(f"step {step}: non-finite {names}; the last checkpoint is intact (resume with "
-                            "--training.resume latest)")
+        raise TrainingError(f"step {step}: non-finite {names}; {last_checkpoint_note(out)}")
 
 
 # ---------------------------------------------------------------------------------------- finish

@@ -70,6 +70,8 @@ class ParquetDataset:
         self.latent_stats = latent_stats if has_latents else None
         self.columns = ["id", "caption", *(name for c in self.spec for name in triplet(c))]
         self.files: list[str] = []
+        self.names: list[str] = []  # each file's path relative to its dataset folder
+        self.repeats: list[int] = []  # each folder's repeat count (DIR:N)
         self._footers: list[pq.FileMetaData] = []  # parsed once: reopening a file re-parses its footer
         # (file, row group, row in group, row in file) of each row; sample -> row; sample -> which repeat
         where, samples, copies = [], [], []
@@ -80,9 +82,11 @@ class ParquetDataset:
             if not files:
                 raise DataError(f"{folder}: no *.parquet files in this folder (searched recursively)")
             first = len(where)
+            self.repeats.append(repeats)
             for path in files:
                 where += self._index(path, len(self.files))
                 self.files.append(str(path))
+                self.names.append(path.name if folder.is_file() else str(path.relative_to(folder)))
             samples += list(range(first, len(where))) * repeats
             copies += [c for c in range(repeats) for _ in range(first, len(where))]
         if not samples:
@@ -90,13 +94,16 @@ class ParquetDataset:
         self._where, self._samples, self._copies = torch.tensor(where), torch.tensor(samples), torch.tensor(copies)
         self._cache: OrderedDict[tuple[int, int], Future] = OrderedDict()
         self._lock = threading.Lock()
-        # The text width every row must share, from the first row's shape column (a tiny read).
+        # Each column's shape in the first row (a tiny read): the text width every row must share, and
+        # what the trainer checks against the models before they load.
+        f, g = self._where[0, :2].tolist()
+        with pq.ParquetFile(self.files[f], metadata=self._footers[f]) as file:
+            shapes = file.read_row_group(g, columns=[f"{c.name}_shape" for c in self.spec])
+        self.first_shapes = {c.key: tuple(shapes.column(i)[0].as_py() or ()) for i, c in enumerate(self.spec)}
+        self.first_file = self.files[f]
         self.text_dim, self._text_dim_from = 0, self.files[0]
         if TEXT in self.spec:
-            f, g = self._where[0, :2].tolist()
-            with pq.ParquetFile(self.files[f], metadata=self._footers[f]) as file:
-                shape = file.read_row_group(g, columns=["text_embedding_shape"]).column(0)[0].as_py() or [0]
-            self.text_dim, self._text_dim_from = shape[-1], self.files[f]
+            self.text_dim, self._text_dim_from = (self.first_shapes[TEXT.key] or (0,))[-1], self.files[f]
         if has_latents and latent_stats is None:
             logger.warning("%s: no latents_mean/latents_std (VAE config) given; latents are used as stored",
                            paths)

@@ -73,7 +73,8 @@ class Loader:
         self.global_batch = batch_size * world_size
         if drop_last and len(dataset) < self.global_batch:
             raise DataError(f"{', '.join(dataset.files)}: {len(dataset)} samples cannot fill one global "
-                            f"batch of {self.global_batch} (batch_size x world_size); use drop_last=False")
+                            f"batch of {self.global_batch} (training.batch_size); lower it, or add data (DIR:N "
+                            "repeats a folder)")
         epoch, index = position
         if epoch < 0 or index < 0:
             raise ValueError(f"position must be non-negative, got {position}")

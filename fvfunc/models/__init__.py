@@ -90,6 +90,12 @@ class Family(NamedTuple):
     stored_dtypes: Callable[..., dict[str, torch.dtype]] | None = None
     """stored_dtypes(folder, variant="") -> each param's dtype in the folder's files (headers only), the
     export's 'source' dtype; None: the export keeps the trained params' dtypes."""
+    text_width: Callable[[Any], int | None] = lambda cfg: None
+    """text_width(cfg) -> the width of the text embeddings the model takes (checked against the data
+    before any model loads); None: not known from the config."""
+    weight_files: Callable[..., list[Path]] | None = None
+    """weight_files(folder, variant="") -> the files holding the weights (a resumed run fingerprints
+    them to tell the same model from another); None: not fingerprinted."""
 
 
 BLOCKS = "blocks."

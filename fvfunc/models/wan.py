@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fvfunc import random
@@ -80,12 +80,16 @@ def config_from_dict(d: dict, source: str = "config") -> WanConfig:
     unknown = sorted(k for k in d if not k.startswith("_") and k not in names)
     if unknown:
         raise ModelError(f"{source}: unsupported Wan config keys {unknown}")
-    values = {k: v for k, v in d.items() if k in names}
-    if "patch_size" in values:
-        values["patch_size"] = tuple(values["patch_size"])
-    if "out_channels" in values and values["out_channels"] is None:  # diffusers: out_channels or in_channels
-        values["out_channels"] = values.get("in_channels", WanConfig.in_channels)
+    missing = [k for k in SHAPE_KEYS if k not in d]
+    if missing:
+        raise ModelError(f"{source}: no {', '.join(missing)} (the model's shape is never guessed)")
+    values = {k: _typed(k, v, source) for k, v in d.items() if k in names}
+    if values.get("out_channels") is None:  # diffusers: out_channels or in_channels
+        values["out_channels"] = values["in_channels"]
     cfg = WanConfig(**values)
+    small = [k for k in POSITIVE if getattr(cfg, k) < 1]
+    if small:
+        raise ModelError(f"{source}: {small[0]} must be >= 1, got {getattr(cfg, small[0])}")
     if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None or cfg.pos_embed_seq_len is not None:
         raise ModelError(f"{source}: a Wan image-to-video config (image_dim / added_kv_proj_dim / "
                          "pos_embed_seq_len set); fvfunc supports text-to-video Wan only for now")
@@ -94,6 +98,33 @@ def config_from_dict(d: dict, source: str = "config") -> WanConfig:
     if cfg.attention_head_dim % 2:
         raise ModelError(f"{source}: attention_head_dim {cfg.attention_head_dim} must be even for RoPE")
     return cfg
+
+
+SHAPE_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "text_dim", "ffn_dim",
+              "num_layers")
+"""config.json keys that fix the params' shapes: a config without one is refused (diffusers writes them all)."""
+POSITIVE = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim", "freq_dim",
+            "ffn_dim", "num_layers", "rope_max_seq_len")
+_TYPES = {"patch_size": "3 ints", "cross_attn_norm": "bool", "eps": "float", "qk_norm": "str or null"}
+
+
+def _typed(key: str, v, source: str):
+    """A config.json value checked against its WanConfig field's type (ModelError naming the key)."""
+    kind = _TYPES.get(key, "int or null" if key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len",
+                                                    "out_channels") else "int")
+
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    ok = {"3 ints": lambda: isinstance(v, list | tuple) and len(v) == 3 and all(is_int(x) and x >= 1 for x in v),
+          "bool": lambda: isinstance(v, bool),
+          "float": lambda: (is_int(v) or isinstance(v, float)) and v > 0,
+          "str or null": lambda: v is None or isinstance(v, str),
+          "int or null": lambda: v is None or is_int(v),
+          "int": lambda: is_int(v)}[kind]()
+    if not ok:
+        raise ModelError(f"{source}: {key} must be {'3 positive ints' if kind == '3 ints' else kind}, got {v!r}")
+    return tuple(v) if kind == "3 ints" else (float(v) if kind == "float" else v)
 
 
 def config_to_dict(cfg: WanConfig) -> dict:
@@ -413,12 +444,33 @@ def stored_dtypes(path, variant: str = "") -> dict[str, torch.dtype]:
     folder = resolve_folder(path)
     out = {}
     for f in weight_files(folder, variant):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        with _open(f) as sf:
             for k in sf.keys():
                 name = sf.get_slice(k).get_dtype()
-                if name in _DTYPES:
-                    out[k] = _DTYPES[name]
+                if name not in _DTYPES:
+                    raise ModelError(f"{f}: {k} is stored as {name}, not as a floating-point weight")
+                out[k] = _DTYPES[name]
     return out
+
+
+class _open:
+    """safe_open of a weight file, its failures (a garbage or truncated file) as ModelError naming it."""
+
+    def __init__(self, f: Path):
+        self.f = f
+
+    def __enter__(self):
+        try:
+            self.sf = safe_open(str(self.f), framework="pt", device="cpu")
+            return self.sf.__enter__()
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{self.f}: not a readable safetensors file ({e})") from None
+
+    def __exit__(self, *exc):
+        if exc[0] is not None and issubclass(exc[0], SafetensorError | OSError):
+            self.sf.__exit__(*exc)
+            raise ModelError(f"{self.f}: not a readable safetensors file ({exc[1]})") from None
+        return self.sf.__exit__(*exc)
 
 
 def load(path, dtype: torch.dtype | None = None, device=None, rows=None, variant: str = "") -> tuple[WanConfig, dict]:
@@ -431,7 +483,7 @@ def load(path, dtype: torch.dtype | None = None, device=None, rows=None, variant
     cfg = load_config(folder)
     params, shapes = {}, {}
     for f in weight_files(folder, variant):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        with _open(f) as sf:
             for k in sf.keys():
                 if "norm_added_q" in k:  # diffusers ignores this legacy key too
                     continue
@@ -441,6 +493,8 @@ def load(path, dtype: torch.dtype | None = None, device=None, rows=None, variant
                     t = sf.get_tensor(k)
                 else:
                     t = part[slice(*rows(shapes[k][0]))]
+                if not t.dtype.is_floating_point:
+                    raise ModelError(f"{f}: {k} is stored as {t.dtype}, not as a floating-point weight")
                 # a fresh, aligned copy: tensors straight from safetensors can be unaligned
                 params[k] = t.to(dtype=dtype or t.dtype, device=device, copy=True)
     check_shapes(cfg, shapes, str(folder))
@@ -536,4 +590,5 @@ def decode(vae, z: torch.Tensor) -> torch.Tensor:
 FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=init, param_shapes=param_shapes,
                 num_blocks=lambda cfg: cfg.num_layers, embed=embed, block=block, head=head, latents=latents,
                 load_vae=load_vae, decode=decode, pipeline=pipeline, components=COMPONENTS,
-                stored_dtypes=stored_dtypes)
+                stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
+                weight_files=lambda path, variant="": weight_files(resolve_folder(path), variant))
