@@ -169,7 +169,8 @@ def test_a_text_only_dataset_without_a_teacher_names_the_missing_column(world, t
     code = cli.main(["kd", "--roles.student.path", str(world["model"]), "--data.path", str(world["text"]),
                      "--training.output-dir", str(tmp_path / "o"), "--training.device", "cpu"])
     err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1
+    assert code == 2 and err.count("\n") == 1  # found before any model loads
+    assert "error: data.path: " in err
     assert "part-0.parquet: no column trajectory_latents_bytes (the teacher's ODE trajectory)" in err
 
 

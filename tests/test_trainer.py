@@ -181,3 +181,46 @@ def test_cli_end_to_end(world, tmp_path, method, mode):
     from fvfunc import config_file
     loaded = config_file.load(out / "config.yaml", method)[1]
     assert dataclasses.replace(loaded, config="") == cli.parse(args)[1]
+
+
+def _flip(path, n=4):
+    b = bytearray(path.read_bytes())
+    i = len(b) // 2
+    b[i:i + n] = bytes(x ^ 0xFF for x in b[i:i + n])
+    path.write_bytes(bytes(b))
+
+
+def test_latest_passes_over_a_corrupted_checkpoint_and_resumes_exactly(world, tmp_path, caplog):
+    out = tmp_path / "o"
+    trainer.run("finetune", make_cfg(world, "finetune", out, max_steps=4, checkpoint_every=1, keep_checkpoints=2))
+    _flip(out / "checkpoint-4" / "student.safetensors")  # 4 bytes: a weight far off, the size unchanged
+    with caplog.at_level("WARNING", logger="fvfunc"):
+        trainer.run("finetune", make_cfg(world, "finetune", out, max_steps=5, checkpoint_every=1, keep_checkpoints=2,
+                                         resume="latest"))
+    assert "passed over checkpoint-4" in caplog.text and "checksum mismatch" in caplog.text
+    assert (out / "checkpoint-4.damaged" / "student.safetensors").is_file()  # set aside, not overwritten
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-5"]
+    straight = trainer.run("finetune", make_cfg(world, "finetune", tmp_path / "s", max_steps=5))
+    a, _ = final_trees(out, 5)
+    b, _ = final_trees(straight, 5)
+    assert all(tree.equal(a[n], b[n]) for n in a)
+
+
+def test_resume_refuses_another_run_and_allows_named_changes(world, tmp_path):
+    import shutil
+
+    out = tmp_path / "o"
+    trainer.run("finetune", make_cfg(world, "finetune", out, max_steps=2))
+    saved = {p.name: (p / "meta.json").read_text() for p in checkpoint.list_checkpoints(out)}
+    with pytest.raises(ConfigError, match=r"training.seed: was 0, now 3.*--training.allow-changes training.seed"):
+        trainer.run("finetune", make_cfg(world, "finetune", out, max_steps=3, resume="latest", seed=3))
+    with pytest.raises(ConfigError, match="is a finetune checkpoint; this is a dmd2 run"):
+        trainer.run("dmd2", make_cfg(world, "dmd2", out, max_steps=3, resume="latest"))
+    assert {p.name: (p / "meta.json").read_text() for p in checkpoint.list_checkpoints(out)} == saved
+    # a moved model folder with the same weights resumes; a named change is allowed
+    moved = tmp_path / "moved"
+    shutil.copytree(world["model"], moved)
+    cfg = make_cfg(world | {"model": moved}, "finetune", out, max_steps=3, resume="latest", seed=3,
+                   allow_changes=("training.seed",))
+    trainer.run("finetune", cfg)
+    assert checkpoint.latest(out).name == "checkpoint-3"
