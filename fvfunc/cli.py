@@ -59,7 +59,7 @@ def parse(argv: list[str]) -> tuple[str, Any]:
         method, defaults[method] = config_file.load(path, method)
         if argv[0] != method:  # `train.py --config FILE`: the file names the method
             argv.insert(0, method)
-    commands = {**runs, "sample": configs.SampleRun}
+    commands = {**runs, "sample": configs.SampleRun, "preprocess": configs.PreprocessRun}
     choices = tuple(
         Annotated[run, tyro.conf.subcommand(name, default=defaults.get(name, run()),
                                             description=run.__doc__)]
@@ -235,6 +235,9 @@ def check(method: str, cfg) -> None:
     if method == "sample":
         _check_sample(cfg)
         return
+    if method == "preprocess":
+        importlib.import_module("fvfunc.preprocess.inputs").check(cfg)
+        return
     _need(method in METHODS, f"unknown method {method!r}; known: {', '.join(METHODS)}")
     spec = METHODS[method]
     _check_training(cfg.training)
@@ -274,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     # global RNG, which fvfunc never reads (it passes keys) but libraries such as diffusers do
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    if method == "preprocess":  # no training: encoders, files and its own errors (fvfunc/preprocess/run.py)
+        return importlib.import_module("fvfunc.preprocess.run").main(cfg)
     seed = cfg.sampler.seed if method == "sample" else cfg.training.seed
     torch.manual_seed(seed)
 
