@@ -117,7 +117,7 @@ def tensor(row, name):
     return t.reshape(row[f"{name}_shape"])
 
 
-def test_t2v_rows_equal_the_references_and_finetune_trains_on_them(world, tmp_path, capsys):
+def test_t2v_rows_equal_the_references_and_finetune_trains_on_them(world, tmp_path, capsys, caplog):
     from diffusers import AutoencoderKLWan
 
     out = tmp_path / "out"
@@ -153,7 +153,7 @@ def test_t2v_rows_equal_the_references_and_finetune_trains_on_them(world, tmp_pa
     report = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert {r["file"]: r["reason"].split(" ")[0] for r in report} == {"short.mp4": "too", "broken.mp4": "cannot",
                                                                       "gone.mp4": "no"}
-    assert "too short: 4 frames at 8 fps give 2 of the 5 frames at 4 fps" in err
+    assert "skipped short.mp4: too short: 4 frames at 8 fps give 2 of the 5 frames at 4 fps" in caplog.text
     assert json.loads((out / "preprocess.json").read_text())["num_frames"] == FRAMES
 
     # fvfunc's reader normalises them with the VAE's latents_mean / std as it does FastVideo's files
@@ -208,6 +208,7 @@ def test_ranks_split_the_unfinished_items():
 
 def test_two_ranks_write_disjoint_files(world, tmp_path):
     cfg = with_(world, tmp_path)
+    # one after the other: rank 1 starts when rank 0's files are there, and still does only its own share
     a, b = (run.run(cfg, rank=r, world=2, encoders=world["enc"]) for r in (0, 1))
     out = tmp_path / "out"
     assert a.written + b.written == 3 and a.skipped + b.skipped == 3

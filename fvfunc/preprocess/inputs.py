@@ -162,7 +162,8 @@ def read_prompts(path) -> list[Item]:
 
 def shard(items: list[Item], rank: int, world: int) -> list[Item]:
     """Rank `rank`'s items of `world`: every world-th from its rank on, so the ranks together hold each item
-    exactly once and their shares differ by at most one (pass the unfinished items, to balance a resume)."""
+    exactly once and their shares differ by at most one. Split the whole list, then drop the finished ids:
+    ranks that start at different moments see different finished files, but always the same split."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world})")
     return items[rank::world]
@@ -232,7 +233,8 @@ def check_output(cfg) -> None:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"output: {recorded}: unreadable ({e}); remove it or give a new --output") from None
     new = settings(cfg)
-    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)]
     _need(not diff, f"output: {out} holds rows made with other settings ({'; '.join(diff)}); give a new --output "
           "(or the same settings to continue it)")
 

@@ -9,9 +9,10 @@ the source clip's, `width` / `height` the encoded size; `file_name` is the path 
 
 Files: `data-r<rank>-<n>.parquet`, each closed once it holds file_mb of tensors (or file_rows rows),
 written under a temporary name and renamed when complete, so a killed run leaves only whole files and
-a rerun skips every id they hold. Each rank takes every world-th unfinished item (`inputs.shard`); the
-ranks never talk to each other. A clip that cannot be decoded or is too short is listed in
-`skipped.jsonl` (`skipped-r<rank>.jsonl` under torchrun) and the run goes on.
+a rerun skips every id they hold. Each rank takes every world-th item of the caption file
+(`inputs.shard`) and skips the finished ones; the ranks never talk to each other. A clip that cannot
+be decoded or is too short is listed in `skipped.jsonl` (`skipped-r<rank>.jsonl` under torchrun) and
+the run goes on.
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ def _nbytes(row: dict) -> int:
 
 
 def _next_index(out: Path, prefix: str) -> int:
-    taken = [int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"{prefix}-*.parquet") if p.stem.rsplit("-", 1)[1].isdigit()]
-    return max(taken, default=-1) + 1
+    taken = [p.stem.rsplit("-", 1)[1] for p in out.glob(f"{prefix}-*.parquet")]
+    return max((int(n) for n in taken if n.isdigit()), default=-1) + 1
 
 
 def write_files(rows: Iterable[dict], out: Path, prefix: str, file_bytes: int, file_rows: int = 0,
@@ -200,7 +201,7 @@ def run(cfg, rank: int | None = None, world: int | None = None, encoders: Encode
     if items:
         _write_settings(cfg, out, rank)
     done = ids_in(out) if items else set()
-    mine = inputs.shard([it for it in items if it.id not in done], rank, world)
+    mine = [it for it in inputs.shard(items, rank, world) if it.id not in done]
     prefix = f"data-r{rank}"
     for stale in out.glob(f".{prefix}-*.parquet.partial"):  # this rank's file cut short by a killed run
         stale.unlink()
