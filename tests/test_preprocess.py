@@ -207,14 +207,15 @@ def test_ranks_split_the_unfinished_items():
 
 
 def test_two_ranks_write_disjoint_files(world, tmp_path):
-    cfg = with_(world, tmp_path)
+    cfg = with_(world, tmp_path, file_mb=1e-6)  # every row fills a file
     # one after the other: rank 1 starts when rank 0's files are there, and still does only its own share
     a, b = (run.run(cfg, rank=r, world=2, encoders=world["enc"]) for r in (0, 1))
     out = tmp_path / "out"
     assert a.written + b.written == 3 and a.skipped + b.skipped == 3
     ids = [i for f in out.glob("*.parquet") for i in pq.read_table(f, columns=["id"]).column(0).to_pylist()]
     assert sorted(ids) == ["still", "sub/tall", "wide"]
-    assert {f.name.split("-")[1] for f in out.glob("*.parquet")} == {"r0", "r1"}
+    assert sorted(f.name for f in out.glob("*.parquet")) == ["data-r0-00000.parquet", "data-r0-00001.parquet",
+                                                              "data-r1-00000.parquet"]
     assert (out / "skipped-r0.jsonl").exists() and (out / "skipped-r1.jsonl").exists()
 
 
@@ -223,10 +224,12 @@ def test_text_only_bf16_and_negative_prompt(world, tmp_path, capsys):
     prompts.write_text("a cat runs on the beach\n\nthe sun over the sea\na cat runs on the beach\n")
     out = tmp_path / "out"
     code = cli.main(["preprocess", "--model", str(world["model"]), "--prompts", str(prompts), "--output", str(out),
-                     "--negative-prompt", "blurry low quality", "--dtype", "bfloat16", "--device", "cpu"])
+                     "--negative-prompt", "blurry low quality", "--dtype", "bfloat16", "--device", "cpu",
+                     "--rows-per-group", "2"])
     assert code == 0, capsys.readouterr().err
     files = list(out.glob("*.parquet"))
     assert pq.read_schema(files[0]).equals(FASTVIDEO_TEXT_ONLY, check_metadata=False)
+    assert len(files) == 1 and pq.read_metadata(files[0]).num_row_groups == 1
     rows = rows_of(out)
     assert len(rows) == 2  # the repeated prompt once
     for row in rows.values():
@@ -293,6 +296,10 @@ def _bad(world, tmp_path, case):
         return {**base, "num_frames": 4}, "num_frames must be 1 \\+ a multiple of 2"
     if case == "both":
         return {**base, "prompts": world["captions"]}, "prompts: give either clips"
+    if case == "foreign folder":
+        (tmp_path / "out").mkdir()
+        data.write_parquet(tmp_path / "out" / "x.parquet", [{"id": "a", "text_embedding": torch.zeros(1, 32)}])
+        return base, "output: .*holds parquet files that train.py preprocess did not write"
     if case == "other settings":
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "preprocess.json").write_text(json.dumps({"schema": "t2v", "height": 8}))
@@ -301,7 +308,7 @@ def _bad(world, tmp_path, case):
 
 
 CASES = ["missing videos", "no cap", "csv", "jsonl", "no vae", "no text encoder", "i2v", "wan2.2 vae", "size",
-         "frames", "both", "other settings"]
+         "frames", "both", "foreign folder", "other settings"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -318,3 +325,25 @@ def test_bad_input_is_one_error_line(world, tmp_path, capsys, case):
     assert re.search(message, err), err
     after = sorted(p.name for p in (tmp_path / "out").rglob("*")) if (tmp_path / "out").exists() else None
     assert after == before  # nothing written, nothing lost
+
+
+@pytest.mark.slow  # two fresh interpreters: ~13 s on 2 cores
+def test_torchrun_ranks_run_at_once(world, tmp_path):
+    """Two processes as torchrun starts them (RANK, WORLD_SIZE), at the same time, into one folder."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "train.py", "preprocess", "--model", str(world["model"]), "--videos",
+            str(world["videos"]), "--captions", str(world["captions"]), "--output", str(tmp_path / "out"),
+            "--height", str(H), "--width", str(W), "--num-frames", str(FRAMES), "--fps", str(FPS), "--device", "cpu"]
+    env = {**os.environ, "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    procs = [subprocess.Popen(argv, cwd=root, env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    ids = [i for f in (tmp_path / "out").glob("*.parquet") for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
+    assert sorted(ids) == ["still", "sub/tall", "wide"]
+    assert json.loads((tmp_path / "out" / "preprocess.json").read_text())["schema"] == "t2v"

@@ -227,6 +227,8 @@ def check_output(cfg) -> None:
     _need(not out.is_file(), f"output: {out} is a file; give a folder")
     recorded = out / SETTINGS_FILE
     if not recorded.is_file():
+        _need(not any(out.rglob("*.parquet")) if out.is_dir() else True, f"output: {out} holds parquet files that "
+              f"train.py preprocess did not write (no {SETTINGS_FILE}); give a new --output")
         return
     try:
         old = json.loads(recorded.read_text())

@@ -215,20 +215,19 @@ def run(cfg, rank: int | None = None, world: int | None = None, encoders: Encode
     if not items:
         return Summary(0, 0, 0, [])
     report = out / ("skipped.jsonl" if world == 1 else f"skipped-r{rank}.jsonl")
-    skipped = []
+    if report.exists():
+        report.unlink()  # this run's skips only: a rerun tries the skipped clips again
+    unit = "prompt" if cfg.prompts else "clip"
+    bar = tqdm(total=len(mine), desc=f"preprocess r{rank}" if world > 1 else "preprocess", unit=unit,
+               disable=rank != 0, dynamic_ncols=True, file=sys.stderr)
+    written, skipped = [], []
 
-    def skip(item: Item, reason: str) -> None:
+    def skip(item: Item, reason: str) -> None:  # rewritten whole each time: a killed run's report is complete
         skipped.append({"id": item.id, "file": item.file, "reason": reason})
         log.warning("skipped %s: %s", item.file, reason)
         report.write_text("".join(json.dumps(s) + "\n" for s in skipped))
         bar.update(1)
 
-    if report.exists():
-        report.unlink()  # this run's skips only: a rerun tries the skipped clips again
-    written = []
-    unit = "prompt" if cfg.prompts else "clip"
-    bar = tqdm(total=len(mine), desc=f"preprocess r{rank}" if world > 1 else "preprocess", unit=unit,
-               disable=rank != 0, dynamic_ncols=True, file=sys.stderr)
     rows = text_rows(mine, encoders, cfg) if cfg.prompts else video_rows(mine, encoders, cfg, skip)
     try:
         files = write_files(rows, out, prefix, int(cfg.file_mb * 2**20), cfg.file_rows, cfg.rows_per_group,
