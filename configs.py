@@ -456,3 +456,50 @@ class SampleRun:
     """Prompt embeddings are padded to this many tokens."""
 
 
+
+
+@dataclass(frozen=True)
+class PreprocessRun:
+    """Encode clips and captions (or prompts) into FastVideo's parquet with a pipeline's own VAE and umT5."""
+
+    model: str = ""
+    """The diffusers pipeline folder whose vae/ (AutoencoderKLWan), text_encoder/ (umT5) and tokenizer/
+    encode the data (image-to-video folders and the Wan2.2 VAE are not supported yet)."""
+    videos: str = ""
+    """The folder of the clips (videos, or images as one-frame clips) the caption file names."""
+    captions: str = ""
+    """The captions: FastVideo's videos2caption.json ([{"path": ..., "cap": [...]}], the first caption
+    used), a .jsonl of {"video": ..., "caption": ...} or a .csv with a video,caption header; paths
+    relative to videos. Writes FastVideo's t2v schema."""
+    prompts: str = ""
+    """Prompts instead of clips, for data-free DMD2: a .txt file of one prompt a line or a JSON list;
+    writes FastVideo's text-only schema."""
+    negative_prompt: str | None = None
+    """Also write this prompt's umT5 embedding to OUTPUT/negative_prompt.safetensors, for
+    --method.negative-prompt-embedding and sample's --negative-prompt-embedding ("" is WanPipeline's
+    default). Alone (no clips, no prompts) it writes only that file."""
+    output: str = ""
+    """The output folder: data-r<rank>-<n>.parquet files, preprocess.json (the settings; a rerun continues
+    only with the same ones), skipped.jsonl (the clips skipped, with why)."""
+    height: int = 480
+    """Frame height after the resize and centre crop."""
+    width: int = 832
+    """Frame width after the resize and centre crop."""
+    num_frames: int = 81
+    """Frames a clip keeps, from its start (1 + a multiple of the VAE's 4); a shorter clip is skipped."""
+    fps: float = 16.0
+    """The frame rate clips are resampled to (0: each clip's own)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Stored dtype of latents and embeddings (FastVideo's own reader assumes float32; fvfunc reads both)."""
+    precision: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the VAE and umT5."""
+    vae_tiling: Literal["auto", "on", "off"] = "auto"
+    """Encode frames in tiles (diffusers' enable_tiling) to bound memory; auto: above 480x832 pixels."""
+    device: str = "auto"
+    """auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda, cuda:N."""
+    rows_per_group: int = 1
+    """Rows per parquet row group (one: a shuffled read decodes only its own row)."""
+    file_mb: float = 512.0
+    """A file is closed once its tensors reach this many MiB (a killed run loses at most one file's work)."""
+    file_rows: int = 0
+    """Also close a file after this many rows (0: no limit)."""

@@ -54,7 +54,7 @@ def parse(argv: list[str]) -> tuple[str, Any]:
     unknown command and SystemExit for --help and tyro's usage errors (code 2, with a did-you-mean)."""
     argv = list(argv)
     runs = config_file.runs()
-    known = [*runs, "sample"]
+    known = [*runs, "sample", "preprocess"]
     if argv and not argv[0].startswith("-") and argv[0] not in known:
         close = difflib.get_close_matches(argv[0], known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -67,7 +67,7 @@ def parse(argv: list[str]) -> tuple[str, Any]:
         method, defaults[method] = config_file.load(path, method)
         if argv[0] != method:  # `train.py --config FILE`: the file names the method
             argv.insert(0, method)
-    commands = {**runs, "sample": configs.SampleRun}
+    commands = {**runs, "sample": configs.SampleRun, "preprocess": configs.PreprocessRun}
     choices = tuple(
         Annotated[run, tyro.conf.subcommand(name, default=defaults.get(name, run()),
                                             description=run.__doc__)]
@@ -264,6 +264,9 @@ def check(method: str, cfg) -> None:
     if method == "sample":
         _check_sample(cfg)
         return
+    if method == "preprocess":
+        importlib.import_module("fvfunc.preprocess.inputs").check(cfg)
+        return
     _need(method in configs.RUNS, f"unknown method {method!r}; known: {', '.join(configs.RUNS)}")
     _check_training(cfg.training)  # plain config checks first: their errors come before torch is imported
     _check_validation(cfg.validation)
@@ -305,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     # global RNG, which fvfunc never reads (it passes keys) but libraries such as diffusers do
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    if method == "preprocess":  # no training: encoders, files and its own errors (fvfunc/preprocess/run.py)
+        return importlib.import_module("fvfunc.preprocess.run").main(cfg)
     seed = cfg.sampler.seed if method == "sample" else cfg.training.seed
     torch.manual_seed(seed)
 

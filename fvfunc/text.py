@@ -95,13 +95,25 @@ def encode(encoder: Encoder, prompts: list[str], max_length: int = MAX_LENGTH) -
     for i, ids in enumerate(encoder.tokenizer(prompts, add_special_tokens=True)["input_ids"]):
         if len(ids) > max_length:
             log.warning("prompt %d has %d tokens: cropped to the first %d (max_length)", i, len(ids), max_length)
-    tokens = encoder.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                               add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    tokens = _tokens(encoder, prompts, max_length)
     ids, mask = tokens["input_ids"].to(encoder.device), tokens["attention_mask"].to(encoder.device)
     with torch.no_grad():
         hidden = encoder.model(ids, mask).last_hidden_state
     keep = torch.arange(max_length, device=hidden.device)[None, :] < mask.gt(0).sum(dim=1)[:, None]
     return torch.where(keep[..., None], hidden, hidden.new_zeros(())).float()
+
+
+def _tokens(encoder: Encoder, cleaned: list[str], max_length: int):
+    return encoder.tokenizer(cleaned, padding="max_length", max_length=max_length, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+
+
+def encode_trimmed(encoder: Encoder, prompts: list[str], max_length: int = MAX_LENGTH) -> list[torch.Tensor]:
+    """Each prompt's float32 embedding [L_i, D] cut to its own L_i tokens (eos included), as FastVideo's
+    preprocessing stores it: `encode`'s rows without their zero padding."""
+    emb = encode(encoder, prompts, max_length)
+    counts = _tokens(encoder, [clean(p) for p in prompts], max_length)["attention_mask"].gt(0).sum(1).tolist()
+    return [e[:n].clone() for e, n in zip(emb, counts, strict=True)]
 
 
 def encode_prompts(folder, prompts: list[str], max_length: int = MAX_LENGTH, device="cpu") -> torch.Tensor:

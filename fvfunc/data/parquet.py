@@ -109,13 +109,15 @@ def copy_into(out: torch.Tensor, c: Cell) -> None:
 
 def schema(columns: tuple[Column, ...]) -> pa.Schema:
     """FastVideo's schema for a column set, in its column order: id, the tensor triplets, metadata
-    (t2v and text-only: every metadata column; ode_trajectory_text_only: file_name, caption, media_type)."""
+    (t2v: every metadata column; text-only: caption; ode_trajectory_text_only: file_name, caption,
+    media_type), as its pyarrow_schema_t2v, _text_only and _ode_trajectory_text_only."""
     order = [LATENTS, TEXT, TRAJECTORY, TRAJECTORY_TIMESTEPS]
     fields = [pa.field("id", pa.string())]
     for c in sorted(columns, key=order.index):
         b, s, d = triplet(c)
         fields += [pa.field(b, pa.binary()), pa.field(s, pa.list_(pa.int64())), pa.field(d, pa.string())]
-    meta = ("file_name", "caption", "media_type") if TRAJECTORY in columns else METADATA
+    meta = ("file_name", "caption", "media_type") if TRAJECTORY in columns else \
+        ("caption",) if set(columns) == {TEXT} else METADATA
     return pa.schema(fields + [pa.field(k, METADATA[k]) for k in meta])
 
 
