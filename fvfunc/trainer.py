@@ -189,21 +189,19 @@ def last_checkpoint_note(out: Path) -> str:
 def _check_fit(spec: MethodSpec, cfg, dataset: data.ParquetDataset) -> None:
     """The data against the models' config files, before any model loads: text width, latent channels,
     and one batch's worth of samples."""
-    for column in dataset.spec:
-        shape = dataset.first_shapes.get(column.key) or ()
-        for name in spec.roles(cfg):
-            role = getattr(cfg.roles, name)
-            fam = family(role.family)
-            model_cfg = fam.load_config(role.path)
-            if column.kind == "text" and shape and (width := fam.text_width(model_cfg)) is not None \
-                    and shape[-1] != width:
+    for name in spec.roles(cfg):
+        role = getattr(cfg.roles, name)
+        fam = family(role.family)
+        model_cfg = fam.load_config(role.path)
+        width, channels = fam.text_width(model_cfg), fam.latents(model_cfg, role.path).channels
+        for column in dataset.spec:
+            shape = dataset.first_shapes.get(column.key) or ()
+            if column.kind == "text" and shape and width is not None and shape[-1] != width:
                 raise ConfigError(f"data.path: {dataset.first_file} holds {column.what} {shape[-1]} wide, but the "
                                   f"model of roles.{name}.path takes text_dim {width}")
-            if column.kind == "latents" and len(shape) >= 4:
-                channels = fam.latents(model_cfg, role.path).channels
-                if shape[-4] != channels:
-                    raise ConfigError(f"data.path: {dataset.first_file} holds {column.what} of {shape[-4]} channels, "
-                                      f"but the model of roles.{name}.path takes {channels}")
+            if column.kind == "latents" and len(shape) >= 4 and shape[-4] != channels:
+                raise ConfigError(f"data.path: {dataset.first_file} holds {column.what} of {shape[-4]} channels, "
+                                  f"but the model of roles.{name}.path takes {channels}")
     if len(dataset) < cfg.training.batch_size:
         raise ConfigError(f"training.batch_size {cfg.training.batch_size} is more than the dataset's "
                           f"{len(dataset)} samples (data.path); lower it or add data (DIR:N repeats a folder)")

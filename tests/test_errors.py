@@ -23,19 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny pipeline, T2V and text-only data, and finished 2-step finetune and dmd2 runs to resume."""
+def base(world, tmp_path_factory):
+    """conftest's tiny pipeline and data, a model of other weights, a smaller dataset, and finished
+    2-step finetune and dmd2 runs to resume."""
     root = tmp_path_factory.mktemp("errors")
-    tiny.write_pipeline(root / "model", vae=True)
     tiny.write_pipeline(root / "other", vae=True, seed=7)  # same architecture, other weights
-    g = torch.Generator().manual_seed(0)
-    rows = [dict(id=f"s{i}", text_embedding=torch.randn(3 + i % 4, 32, generator=g),
-                 latent=torch.randn(16, 2, 4, 4, generator=g), caption=f"clip {i}") for i in range(8)]
-    data.write_parquet(root / "data" / "part-0.parquet", rows)
-    data.write_parquet(root / "text" / "part-0.parquet", [{k: v for k, v in r.items() if k != "latent"}
-                                                          for r in rows])
-    data.write_parquet(root / "data2" / "part-0.parquet", rows[:6])
-    f = {k: str(root / k) for k in ("model", "other", "data", "text", "data2")} | {"root": root}
+    data_with(root, "data2", n=6, text_embedding=(5, 32), latent=(16, 2, 4, 4))  # other data, same shapes
+    f = {k: str(world[k]) for k in ("model", "data", "text")} | {"other": str(root / "other"),
+                                                                  "data2": str(root / "data2"), "root": root}
     assert cli.main(finetune(f, root / "ft")) == 0
     assert cli.main(dmd2(f, root / "dmd")) == 0
     return f
@@ -108,10 +103,10 @@ def flip(path, n=4):
     path.write_bytes(bytes(b))
 
 
-def data_with(tmp, name, **tensors):
+def data_with(tmp, name, n=4, **tensors):
     g = torch.Generator().manual_seed(1)
     rows = [{"id": f"r{i}", "caption": "c", **{k: torch.randn(*s, generator=g) for k, s in tensors.items()}}
-            for i in range(4)]
+            for i in range(n)]
     data.write_parquet(tmp / name / "part-0.parquet", rows)
     return str(tmp / name)
 

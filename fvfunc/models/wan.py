@@ -12,6 +12,7 @@ Wan2.2 pipelines whose sampling differs, two-expert A14B and TI2V, are refused w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -453,24 +454,14 @@ def stored_dtypes(path, variant: str = "") -> dict[str, torch.dtype]:
     return out
 
 
-class _open:
+@contextlib.contextmanager
+def _open(f: Path):
     """safe_open of a weight file, its failures (a garbage or truncated file) as ModelError naming it."""
-
-    def __init__(self, f: Path):
-        self.f = f
-
-    def __enter__(self):
-        try:
-            self.sf = safe_open(str(self.f), framework="pt", device="cpu")
-            return self.sf.__enter__()
-        except (SafetensorError, OSError) as e:
-            raise ModelError(f"{self.f}: not a readable safetensors file ({e})") from None
-
-    def __exit__(self, *exc):
-        if exc[0] is not None and issubclass(exc[0], SafetensorError | OSError):
-            self.sf.__exit__(*exc)
-            raise ModelError(f"{self.f}: not a readable safetensors file ({exc[1]})") from None
-        return self.sf.__exit__(*exc)
+    try:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            yield sf
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{f}: not a readable safetensors file ({e})") from None
 
 
 def load(path, dtype: torch.dtype | None = None, device=None, rows=None, variant: str = "") -> tuple[WanConfig, dict]:

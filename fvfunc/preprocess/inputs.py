@@ -64,19 +64,27 @@ def _entry(obj, where: str, file_keys=("path", "video"), cap_keys=("cap", "capti
     return file, cap
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({e})") from None
+
+
+def _parse_json(raw: str, path: Path):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
 def read_captions(path) -> list[Item]:
     """The items of a caption file, in its order. ValueError naming the file and the entry or line."""
     path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
+    raw = _read_text(path)
     suffix, pairs = path.suffix.lower(), []
     if suffix == ".json":
-        try:
-            entries = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        entries = _parse_json(raw, path)
         if not isinstance(entries, list):
             raise ValueError(f"{path}: expected a JSON list of {{\"path\": ..., \"cap\": [...]}} (FastVideo's "
                              f"videos2caption.json), got {type(entries).__name__}")
@@ -130,15 +138,9 @@ def prompt_id(prompt: str) -> str:
 def read_prompts(path) -> list[Item]:
     """The prompts of a .txt or .json file as text-only items (a repeated prompt once)."""
     path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
+    raw = _read_text(path)
     if path.suffix.lower() == ".json":
-        try:
-            entries = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        entries = _parse_json(raw, path)
         if not isinstance(entries, list):
             raise ValueError(f"{path}: expected a JSON list of prompts, got {type(entries).__name__}")
         prompts = []
