@@ -436,3 +436,18 @@ def test_dump_of_a_loaded_example_round_trips():
     method, cfg = config_file.load(ROOT / "examples" / "dmd2.yaml")
     again = config_file.from_dict(config_file.dump(method, cfg), method)[1]
     assert again == dataclasses.replace(cfg, config="")
+
+
+def test_configs_runs_agree_with_the_method_specs():
+    from fvfunc.losses import METHODS
+
+    assert {name: spec.run for name, spec in METHODS.items()} == configs.RUNS
+    assert list(METHODS) == list(configs.RUNS)  # the order train.py --help lists them
+
+
+def test_a_training_field_error_comes_before_torch_is_imported():
+    code = ("import sys, fvfunc.cli; rc = fvfunc.cli.main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "finetune", "--training.lr", "-1"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == "error: training.lr must be > 0, got -1\n", r.stderr
