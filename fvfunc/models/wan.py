@@ -34,6 +34,7 @@ from fvfunc.ops import (
     apply_rope,
     attention,
     layer_norm,
+    linear,
     modulate,
     patchify,
     rms_norm,
@@ -146,29 +147,29 @@ def param_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
         "patch_embedding.bias": (D,),
     }
 
-    def linear(name, n_in, n_out):
+    def add_linear(name, n_in, n_out):
         shapes[f"{name}.weight"] = (n_out, n_in)
         shapes[f"{name}.bias"] = (n_out,)
 
-    linear("condition_embedder.time_embedder.linear_1", cfg.freq_dim, D)
-    linear("condition_embedder.time_embedder.linear_2", D, D)
-    linear("condition_embedder.time_proj", D, 6 * D)
-    linear("condition_embedder.text_embedder.linear_1", T, D)
-    linear("condition_embedder.text_embedder.linear_2", D, D)
+    add_linear("condition_embedder.time_embedder.linear_1", cfg.freq_dim, D)
+    add_linear("condition_embedder.time_embedder.linear_2", D, D)
+    add_linear("condition_embedder.time_proj", D, 6 * D)
+    add_linear("condition_embedder.text_embedder.linear_1", T, D)
+    add_linear("condition_embedder.text_embedder.linear_2", D, D)
     for i in range(cfg.num_layers):
         b = f"blocks.{i}"
         for attn in ("attn1", "attn2"):
             for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-                linear(f"{b}.{attn}.{proj}", D, D)
+                add_linear(f"{b}.{attn}.{proj}", D, D)
             shapes[f"{b}.{attn}.norm_q.weight"] = (D,)
             shapes[f"{b}.{attn}.norm_k.weight"] = (D,)
         if cfg.cross_attn_norm:
             shapes[f"{b}.norm2.weight"] = (D,)
             shapes[f"{b}.norm2.bias"] = (D,)
-        linear(f"{b}.ffn.net.0.proj", D, F_)
-        linear(f"{b}.ffn.net.2", F_, D)
+        add_linear(f"{b}.ffn.net.0.proj", D, F_)
+        add_linear(f"{b}.ffn.net.2", F_, D)
         shapes[f"{b}.scale_shift_table"] = (1, 6, D)
-    linear("proj_out", D, cfg.out_channels * pt * ph * pw)
+    add_linear("proj_out", D, cfg.out_channels * pt * ph * pw)
     shapes["scale_shift_table"] = (1, 2, D)
     return shapes
 
@@ -217,21 +218,17 @@ def check_shapes(cfg: WanConfig, shapes: dict[str, tuple[int, ...]], source: str
 
 # ------------------------------------------------------------------------------------------ apply
 
-def _linear(x, params, name, dtype):
-    return F.linear(x, params[f"{name}.weight"].to(dtype), params[f"{name}.bias"].to(dtype))
-
-
 def _attention(params, p, x, context, rope, cfg, dtype, attend):
     heads = cfg.num_attention_heads
     kv = x if context is None else context
-    q = rms_norm(_linear(x, params, f"{p}.to_q", dtype), params[f"{p}.norm_q.weight"], cfg.eps)
-    k = rms_norm(_linear(kv, params, f"{p}.to_k", dtype), params[f"{p}.norm_k.weight"], cfg.eps)
-    v = _linear(kv, params, f"{p}.to_v", dtype)
+    q = rms_norm(linear(x, params, f"{p}.to_q", dtype), params[f"{p}.norm_q.weight"], cfg.eps)
+    k = rms_norm(linear(kv, params, f"{p}.to_k", dtype), params[f"{p}.norm_k.weight"], cfg.eps)
+    v = linear(kv, params, f"{p}.to_v", dtype)
     q, k, v = (a.unflatten(-1, (heads, -1)) for a in (q, k, v))
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     out = attend(q, k, v, context is not None).flatten(-2).to(dtype)
-    return _linear(out, params, f"{p}.to_out.0", dtype)
+    return linear(out, params, f"{p}.to_out.0", dtype)
 
 
 def block(params: dict, cfg: WanConfig, x: torch.Tensor, inputs: Inputs, dtype: torch.dtype, attend) -> torch.Tensor:
@@ -248,8 +245,8 @@ def block(params: dict, cfg: WanConfig, x: torch.Tensor, inputs: Inputs, dtype: 
     x = x + _attention(params, "attn2", h, inputs.context, None, cfg, dtype, attend)
     # 3. feed-forward (GELU-tanh), modulated and gated
     h = modulate(layer_norm(x, eps=cfg.eps), c_shift, c_scale).to(dtype)
-    h = F.gelu(_linear(h, params, "ffn.net.0.proj", dtype), approximate="tanh")
-    h = _linear(h, params, "ffn.net.2", dtype)
+    h = F.gelu(linear(h, params, "ffn.net.0.proj", dtype), approximate="tanh")
+    h = linear(h, params, "ffn.net.2", dtype)
     return (x.float() + h.float() * c_gate).to(dtype)
 
 
@@ -283,12 +280,12 @@ def embed(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
 
     # time: sinusoid -> MLP in fp32 -> temb (in the text's dtype, as diffusers) -> 6 modulation rows
     temb = timestep_embedding(t, cfg.freq_dim)
-    temb = _linear(temb, params, "condition_embedder.time_embedder.linear_1", torch.float32)
-    temb = _linear(F.silu(temb), params, "condition_embedder.time_embedder.linear_2", torch.float32).to(dtype)
-    mod = _linear(F.silu(temb), params, "condition_embedder.time_proj", dtype).unflatten(1, (6, -1)).float()
+    temb = linear(temb, params, "condition_embedder.time_embedder.linear_1", torch.float32)
+    temb = linear(F.silu(temb), params, "condition_embedder.time_embedder.linear_2", torch.float32).to(dtype)
+    mod = linear(F.silu(temb), params, "condition_embedder.time_proj", dtype).unflatten(1, (6, -1)).float()
 
-    ctx = _linear(context.to(dtype), params, "condition_embedder.text_embedder.linear_1", dtype)
-    ctx = _linear(F.gelu(ctx, approximate="tanh"), params, "condition_embedder.text_embedder.linear_2", dtype)
+    ctx = linear(context.to(dtype), params, "condition_embedder.text_embedder.linear_1", dtype)
+    ctx = linear(F.gelu(ctx, approximate="tanh"), params, "condition_embedder.text_embedder.linear_2", dtype)
     rope = rope_3d(cfg.attention_head_dim, grid, device=x.device)
     return h, Inputs(ctx, mod, temb, rope, grid)
 
@@ -297,7 +294,7 @@ def head(params: dict, cfg: WanConfig, h: torch.Tensor, inputs: Inputs, dtype: t
     """The last norm, modulation and projection, unpatchified: v [B, C, T, H, W]."""
     shift, scale = (params["scale_shift_table"] + inputs.temb[:, None]).chunk(2, dim=1)
     h = modulate(layer_norm(h, eps=cfg.eps), shift, scale).to(dtype)
-    h = _linear(h, params, "proj_out", dtype)
+    h = linear(h, params, "proj_out", dtype)
     return unpatchify(h, inputs.grid, cfg.patch_size)
 
 
