@@ -16,6 +16,28 @@ from typing import Literal
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """A role's low-rank adapters (fvfunc/lora.py): trained ones (rank > 0) and frozen LoRA files."""
+
+    rank: int = 0
+    """Rank r of the adapters trained instead of the role's params; 0 trains the params themselves.
+    Only the adapters get gradients, optimizer state, EMA and checkpoints; the base stays frozen in
+    roles.<role>.dtype and is shared with the run's other roles of the same folder and dtype."""
+    alpha: float = 0.0
+    """The adapters add (alpha / rank) B A x; 0 means alpha = rank (a scale of 1)."""
+    targets: tuple[str, ...] = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
+                                "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+    """The linears that get adapters: a pattern names a layer by its whole name, its trailing part
+    (attn1.to_q: in every block) or a glob (blocks.1?.ffn.*). Default: attention q/k/v/out and FFN."""
+    init: str = "zeros"
+    """'zeros': PEFT's init (A random, B = 0: training starts at the base model); or a LoRA file or
+    folder (diffusers / PEFT, ComfyUI, kohya / musubi) to continue training from."""
+    frozen: tuple[str, ...] = ()
+    """LoRA files merged into this role's weights before training, each FILE or FILE:STRENGTH (e.g. a
+    teacher plus a style LoRA); diffusers / PEFT, ComfyUI or kohya / musubi layouts."""
+
+
+@dataclass(frozen=True)
 class RoleConfig:
     """One named model of a run."""
 
@@ -39,6 +61,9 @@ class RoleConfig:
     variant: str = ""
     """Weight variant of the folder to load, diffusers' naming: 'fp16' reads
     diffusion_pytorch_model.fp16.safetensors (or its shards and index); empty reads the plain files."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Train low-rank adapters instead of the full params (--roles.student.lora.rank 32), and LoRA files
+    merged in frozen."""
 
 
 def _role(trainable: bool, dtype: str = "float32") -> RoleConfig:

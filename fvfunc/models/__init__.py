@@ -96,6 +96,10 @@ class Family(NamedTuple):
     weight_files: Callable[..., list[Path]] | None = None
     """weight_files(folder, variant="") -> the files holding the weights (a resumed run fingerprints
     them to tell the same model from another); None: not fingerprinted."""
+    original_names: Callable[[Any], dict[str, str]] | None = None
+    """original_names(cfg) -> {param name of a linear layer (no `.weight`): its name in the model's
+    original (non-diffusers) checkpoints}, for LoRA files in ComfyUI / kohya layout (fvfunc/lora.py);
+    None: only diffusers / PEFT names are read and written."""
 
 
 BLOCKS = "blocks."

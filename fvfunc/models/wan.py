@@ -216,6 +216,37 @@ def check_shapes(cfg: WanConfig, shapes: dict[str, tuple[int, ...]], source: str
             raise ModelError(f"{source}: {k} has shape {list(shapes[k])}, config expects {list(shape)}")
 
 
+# Wan's original (non-diffusers) names of its linears, as the Wan repo, ComfyUI and kohya / musubi
+# LoRA files spell them (diffusers' loaders/lora_conversion_utils.py maps the same pairs).
+_ORIGINAL_BLOCK = {
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o", "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+_ORIGINAL_OUTER = {"condition_embedder.time_embedder.linear_1": "time_embedding.0",
+                   "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+                   "condition_embedder.time_proj": "time_projection.1",
+                   "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+                   "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+                   "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+                   "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3", "proj_out": "head.head"}
+
+
+def original_names(cfg: WanConfig) -> dict[str, str]:
+    """{diffusers name: Wan's original name} of every linear layer of the model (names without `.weight`)."""
+    out = {}
+    for name, shape in param_shapes(cfg).items():
+        if len(shape) != 2 or not name.endswith(".weight"):
+            continue
+        layer = name.removesuffix(".weight")
+        if layer.startswith("blocks."):
+            _, i, short = layer.split(".", 2)
+            out[layer] = f"blocks.{i}.{_ORIGINAL_BLOCK[short]}"
+        else:
+            out[layer] = _ORIGINAL_OUTER[layer]
+    return out
+
+
 # ------------------------------------------------------------------------------------------ apply
 
 def _attention(params, p, x, context, rope, cfg, dtype, attend):
@@ -579,4 +610,5 @@ FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=
                 num_blocks=lambda cfg: cfg.num_layers, embed=embed, block=block, head=head, latents=latents,
                 load_vae=load_vae, decode=decode, pipeline=pipeline, components=COMPONENTS,
                 stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
-                weight_files=lambda path, variant="": weight_files(resolve_folder(path), variant))
+                weight_files=lambda path, variant="": weight_files(resolve_folder(path), variant),
+                original_names=original_names)
