@@ -16,6 +16,11 @@ A student whose folder is a bare transformer (no model_index.json around it) has
 the export is transformer/ alone, which the model class's from_pretrained loads and a pipeline takes
 as `transformer=`; the log says so.
 
+A LoRA student (fvfunc/lora.py) exports its base with the adapters merged in as the transformer, and
+its adapters beside it in `lora/`: `pytorch_lora_weights.safetensors` in diffusers' layout (what
+`WanPipeline.load_lora_weights(export/lora)` reads) and `lora_comfyui.safetensors` with Wan's original
+keys (ComfyUI, kohya-style `lora_down` / `lora_up` / `alpha`).
+
 The folder is built under a hidden name beside its destination, fsynced, and only then renamed into
 place (swapping out an older export), so a crash leaves the old export or the new one, never a half
 folder under the final name.
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from fvfunc import checkpoint
+from fvfunc import checkpoint, lora
 from fvfunc.models import Family
 from fvfunc.roles import DTYPES
 
@@ -86,6 +91,10 @@ def _fsync_tree(folder: Path) -> None:
         checkpoint.fsync(Path(root))
 
 
+LORA = "lora"
+"""The subfolder of a LoRA student's adapters."""
+
+
 def _write(tmp: Path, fam: Family, cfg, params: dict, pipeline: Path | None, link_min_bytes: int) -> None:
     fam.save(tmp / TRANSFORMER, cfg, params)
     if pipeline is None:
@@ -102,13 +111,24 @@ def _write(tmp: Path, fam: Family, cfg, params: dict, pipeline: Path | None, lin
                     "pipeline's from_pretrained)", pipeline, ", ".join(absent))
 
 
+def _write_lora(folder: Path, fam: Family, cfg, adapters: dict, scale: float, dtype: str) -> None:
+    kind = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    lora.write_diffusers(folder / lora.DIFFUSERS_FILE, adapters, scale, kind)
+    if fam.original_names is not None:
+        lora.write_original(folder / lora.ORIGINAL_FILE, adapters, scale, fam.original_names(cfg), kind)
+
+
 def export(dest, fam: Family, cfg, params: dict, source, dtype: str = "source", variant: str = "",
-           link_min_bytes: int = LINK_MIN_BYTES) -> Path:
+           link_min_bytes: int = LINK_MIN_BYTES, adapters: dict | None = None, lora_scale: float = 1.0) -> Path:
     """Write `params` (a model of `fam` with config `cfg`, trained from the folder `source`) as the
     pipeline folder `dest`, replacing any export there; tensors in `dtype` ('source', 'float32',
-    'bfloat16'; `variant` is the source's weight variant, to read its dtypes)."""
+    'bfloat16'; `variant` is the source's weight variant, to read its dtypes). With `adapters` (a LoRA
+    student's, of scale `lora_scale`), `params` is its base: the transformer is the merged model and
+    the adapters are written to `dest/lora/` as well."""
     dest = Path(dest)
     pipeline = fam.pipeline(source)
+    if adapters is not None:
+        params = lora.merge(params, adapters, lora_scale)
     types = dtypes(fam, params, source, dtype, variant)
     params = {k: v.to(types[k]) for k, v in params.items()}
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +136,8 @@ def export(dest, fam: Family, cfg, params: dict, source, dtype: str = "source", 
     if tmp.exists():  # left behind by a killed export
         shutil.rmtree(tmp)
     _write(tmp, fam, cfg, params, pipeline, link_min_bytes)
+    if adapters is not None:
+        _write_lora(tmp / LORA, fam, cfg, adapters, lora_scale, dtype)
     _fsync_tree(tmp)
     if dest.exists():
         checkpoint.swap_in(tmp, dest)

@@ -157,19 +157,26 @@ def merge_pairs(base: Params, pairs: dict[str, Pair], strength: float = 1.0) -> 
     return out
 
 
+def check_pairs(pairs: dict[str, Pair], names, rank: int, field: str, path) -> None:
+    """LoraError when a file's LoRA cannot continue as adapters of `rank` on the linears `names`."""
+    names = set(names)
+    for n, p in pairs.items():
+        if n not in names:
+            raise LoraError(f"{field}.init: {path} adapts {n}, which {field}.targets does not name (add it to "
+                            "the targets, or train from fresh adapters)")
+        if p.down.shape[0] != rank:
+            raise LoraError(f"{field}.init: {path} has rank {p.down.shape[0]} at {n}; {field}.rank is {rank}")
+
+
 def from_pairs(pairs: dict[str, Pair], fresh: Params, scale: float, field: str, path) -> Params:
     """Adapters to continue training from a file: `fresh` (this run's init) with each layer the file
     holds replaced by its A and its B rescaled to this run's scale (so the model starts exactly at the
-    file's). LoraError when the file's rank differs or it adapts a layer this run does not target."""
+    file's); LoraError as `check_pairs`."""
+    layers = layers_of(fresh)
+    check_pairs(pairs, layers, fresh[f"{layers[0]}.{LORA_A}"].shape[0] if layers else 0, field, path)
     out = dict(fresh)
     for n, p in pairs.items():
         a_key = f"{n}.{LORA_A}"
-        if a_key not in fresh:
-            raise LoraError(f"{field}.init: {path} adapts {n}, which {field}.targets does not name (add it to "
-                            "the targets, or train from fresh adapters)")
-        rank = fresh[a_key].shape[0]
-        if p.down.shape[0] != rank:
-            raise LoraError(f"{field}.init: {path} has rank {p.down.shape[0]} at {n}; {field}.rank is {rank}")
         out[a_key] = p.down.float().to(fresh[a_key].device).clone()
         out[f"{n}.{LORA_B}"] = (p.up.float() * (p.scale / scale)).to(fresh[a_key].device)
     return out
@@ -254,7 +261,7 @@ def read(path, shapes: dict[str, tuple[int, ...]], original_names: dict[str, str
     return out
 
 
-def parse_frozen(entry: str, field: str) -> tuple[str, float]:
+def parse_frozen(entry: str) -> tuple[str, float]:
     """FILE or FILE:STRENGTH of roles.<role>.lora.frozen."""
     path, sep, strength = entry.rpartition(":")
     if sep and path:

@@ -63,6 +63,7 @@ def build(run, spec, process: distributed.Process) -> dict[str, Role]:
     on process.device, or, for a sharded role of a multi-rank run, only this rank's rows of each tensor
     read from the folder (never the whole model) and made DTensors, with an apply that gathers. Frozen
     weights read by several roles are loaded once (see the module docstring)."""
+    check(run, spec, process.world_size)
     roles, bases = {}, {}
     for name in spec.roles(run):
         cfg = getattr(run.roles, name)
@@ -70,23 +71,13 @@ def build(run, spec, process: distributed.Process) -> dict[str, Role]:
         trainable = name in spec.trainable
         adapted = cfg.lora.rank > 0
         sharded = cfg.sharding == "sharded" and process.world_size > 1
-        if adapted and not trainable:
-            raise RoleError(f"roles.{name}.lora.rank {cfg.lora.rank}: the {spec.name} method does not train "
-                            f"roles.{name}; merge LoRA files into it with roles.{name}.lora.frozen instead")
-        if sharded and trainable and run.training.grad_transform != "autograd":
-            raise RoleError(f"roles.{name} is sharded: that needs training.grad_transform 'autograd' "
-                            "(torch.func.grad cannot differentiate through the sharded gather)")
-        if sharded and run.training.compile:
-            raise RoleError(f"roles.{name} is sharded: training.compile is not supported with sharded roles yet")
-        if adapted and sharded:
-            raise RoleError(f"roles.{name}: a LoRA role's base cannot be sharded yet (set roles.{name}.sharding "
-                            "replicated; its frozen base is held once for all roles that share it)")
         shared = not trainable or adapted  # weights nobody updates may be shared
         key = (cfg.family, cfg.path, cfg.variant, cfg.dtype, cfg.lora.frozen, sharded)
         if shared and key in bases:
             role = bases[key]._replace(name=name, trainable=trainable, ema_decay=cfg.ema_decay)
         else:
-            mcfg, params = _load(name, cfg, fam, process, sharded)
+            mcfg, params = load_weights(name, cfg, fam, "cpu" if sharded else process.device,
+                                        distributed.rows_of(process) if sharded else None)
             role = place(name, fam, mcfg, params, run.training, process, sharded, trainable, cfg.ema_decay,
                          cfg.path)
             if shared:
@@ -112,38 +103,73 @@ def place(name: str, fam: Family, mcfg, params: dict, training, process: distrib
                 fam.latents(mcfg, folder))
 
 
-def _load(name, cfg, fam: Family, process, sharded: bool) -> tuple[Any, dict]:
-    """(model config, params) of a role's folder with its frozen LoRA files merged in (rows of this
-    rank only when sharded)."""
-    mcfg, params = fam.load(cfg.path, dtype=DTYPES[cfg.dtype], device="cpu" if sharded else process.device,
-                            rows=distributed.rows_of(process) if sharded else None, variant=cfg.variant)
-    if cfg.lora.frozen:
-        if sharded:
-            raise RoleError(f"roles.{name}.lora.frozen: LoRA files cannot be merged into a sharded role yet "
-                            f"(set roles.{name}.sharding replicated)")
+def check(run, spec, world_size: int = 1) -> None:
+    """RoleError for a role this run cannot build, found from the config files alone (no weights
+    loaded): sharding a role that cannot be, LoRA settings that do not fit the model (targets that
+    match no linear, a rank above a layer's size, LoRA files of another architecture)."""
+    for name in spec.roles(run):
+        cfg = getattr(run.roles, name)
+        trainable, adapted = name in spec.trainable, cfg.lora.rank > 0
+        sharded = cfg.sharding == "sharded" and world_size > 1
+        if adapted and not trainable:
+            raise RoleError(f"roles.{name}.lora.rank {cfg.lora.rank}: the {spec.name} method does not train "
+                            f"roles.{name}; merge LoRA files into it with roles.{name}.lora.frozen instead")
+        if sharded and trainable and run.training.grad_transform != "autograd":
+            raise RoleError(f"roles.{name} is sharded: that needs training.grad_transform 'autograd' "
+                            "(torch.func.grad cannot differentiate through the sharded gather)")
+        if sharded and run.training.compile:
+            raise RoleError(f"roles.{name} is sharded: training.compile is not supported with sharded roles yet")
+        if sharded and (adapted or cfg.lora.frozen):
+            raise RoleError(f"roles.{name}: LoRA roles and frozen LoRA files cannot be sharded yet (set "
+                            f"roles.{name}.sharding replicated; a LoRA role's base is held once for every role "
+                            "that shares it)")
+        if not (adapted or cfg.lora.frozen or cfg.lora.rank < 0):
+            continue
+        fam = family(cfg.family)
+        mcfg = fam.load_config(cfg.path)
         shapes = fam.param_shapes(mcfg)
-        names = fam.original_names(mcfg) if fam.original_names is not None else None
         for entry in cfg.lora.frozen:
-            path, strength = lora.parse_frozen(entry, f"roles.{name}.lora.frozen")
+            _read(fam, mcfg, lora.parse_frozen(entry)[0], f"roles.{name}.lora.frozen")
+        if cfg.lora.rank != 0:
+            field = f"roles.{name}.lora"
             try:
-                params = lora.merge_pairs(params, lora.read(path, shapes, names), strength)
+                names = lora.select(shapes, cfg.lora.targets, cfg.lora.rank, field)
+                if cfg.lora.init != "zeros":
+                    lora.check_pairs(_read(fam, mcfg, cfg.lora.init, field + ".init"), names, cfg.lora.rank, field,
+                                     cfg.lora.init)
             except lora.LoraError as e:
-                raise RoleError(f"roles.{name}.lora.frozen: {e}") from None
+                raise RoleError(str(e)) from None
+
+
+def _read(fam: Family, mcfg, path, field: str) -> dict:
+    """lora.read of a LoRA file for a model of `fam` with config `mcfg`; RoleError naming `field`."""
+    original = fam.original_names(mcfg) if fam.original_names is not None else None
+    try:
+        return lora.read(path, fam.param_shapes(mcfg), original)
+    except lora.LoraError as e:
+        raise RoleError(f"{field}: {e}") from None
+
+
+def load_weights(name: str, cfg, fam: Family, device, rows=None) -> tuple[Any, dict]:
+    """(model config, params) of the folder of role `name` (its configs.RoleConfig `cfg`) with its
+    frozen LoRA files merged in; rows: only this rank's rows of each tensor (a sharded role)."""
+    mcfg, params = fam.load(cfg.path, dtype=DTYPES[cfg.dtype], device=device, rows=rows, variant=cfg.variant)
+    for entry in cfg.lora.frozen:  # (roles.check refuses them for sharded roles)
+        path, strength = lora.parse_frozen(entry)
+        params = lora.merge_pairs(params, _read(fam, mcfg, path, f"roles.{name}.lora.frozen"), strength)
     return mcfg, params
 
 
 def adapt(role: Role, cfg, field: str, key, device) -> Role:
-    """`role` (a placed, whole or sharded, base) made a LoRA role: fresh adapters of `cfg`
-    (configs.LoraConfig) on `device`, or the ones of the file `cfg.init` names."""
-    fam = role.family
-    shapes = fam.param_shapes(role.config)
+    """`role` (a placed base) made a LoRA role: fresh adapters of `cfg` (configs.LoraConfig) on `device`,
+    or the ones of the file `cfg.init` names."""
+    shapes = role.family.param_shapes(role.config)
     scale = lora.scale_of(cfg.rank, cfg.alpha)
     try:
-        names = lora.select(shapes, cfg.targets, cfg.rank, field)
-        adapters = lora.init(shapes, names, cfg.rank, key, device)
+        adapters = lora.init(shapes, lora.select(shapes, cfg.targets, cfg.rank, field), cfg.rank, key, device)
         if cfg.init != "zeros":
-            original = fam.original_names(role.config) if fam.original_names is not None else None
-            adapters = lora.from_pairs(lora.read(cfg.init, shapes, original), adapters, scale, field, cfg.init)
+            pairs = _read(role.family, role.config, cfg.init, field + ".init")
+            adapters = lora.from_pairs(pairs, adapters, scale, field, cfg.init)
     except lora.LoraError as e:
         raise RoleError(str(e)) from None
     return role._replace(params=adapters, base=role.params, lora_scale=scale,

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fvfunc import checkpoint, data, runner, text
+import configs
+from fvfunc import checkpoint, data, lora, roles, runner, text
 from fvfunc.models import family
+from fvfunc.ops.linear import LORA_A
 from fvfunc.roles import DTYPES
 from fvfunc.trainer import resolve_device
 from fvfunc.validation import generate, to_frames, write_mp4
@@ -94,7 +96,8 @@ def write_sample(out: Path, i: int, latents: torch.Tensor, frames: np.ndarray, c
 
 def load_model(cfg, device):
     """(family, model config, params, pipeline folder) of a model folder or a run's checkpoint (its
-    student, or the student's EMA, on its folder's config)."""
+    student, or the student's EMA, on its folder's config; a LoRA student's adapters merged into its
+    base, frozen LoRA files included, as the run had them)."""
     model = Path(cfg.model)
     if not (model / "meta.json").is_file():
         fam = family(cfg.family)
@@ -105,7 +108,16 @@ def load_model(cfg, device):
     fam = family(meta["config"]["roles"]["student"].get("family", cfg.family))
     ema = trees.get("student.ema")
     params = ema if (cfg.use_ema and ema is not None) else trees["student"]
-    return fam, fam.load_config(folder), {k: v.to(device) for k, v in params.items()}, Path(folder)
+    params = {k: v.to(device) for k, v in params.items()}
+    if not any(k.endswith(LORA_A) for k in params):
+        return fam, fam.load_config(folder), params, Path(folder)
+    run = meta.get("run", {})
+    field = "roles.student."
+    role = configs.RoleConfig(family=fam.name, path=folder, variant=run.get(field + "variant", ""),
+                              lora=configs.LoraConfig(frozen=tuple(run.get(field + "lora.frozen", ()))))
+    mcfg, base = roles.load_weights("student", role, fam, device)
+    scale = lora.scale_of(run.get(field + "lora.rank", 1), run.get(field + "lora.alpha", 0.0))
+    return fam, mcfg, lora.merge(base, params, scale), Path(folder)
 
 
 def sample_command(cfg) -> list[Path]:

@@ -227,6 +227,10 @@ def _setup(spec: MethodSpec, cfg, process: distributed.Process) -> tuple[Setup, 
     except data.DataError as e:
         raise ConfigError(f"data.path: {e}") from None
     _check_fit(spec, cfg, dataset)
+    try:
+        roles.check(cfg, spec, world)  # sharding and LoRA settings, from the config files alone
+    except roles.RoleError as e:
+        raise ConfigError(str(e)) from None
     needed = spec.roles(cfg)
     record = resume.record(cfg, needed, {r: family(getattr(cfg.roles, r).family) for r in needed}, dataset)
     meta = None
@@ -411,9 +415,14 @@ def _finish(s: Setup, state: TrainState, student_sharded: bool) -> None:
 
 
 def export_student(folder: Path, student: roles.Role, state: TrainState, run) -> Path:
-    """The student (its EMA when kept) as a diffusers pipeline folder (fvfunc/export.py)."""
+    """The student (its EMA when kept) as a diffusers pipeline folder (fvfunc/export.py); a LoRA
+    student's merged into its base, with its adapters in folder/lora."""
     params = state.ema.get("student", state.params["student"])
+    adapters = None
+    if student.base is not None:
+        params, adapters = student.base, params
     export.export(folder, student.family, student.config, params, student.folder, run.training.export_dtype,
-                  run.roles.student.variant)
-    log.info("exported the student%s to %s", " (EMA)" if "student" in state.ema else "", folder)
+                  run.roles.student.variant, adapters=adapters, lora_scale=student.lora_scale)
+    log.info("exported the student%s%s to %s", " (EMA)" if "student" in state.ema else "",
+             " (merged, and its LoRA in lora/)" if adapters is not None else "", folder)
     return folder
