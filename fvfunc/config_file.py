@@ -588,7 +588,10 @@ def from_dict(raw: Any, method: str | None = None, where: str = "run file") -> t
     for name in ROLE_NAMES:
         _put(out, f"roles.{name}.family", family, "recipe.family", weak=True)
         for k, v in _given(roles.get(name)).items():
-            if k not in _FASTVIDEO_ROLE:
+            if k == "lora":  # the nested LoRA section
+                for lk, lv in _given(v).items():
+                    _put(out, f"roles.{name}.lora.{lk}", lv, f"roles.{name}.lora.{lk}")
+            elif k not in _FASTVIDEO_ROLE:
                 _put(out, f"roles.{name}.{k}", v, f"roles.{name}.{k}")
     _from_training(_given(f.training), out)
     _from_pipeline(_given(f.pipeline_config), method, out)

@@ -264,3 +264,17 @@ def test_lora_on_a_frozen_role_and_foreign_files_are_refused(world, tmp_path):
     with pytest.raises(ConfigError, match=r"roles.teacher.lora.frozen: .*big.safetensors: "
                                           r"transformer.blocks.2.\S+ names no linear"):
         trainer.run("dmd2", run)
+
+
+def test_lora_flags_and_the_run_file_round_trip():
+    from fvfunc import cli, config_file
+
+    method, cfg = cli.parse(["finetune", "--roles.student.path", "S", "--roles.student.lora.rank", "16",
+                             "--roles.student.lora.alpha", "8", "--roles.student.lora.targets", "attn1.*",
+                             "--roles.student.lora.frozen", "style.safetensors:0.7"])
+    want = configs.LoraConfig(rank=16, alpha=8.0, targets=("attn1.*",), frozen=("style.safetensors:0.7",))
+    assert cfg.roles.student.lora == want
+    _, again = config_file.from_dict(config_file.dump(method, cfg), method)
+    assert again.roles.student.lora == want
+    assert lora.parse_frozen("style.safetensors:0.7") == ("style.safetensors", 0.7)
+    assert lora.parse_frozen("C:/loras/style.safetensors") == ("C:/loras/style.safetensors", 1.0)
