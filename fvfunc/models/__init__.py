@@ -10,7 +10,7 @@ Adding a family is one module plus one line in FAMILIES.
 
 The forward of every family is, for latents x [B, C, T, H, W], timesteps t [B] and text context:
 
-    h, inputs = embed(params, cfg, x, t, context, dtype)      # params outside the blocks
+    h, inputs = embed(params, cfg, x, t, context, dtype[, cond])   # params outside the blocks
     for i in range(num_blocks(cfg)):
         h = block(block_params(params, i), cfg, h, inputs, dtype, attend)
     v = head(params, cfg, h, inputs, dtype)                   # the flow v = noise - x0
@@ -96,6 +96,10 @@ class Family(NamedTuple):
     weight_files: Callable[..., list[Path]] | None = None
     """weight_files(folder, variant="") -> the files holding the weights (a resumed run fingerprints
     them to tell the same model from another); None: not fingerprinted."""
+    conditions: Callable[[Any], dict[str, bool]] = lambda cfg: {}
+    """conditions(cfg) -> {name: required}: the conditions (FastVideo's i2v column names, e.g.
+    "clip_feature") the model takes besides the text, in `embed`'s `cond` dict; a family that takes none
+    is never given `cond` (its embed keeps the six arguments)."""
 
 
 BLOCKS = "blocks."

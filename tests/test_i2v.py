@@ -1,0 +1,129 @@
+"""Image-to-video Wan (Wan2.1 I2V / FLF2V, Wan2.2 TI2V) against diffusers' WanTransformer3DModel."""
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from fvfunc import runner
+from fvfunc.models import wan
+
+TEXT = 512  # diffusers' I2V attention splits the image tokens off the last 512 context tokens
+
+
+def module(seed=0, **c):
+    torch.manual_seed(seed)
+    m = WanTransformer3DModel(**c).eval()
+    with torch.no_grad():  # randomise everything, pos_embed and norms included
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.5))
+    return m
+
+
+I2V = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, ffn_dim=24, text_dim=12, freq_dim=8,
+           in_channels=2 * 4 + 4, out_channels=4, image_dim=10, added_kv_proj_dim=16)
+FLF2V = dict(I2V, pos_embed_seq_len=2 * 3)
+TI2V = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, ffn_dim=24, text_dim=12, freq_dim=8,
+            in_channels=6, out_channels=6)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def params_of(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def diffusers_i2v_input(x, first, flf2v=False):
+    """[x, mask, first_frame_latent] as WanImageToVideoPipeline.prepare_latents builds it."""
+    B, _, T, H, W = x.shape
+    frames = torch.ones(B, 1, 4 * (T - 1) + 1, H, W)
+    frames[:, :, 1:-1 if flf2v else None] = 0
+    mask = torch.cat([frames[:, :, :1].repeat_interleave(4, dim=2), frames[:, :, 1:]], dim=2)
+    mask = mask.view(B, -1, 4, H, W).transpose(1, 2)
+    return torch.cat([x, mask, first], dim=1)
+
+
+@pytest.mark.parametrize("c", [I2V, FLF2V], ids=["i2v", "flf2v"])
+def test_i2v_forward_and_grads_equal_diffusers(c):
+    m = module(**c)
+    cfg = wan.config_from_dict(dict(m.config))
+    assert wan.conditions(cfg) == {"clip_feature": True, "first_frame_latent": True}
+    params = params_of(m)
+    g = torch.Generator().manual_seed(1)
+    B, T, H, W, L = 2, 3, 4, 6, 3
+    x = torch.randn(B, 4, T, H, W, generator=g)
+    first = torch.randn(B, 4, T + 1, H, W, generator=g)  # a longer stored latent is cropped to x's frames
+    t = torch.rand(B, generator=g) * 1000
+    ctx = torch.randn(B, TEXT, 12, generator=g)
+    images = 2 if c.get("pos_embed_seq_len") else 1
+    clip = torch.randn(B * images, L, 10, generator=g)  # diffusers: one row per image
+    cond = {"clip_feature": clip.reshape(B, images * L, 10), "first_frame_latent": first}  # fvfunc: per sample
+    target = torch.randn(B, 4, T, H, W, generator=g)
+
+    with torch.no_grad():
+        ref = m(diffusers_i2v_input(x, first[:, :, :T], images == 2), t, ctx, encoder_hidden_states_image=clip).sample
+    out = wan.apply(params, cfg, x, t, ctx, cond)
+    assert out.shape == (B, 4, T, H, W)
+    assert rel(out, ref) <= 1e-5
+    # grads in fp64 (diffusers keeps its LayerNorms and time projection in fp32 even then): in fp32 the
+    # tiniest leaves, e.g. the image keys' bias, differ by rounding at ~2e-5 of their size
+    d = lambda a: a.double()  # noqa: E731
+    m64 = m.double()
+    m64.zero_grad()
+    ref64 = m64(diffusers_i2v_input(d(x), d(first[:, :, :T]), images == 2), d(t), d(ctx),
+                encoder_hidden_states_image=d(clip)).sample
+    ((ref64 - d(target)) ** 2).mean().backward()
+    ref_grads = {k: p.grad for k, p in m64.named_parameters()}
+    cond64 = {k: d(v) for k, v in cond.items()}
+    grads = torch.func.grad(lambda p: ((wan.apply(p, cfg, d(x), d(t), d(ctx), cond64) - d(target)) ** 2).mean())(
+        {k: d(v) for k, v in params.items()})
+    assert grads.keys() == ref_grads.keys()
+    worst = max(grads, key=lambda k: rel(grads[k], ref_grads[k]))
+    assert rel(grads[worst], ref_grads[worst]) <= 1e-5, worst
+    # the runner (remat, math attention) gives the same
+    via_runner = runner.forward(wan.FAMILY, params, cfg, x, t, ctx, runner.Options(attention="math", remat="full"),
+                                cond)
+    assert rel(via_runner, ref) <= 1e-5
+    with pytest.raises(ValueError, match="needs the condition 'clip_feature'"):
+        wan.apply(params, cfg, x, t, ctx, {"first_frame_latent": first})
+
+
+def test_ti2v_forward_equals_diffusers_with_expanded_timesteps():
+    m = module(**TI2V)
+    cfg = wan.config_from_dict({**dict(m.config), "expand_timesteps": True})
+    params = params_of(m)
+    g = torch.Generator().manual_seed(2)
+    B, C, T, H, W = 2, 6, 3, 4, 6
+    x = torch.randn(B, C, T, H, W, generator=g)
+    image = torch.randn(B, C, 1, H, W, generator=g)
+    t = torch.rand(B, generator=g) * 1000
+    ctx = torch.randn(B, 7, 12, generator=g)
+    # image mode, as WanImageToVideoPipeline(expand_timesteps=True) calls the model
+    mask = torch.ones(1, 1, T, H, W)
+    mask[:, :, 0] = 0
+    model_in = (1 - mask) * image + mask * x
+    per_token = (mask[0, 0][:, ::2, ::2].flatten()[None] * t[:, None])  # [B, N]
+    with torch.no_grad():
+        ref = m(model_in, per_token, ctx).sample
+        out = wan.apply(params, cfg, x, t, ctx, {"first_frame_latent": image})
+    assert rel(out[:, :, 1:], ref[:, :, 1:]) <= 1e-5
+    # the given frame's flow lands x on the image: x0 = x - sigma v is the given frame
+    sigma = (t / 1000).view(-1, 1, 1, 1, 1)
+    assert rel(x[:, :, :1] - sigma * out[:, :, :1], image) <= 1e-5
+    # text-to-video mode (WanPipeline(expand_timesteps=True)): every token at t, the plain forward
+    with torch.no_grad():
+        ref_t2v = m(x, t[:, None].expand(B, T * H * W // 4), ctx).sample
+        out_t2v = wan.apply(params, cfg, x, t, ctx)
+    assert rel(out_t2v, ref_t2v) <= 1e-5
+    # grads through the image mode equal diffusers' on the generated frames (fp64, as above)
+    d = lambda a: a.double()  # noqa: E731
+    target = torch.randn(B, C, T - 1, H, W, generator=g, dtype=torch.float64)
+    m64 = m.double()
+    m64.zero_grad()
+    ((m64(d(model_in), d(per_token), d(ctx)).sample[:, :, 1:] - target) ** 2).mean().backward()
+    ref_grads = {k: p.grad for k, p in m64.named_parameters()}
+    grads = torch.func.grad(lambda p: ((wan.apply(p, cfg, d(x), d(t), d(ctx), {"first_frame_latent": d(image)})
+                                        [:, :, 1:] - target) ** 2).mean())({k: d(v) for k, v in params.items()})
+    worst = max(grads, key=lambda k: rel(grads[k], ref_grads[k]))
+    assert rel(grads[worst], ref_grads[worst]) <= 1e-5, worst
