@@ -127,3 +127,99 @@ def test_ti2v_forward_equals_diffusers_with_expanded_timesteps():
                                         [:, :, 1:] - target) ** 2).mean())({k: d(v) for k, v in params.items()})
     worst = max(grads, key=lambda k: rel(grads[k], ref_grads[k]))
     assert rel(grads[worst], ref_grads[worst]) <= 1e-5, worst
+
+
+# ------------------------------------------------------------------------- sampling vs the pipelines
+
+
+def _vae(z_dim):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
+                            temperal_downsample=[False, True, True], latents_mean=[0.1 * i for i in range(z_dim)],
+                            latents_std=[1.0 + 0.1 * i for i in range(z_dim)]).eval()
+
+
+def _scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    from fvfunc.testing.tiny import WAN21_SCHEDULER
+
+    return UniPCMultistepScheduler.from_config(WAN21_SCHEDULER)
+
+
+def _normalised(vae, video):
+    with torch.no_grad():
+        z = vae.encode(video).latent_dist.mode()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return (z - mean) / std
+
+
+def _fvfunc_sample(params, cfg, noise, text, uncond, cond, steps, scale):
+    from configs import SamplerConfig
+    from fvfunc import samplers as S
+
+    def fn(x, t, c):  # guided batches cond and uncond: the condition goes with both
+        n = x.shape[0] // noise.shape[0]
+        return wan.apply(params, cfg, x, t, c, {k: v.repeat(n, *[1] * (v.ndim - 1)) for k, v in cond.items()})
+
+    walk = S.schedule(SamplerConfig(kind="unipc", num_steps=steps, shift=3.0))
+    with torch.no_grad():
+        x = S.sample(S.guided(fn, text, uncond, scale), noise, walk.sigmas, "unipc", timesteps=walk.timesteps)
+    return wan.impose(cfg, x, cond)
+
+
+@pytest.mark.parametrize("kind", ["i2v", "ti2v"])
+def test_sampling_equals_wan_image_to_video_pipeline(kind):
+    from diffusers import WanImageToVideoPipeline
+
+    c = I2V if kind == "i2v" else TI2V
+    m = module(**c)
+    expand = kind == "ti2v"
+    cfg = wan.config_from_dict({**dict(m.config), "expand_timesteps": expand})
+    C = cfg.out_channels
+    vae = _vae(C)
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=_scheduler(),
+                                   transformer=m, expand_timesteps=expand)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(3)
+    B, T, H, W = 2, 3, 4, 6
+    noise = torch.randn(B, C, T, H, W, generator=g)
+    text, uncond = torch.randn(B, TEXT, 12, generator=g), torch.randn(B, TEXT, 12, generator=g)
+    image = torch.rand(1, 3, 8 * H, 8 * W, generator=g)  # in [0, 1], as the pipeline's processor takes it
+    clip = torch.randn(1, 3, 10, generator=g)
+    steps, scale = 4, 3.0
+    pipe.encode_image = lambda image, device: clip  # the CLIP tokens given (the pipeline refuses image + embeds)
+    ref = pipe(image=image, prompt_embeds=text, negative_prompt_embeds=uncond, latents=noise.clone(),
+               height=8 * H, width=8 * W, num_frames=4 * (T - 1) + 1, num_inference_steps=steps, guidance_scale=scale,
+               output_type="latent").frames
+    pixels = (image * 2 - 1)[:, :, None]  # the pipeline's preprocess: [-1, 1], one frame
+    if kind == "i2v":
+        video = torch.cat([pixels, pixels.new_zeros(1, 3, 4 * (T - 1), 8 * H, 8 * W)], dim=2)
+        cond = {"clip_feature": clip.expand(B, -1, -1),
+                "first_frame_latent": _normalised(vae, video).expand(B, -1, -1, -1, -1)}
+    else:
+        cond = {"first_frame_latent": _normalised(vae, pixels).expand(B, -1, -1, -1, -1)}
+    out = _fvfunc_sample(params_of(m), cfg, noise, text, uncond, cond, steps, scale)
+    assert rel(out, ref) <= 1e-5
+    if kind == "ti2v":  # the first frame is the image's latent
+        assert rel(out[:, :, :1], cond["first_frame_latent"]) <= 1e-5
+
+
+def test_ti2v_text_to_video_equals_wan_pipeline():
+    from diffusers import WanPipeline
+
+    m = module(**TI2V)
+    cfg = wan.config_from_dict({**dict(m.config), "expand_timesteps": True})
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=_vae(6), scheduler=_scheduler(), transformer=m,
+                       expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(4)
+    noise = torch.randn(2, 6, 3, 4, 6, generator=g)
+    text, uncond = torch.randn(2, 7, 12, generator=g), torch.randn(2, 7, 12, generator=g)
+    ref = pipe(prompt_embeds=text, negative_prompt_embeds=uncond, latents=noise.clone(), height=32, width=48,
+               num_frames=9, num_inference_steps=4, guidance_scale=3.0, output_type="latent").frames
+    out = _fvfunc_sample(params_of(m), cfg, noise, text, uncond, {}, 4, 3.0)
+    assert rel(out, ref) <= 1e-5

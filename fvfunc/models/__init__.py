@@ -100,6 +100,9 @@ class Family(NamedTuple):
     """conditions(cfg) -> {name: required}: the conditions (FastVideo's i2v column names, e.g.
     "clip_feature") the model takes besides the text, in `embed`'s `cond` dict; a family that takes none
     is never given `cond` (its embed keeps the six arguments)."""
+    impose: Callable[[Any, torch.Tensor, Any], torch.Tensor] = lambda cfg, x, cond: x
+    """impose(cfg, latents, cond) -> the sampled latents with the part the condition gives set (Wan2.2
+    TI2V's first frame), as a pipeline ends its sampling; a sampler's caller applies it."""
 
 
 BLOCKS = "blocks."

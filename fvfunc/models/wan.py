@@ -417,6 +417,15 @@ def embed(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
     return h, Inputs(ctx, mod, temb, rope, grid, groups, image, given)
 
 
+def impose(cfg: WanConfig, x: torch.Tensor, cond: dict | None) -> torch.Tensor:
+    """Sampled latents with their given part set, as the pipeline ends (TI2V's image mode: the first frame
+    is the given latent; exact already where the model was called at t = 1000 sigma, but UniPC calls it
+    at integer timesteps). Identity otherwise."""
+    if cfg.expand_timesteps and cond and FIRST_FRAME in cond:
+        return torch.cat([cond[FIRST_FRAME][:, :, :1].to(x.dtype), x[:, :, 1:]], dim=2)
+    return x
+
+
 def head(params: dict, cfg: WanConfig, h: torch.Tensor, inputs: Inputs, dtype: torch.dtype) -> torch.Tensor:
     """The last norm, modulation and projection, unpatchified: v [B, C, T, H, W].
 
@@ -717,4 +726,4 @@ FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=
                 load_vae=load_vae, decode=decode, pipeline=pipeline, components=COMPONENTS,
                 stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
                 weight_files=lambda path, variant="": weight_files(resolve_folder(path), variant),
-                conditions=conditions)
+                conditions=conditions, impose=impose)
