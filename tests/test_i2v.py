@@ -223,3 +223,98 @@ def test_ti2v_text_to_video_equals_wan_pipeline():
                num_frames=9, num_inference_steps=4, guidance_scale=3.0, output_type="latent").frames
     out = _fvfunc_sample(params_of(m), cfg, noise, text, uncond, {}, 4, 3.0)
     assert rel(out, ref) <= 1e-5
+
+
+# ------------------------------------------------------------------ training on FastVideo's i2v parquet
+
+
+def _write_i2v_parquet(path, rows, drop=()):
+    """FastVideo's pyarrow_schema_i2v rows, as it writes them: tobytes / list(shape) / str(dtype), zstd,
+    one row group a file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {"id": [], "file_name": [], "caption": [], "media_type": [], "width": [], "height": [],
+            "num_frames": [], "duration_sec": [], "fps": []}
+    for r in rows:
+        for name, tensor in r["tensors"].items():
+            if name in drop:
+                continue
+            cols.setdefault(f"{name}_bytes", []).append(tensor.numpy().tobytes())
+            cols.setdefault(f"{name}_shape", []).append(list(tensor.shape))
+            cols.setdefault(f"{name}_dtype", []).append(str(tensor.dtype).removeprefix("torch."))
+        for k, v in dict(id=r["id"], file_name=f"{r['id']}.mp4", caption=r["caption"], media_type="video", width=16,
+                         height=16, num_frames=5, duration_sec=0.3, fps=16.0).items():
+            cols[k].append(v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path, compression="zstd", row_group_size=len(rows))
+
+
+@pytest.fixture(scope="module")
+def i2v_world(tmp_path_factory):
+    from fvfunc.testing import tiny
+
+    root = tmp_path_factory.mktemp("i2v")
+    cfg = tiny.tiny_config(in_channels=36, out_channels=16, image_dim=8, added_kv_proj_dim=32)
+    tiny.write_pipeline(root / "model", cfg=cfg)
+    g = torch.Generator().manual_seed(0)
+    rows = [dict(id=f"s{i}", caption=f"clip {i}", tensors={
+        "vae_latent": torch.randn(16, 2, 4, 4, generator=g), "text_embedding": torch.randn(3 + i % 3, 32, generator=g),
+        "clip_feature": torch.randn(5, 8, generator=g), "first_frame_latent": torch.randn(16, 2, 4, 4, generator=g),
+        "pil_image": torch.randint(0, 255, (3, 16, 16), generator=g, dtype=torch.uint8)}) for i in range(4)]
+    _write_i2v_parquet(root / "data" / "worker_0" / "data_chunk_0.parquet", rows)
+    _write_i2v_parquet(root / "noclip" / "data_chunk_0.parquet", rows, drop=("clip_feature",))
+    return {"model": root / "model", "data": root / "data", "noclip": root / "noclip"}
+
+
+def _cfg(world, method, out, data=None, **training):
+    import dataclasses
+
+    import configs
+    from fvfunc.losses import METHODS
+
+    run = METHODS[method].run()
+    model = str(world["model"])
+    roles = configs.RolesConfig(student=configs.RoleConfig(path=model, trainable=True),
+                                teacher=configs.RoleConfig(path=model, dtype="float32"),
+                                critic=configs.RoleConfig(path=model, trainable=True))
+    t = dict(output_dir=str(out), max_steps=4, batch_size=2, checkpoint_every=2, precision="float32", device="cpu",
+             lr=1e-3, keep_checkpoints=0, export=False)
+    t.update(training)
+    m = run.method
+    if method == "dmd2":
+        m = dataclasses.replace(m, latent_shape=(2, 4, 4), generator_update_interval=2, critic_lr=1e-3)
+    return dataclasses.replace(run, roles=roles, training=dataclasses.replace(run.training, **t),
+                               data=configs.DataConfig(path=(str(data or world["data"]),)), method=m,
+                               tracking=configs.TrackingConfig(wandb_mode="disabled"))
+
+
+@pytest.mark.parametrize("method", ["finetune", "dmd2"])
+def test_i2v_trains_and_resumes_bitwise(i2v_world, tmp_path, method):
+    import json
+
+    from fvfunc import checkpoint, trainer, tree
+
+    full = trainer.run(method, _cfg(i2v_world, method, tmp_path / "full", max_steps=4))
+    half = tmp_path / "half"
+    trainer.run(method, _cfg(i2v_world, method, half, max_steps=2))
+    trainer.run(method, _cfg(i2v_world, method, half, max_steps=4, resume="latest"))
+    a, _ = checkpoint.load(full / "checkpoint-4")
+    b, _ = checkpoint.load(half / "checkpoint-4")
+    for name in a:
+        assert tree.equal(a[name], b[name]), name
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert all(all(v == v for k, v in r.items() if isinstance(v, float)) for r in rows)  # finite numbers
+    # the image condition is used: the image projections have moved
+    start = wan.load(i2v_world["model"])[1]
+    key = "blocks.0.attn2.add_k_proj.weight"
+    assert not torch.equal(a["student"][key], start[key])
+
+
+def test_i2v_without_clip_feature_is_one_error_naming_the_column_and_file(i2v_world, tmp_path):
+    from fvfunc import trainer
+    from fvfunc.config_file import ConfigError
+
+    with pytest.raises(ConfigError, match="data_chunk_0.parquet: no column clip_feature_bytes"):
+        trainer.run("finetune", _cfg(i2v_world, "finetune", tmp_path / "o", data=i2v_world["noclip"]))
+    assert not (tmp_path / "o").exists()
