@@ -35,7 +35,7 @@ import configs
 from fvfunc import optim, random
 from fvfunc.autodiff import accumulate
 from fvfunc.losses.flow_matching import flow_matching_loss
-from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec, Prepared, condition
+from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec, Prepared, condition, conditioned
 from fvfunc.samplers import (
     NUM_TRAIN_TIMESTEPS,
     add_noise,
@@ -86,7 +86,7 @@ def score_sigmas(t0: torch.Tensor, cfg) -> torch.Tensor:
 
 
 def x0_prediction(apply, params, x, sigma, context, cond=None) -> torch.Tensor:
-    return x0_from_v(x, apply(params, x, sigma * 1000, context, cond).float(), sigma)
+    return x0_from_v(x, apply(params, x, sigma * 1000, context, *conditioned(cond)).float(), sigma)
 
 
 def real_score(teacher, params, x_t, sigma, context, uncond, guidance: float, cond=None) -> torch.Tensor:
@@ -94,7 +94,8 @@ def real_score(teacher, params, x_t, sigma, context, uncond, guidance: float, co
     None) in one batched call; the image condition `cond` goes with both."""
     uncond = torch.zeros_like(context) if uncond is None else uncond.to(context.dtype)
     both = teacher.apply(params, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]) * 1000,
-                         torch.cat([context, uncond]), {k: torch.cat([v, v]) for k, v in (cond or {}).items()}).float()
+                         torch.cat([context, uncond]),
+                         *conditioned({k: torch.cat([v, v]) for k, v in (cond or {}).items()})).float()
     v_cond, v_uncond = both.chunk(2)
     return x0_from_v(x_t, v_uncond + guidance * (v_cond - v_uncond), sigma)
 
@@ -118,7 +119,7 @@ def critic_loss(critic_params, batch, models):
     """Flow-matching loss of the critic on the student's samples x0' (no grad to the student)."""
     x0, noise, sigma = batch["x0_fake"], batch["score_noise"], batch["score_sigma"]
     x_t = add_noise(x0, noise, sigma)
-    v = models["critic"].apply(critic_params, x_t, sigma * 1000, batch["text"], condition(batch))
+    v = models["critic"].apply(critic_params, x_t, sigma * 1000, batch["text"], *conditioned(condition(batch)))
     return flow_matching_loss(v, x0, noise, sigma), {}
 
 
@@ -169,7 +170,7 @@ def student_input(student, params, batch, sigmas, k: torch.Tensor, mode: str, la
     if last == 0:
         return noise[:, 0]
     cond = condition(batch)  # simulate: the rollout's image condition is the dataset row's
-    denoise = lambda x, t: student.apply(params, x, t, batch["text"], cond).float()  # noqa: E731
+    denoise = lambda x, t: student.apply(params, x, t, batch["text"], *conditioned(cond)).float()  # noqa: E731
     end, states = sample(denoise, noise[:, 0], sigmas[:last + 1], "sde", noise=lambda j: noise[:, j + 1],
                          states=True)
     states = torch.stack([*states, end])  # [last + 1, B, ...]: the state at sigmas[0..last]

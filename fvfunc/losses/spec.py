@@ -62,6 +62,12 @@ def condition(batch: dict) -> dict:
     return {c.name: batch[c.key] for c in CONDITIONS.values() if c.key in batch}
 
 
+def conditioned(cond: dict | None) -> tuple:
+    """The trailing argument of a role's apply for an image condition: (cond,), or () without one (so a
+    text-only apply keeps its four arguments)."""
+    return (cond,) if cond else ()
+
+
 class Method(NamedTuple):
     init: Callable[[dict, Any], TrainState]
     step: Callable[[TrainState, dict], tuple[TrainState, dict]]
