@@ -291,11 +291,17 @@ def _cfg(world, method, out, data=None, **training):
 
 @pytest.mark.parametrize("method", ["finetune", "dmd2"])
 def test_i2v_trains_and_resumes_bitwise(i2v_world, tmp_path, method):
+    import dataclasses
     import json
 
+    import configs
     from fvfunc import checkpoint, trainer, tree
 
-    full = trainer.run(method, _cfg(i2v_world, method, tmp_path / "full", max_steps=4))
+    cfg = _cfg(i2v_world, method, tmp_path / "full", max_steps=4)
+    sampler = configs.SamplerConfig(kind="sde", timesteps=(1000, 500), guidance_scale=2.0)
+    cfg = dataclasses.replace(cfg, validation=configs.ValidationConfig(every=4, num_prompts=2, sampler=sampler))
+    full = trainer.run(method, cfg)
+    assert len(list((full / "videos").glob("*.mp4"))) == 2  # validation samples with the rows' images
     half = tmp_path / "half"
     trainer.run(method, _cfg(i2v_world, method, half, max_steps=2))
     trainer.run(method, _cfg(i2v_world, method, half, max_steps=4, resume="latest"))
