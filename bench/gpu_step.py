@@ -52,6 +52,9 @@ from fvfunc.testing import dmd2_reference, tiny  # noqa: E402
 
 WAN_1_3B = wan.WanConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
                          text_dim=4096, freq_dim=256, in_channels=16, out_channels=16)
+WAN22_TI2V_5B = wan.WanConfig(num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, num_layers=30,
+                              text_dim=4096, freq_dim=256, in_channels=48, out_channels=48, expand_timesteps=True)
+"""Wan2.2-TI2V-5B's transformer config (its 704x1280x121 videos are 48 x 31 x 44 x 80 latents)."""
 STEPS = (1000, 750, 500, 250)
 GIB = 2**30
 
@@ -581,6 +584,9 @@ def targets(b: Bench) -> list[str]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="a tiny model and latents: smoke-test every path")
+    ap.add_argument("--model", default="wan2.1-1.3b", choices=("wan2.1-1.3b", "wan2.2-ti2v-5b"),
+                    help="wan2.2-ti2v-5b: its config at 704x1280x121 (27,280 tokens; text-to-video use, one "
+                         "timestep a sample), and a quarter of that")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--attention", default=None, help="fvfunc's attention backend (default on CUDA: fa4 where "
                     "it runs, else cudnn)")
@@ -615,6 +621,10 @@ def main():
         cfg = tiny.tiny_config()
         args.text_len = 16
         latents = [(16, 3, 8, 8), (16, 3, 4, 4)]
+    elif args.model == "wan2.2-ti2v-5b":
+        cfg = WAN22_TI2V_5B
+        args.text_len = 512
+        latents = [(48, 31, 44, 80), (48, 31, 22, 40)]
     else:
         cfg = WAN_1_3B
         args.text_len = 512
@@ -652,7 +662,8 @@ def main():
     command = "python bench/gpu_step.py " + " ".join(sys.argv[1:])
     checks = targets(b) if not only else []
     section = "\n".join([
-        "## Wan2.1-1.3B forward / finetune / DMD2 / sampling on GPU vs diffusers"
+        f"## {'Wan2.2-TI2V-5B' if args.model == 'wan2.2-ti2v-5b' else 'Wan2.1-1.3B'} forward / finetune / DMD2 / "
+        "sampling on GPU vs diffusers"
         + (" (tiny smoke test)" if args.tiny else ""),
         "",
         f"- Card: {card}; date {datetime.date.today().isoformat()}; "

@@ -35,8 +35,8 @@ CROSS_ATTENTION = {"fa4": "cudnn"}
 """Backend of cross-attention for a self-attention backend (to 512 text tokens cuDNN beats
 FlashAttention-4 on an H100, bench/RESULTS.md)."""
 
-Apply = Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""apply(params, x, t, context) -> v: a family's forward with its config and run options bound."""
+Apply = Callable[..., torch.Tensor]
+"""apply(params, x, t, context, cond=None) -> v: a family's forward with its config and run options bound."""
 
 
 class Options(NamedTuple):
@@ -117,15 +117,16 @@ def check(options: Options) -> None:
 DEFAULT = Options()
 
 
-def forward(family: Family, params: dict, cfg, x, t, context, options: Options = DEFAULT) -> torch.Tensor:
-    """The family's v = noise - x0 for latents x at timesteps t given text context, run as `options` say."""
+def forward(family: Family, params: dict, cfg, x, t, context, options: Options = DEFAULT, cond=None) -> torch.Tensor:
+    """The family's v = noise - x0 for latents x at timesteps t given text context (and the image
+    condition `cond`, a dict of tensors, for a family that takes one), run as `options` say."""
     check(options)
     dtype = options.dtype or next(iter(params.values())).dtype
     n = family.num_blocks(cfg)
     outer, blocks = block_params(params, n)
     if options.gather is not None:
         outer = options.gather(outer)
-    h, inputs = family.embed(outer, cfg, x, t, context, dtype)
+    h, inputs = family.embed(outer, cfg, x, t, context, dtype, *([cond] if cond else []))
     run = _compiled("inductor" if options.compile is True else options.compile) if options.compile else run_block
     attend_fn = attend(options.attention)
     n_remat = round(options.remat_fraction * n)
@@ -141,8 +142,8 @@ def make_apply(family: Family, cfg, options: Options = DEFAULT) -> Apply:
     return functools.partial(_bound, family, cfg, options)
 
 
-def _bound(family, cfg, options, params, x, t, context):
-    return forward(family, params, cfg, x, t, context, options)
+def _bound(family, cfg, options, params, x, t, context, cond=None):
+    return forward(family, params, cfg, x, t, context, options, cond)
 
 
 def apply(family: Family, params: dict, cfg, x, t, context, **options) -> torch.Tensor:

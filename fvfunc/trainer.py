@@ -129,6 +129,21 @@ def open_dataset(run, columns, paths=None) -> data.ParquetDataset:
                                num_latent_t=run.data.num_latent_t)
 
 
+def condition_columns(run) -> tuple:
+    """The image-condition columns the student's family takes (fvfunc.models.Family.conditions): the
+    required ones, and the optional ones (Wan2.2 TI2V's first frame) when the data's first file has them."""
+    from fvfunc.losses.spec import CONDITIONS
+
+    student = run.roles.student
+    if not student.path:
+        return ()
+    fam = family(student.family)
+    wanted = fam.conditions(fam.load_config(student.path))
+    optional = [n for n, required in wanted.items() if not required]
+    present = data.columns_in(run.data.path) if optional else set()
+    return tuple(CONDITIONS[n] for n, required in wanted.items() if required or f"{n}_bytes" in present)
+
+
 def data_io(run, process) -> DataIO:
     """The infra a method's `prepare` may use."""
     def progress(total, initial=0, desc=""):
@@ -223,7 +238,7 @@ def _setup(spec: MethodSpec, cfg, process: distributed.Process) -> tuple[Setup, 
 
     # data first: it is cheap to open and its errors should come before minutes of model loading
     try:
-        dataset = open_dataset(cfg, spec.data(cfg))
+        dataset = open_dataset(cfg, spec.data(cfg) + condition_columns(cfg))
     except data.DataError as e:
         raise ConfigError(f"data.path: {e}") from None
     _check_fit(spec, cfg, dataset)

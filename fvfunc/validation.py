@@ -17,22 +17,28 @@ import numpy as np
 import torch
 
 from fvfunc import data, random
+from fvfunc.losses.spec import condition, conditioned
 from fvfunc.samplers import guided, sample, schedule
 
 log = logging.getLogger("fvfunc")
 
 
 def generate(apply, params, text: torch.Tensor, shape, sampler_cfg, key=None, uncond: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None) -> torch.Tensor:
+             noise: torch.Tensor | None = None, cond: dict | None = None) -> torch.Tensor:
     """Latents [B, *shape] sampled from `apply(params, x, t, context)` for text [B, L, D].
 
     uncond: the negative prompt's embedding ([B or 1, L, D]; None: zeros), used when guiding.
     noise: the initial noise [B, *shape] (None: drawn from the key; the sde's noise comes from the key
-    either way)."""
+    either way). cond: the image condition ({name: [B, ...]}), given with the cond and the uncond text."""
     key = random.key(sampler_cfg.seed) if key is None else key
     k_init, k_steps = random.split(key, 2)
     x = random.normal(k_init, (text.shape[0], *shape), device=text.device) if noise is None else noise
-    denoise = guided(lambda x, t, c: apply(params, x, t, c).float(), text, uncond, sampler_cfg.guidance_scale)
+    def fn(x, t, c):  # guidance batches [cond, uncond]: the image condition goes with both
+        n = x.shape[0] // text.shape[0]
+        return apply(params, x, t, c, *conditioned({k: v.repeat(n, *[1] * (v.ndim - 1))
+                                                    for k, v in (cond or {}).items()})).float()
+
+    denoise = guided(fn, text, uncond, sampler_cfg.guidance_scale)
     with torch.no_grad():
         walk = schedule(sampler_cfg)
         return sample(denoise, x, walk.sigmas, sampler_cfg.kind, k_steps, timesteps=walk.timesteps)
@@ -98,11 +104,14 @@ def captions_of(path) -> list[str]:
     return captions
 
 
-def prompts_from(run, dataset, folder="") -> tuple[torch.Tensor, list[str], tuple | None]:
+def prompts_from(run, dataset, folder="") -> tuple[torch.Tensor, list[str], tuple | None, dict]:
     """(text [N, L, D], captions, the data's latent (T, H, W) or None) of the validation prompts: the
     captions of validation.dataset_file encoded with the umT5 of `folder` (the student's), or the
-    embeddings of validation.prompts, or the first rows of the training data."""
+    embeddings of validation.prompts, or the first rows of the training data; and the image condition of
+    those first rows of the training data ({} when it has none)."""
     n = run.validation.num_prompts
+    has_cond = any(c.kind == "condition" for c in getattr(dataset, "spec", ()))
+    cond = condition(dataset.batch(list(range(min(n, len(dataset)))))) if has_cond else {}
     shapes = [tuple(dataset[0][c.key].shape[-3:]) for c in dataset.spec if c.rank >= 4]  # latents, trajectories
     if run.validation.dataset_file:
         from fvfunc import text
@@ -113,13 +122,13 @@ def prompts_from(run, dataset, folder="") -> tuple[torch.Tensor, list[str], tupl
             raise ValueError(f"validation.dataset_file: {folder or 'the student'} has no text_encoder/ and "
                              "tokenizer/ to encode its captions with; give validation.prompts (embeddings) instead")
         return text.encode(text.load_encoder(where), captions, run.data.text_len), captions, (
-            shapes[0] if shapes else None)
+            shapes[0] if shapes else None), {k: v[:len(captions)] for k, v in cond.items()}
     if run.validation.prompts:
         ds = data.ParquetDataset(run.validation.prompts, data.TEXT_ONLY, text_len=run.data.text_len)
     else:
         ds = dataset
     b = ds.batch(list(range(min(n, len(ds)))))
-    return b["text"], b["captions"], shapes[0] if shapes else None
+    return b["text"], b["captions"], shapes[0] if shapes else None, {k: v[:len(b["captions"])] for k, v in cond.items()}
 
 
 class Validator:
@@ -127,8 +136,13 @@ class Validator:
 
     def __init__(self, run, sampler_cfg, student, dataset, out: Path, device):
         self.run, self.out, self.device, self.sampler, self.student = run, Path(out), device, sampler_cfg, student
-        self.text, self.captions, data_shape = prompts_from(run, dataset, student.folder)
+        self.text, self.captions, data_shape, cond = prompts_from(run, dataset, student.folder)
         self.text = self.text.to(device)
+        if cond and min(len(v) for v in cond.values()) < len(self.captions):
+            raise ValueError(f"validation: {len(self.captions)} prompts, but the training data's first rows give "
+                             f"only {min(len(v) for v in cond.values())} image conditions; lower "
+                             "validation.num_prompts")
+        self.cond = {k: v.to(device) for k, v in cond.items()}
         v = run.validation
         self.uncond = None
         if sampler_cfg.guidance_scale != 1:  # the negative prompt, encoded once
@@ -146,7 +160,9 @@ class Validator:
     def __call__(self, state, tracker) -> list[Path]:
         v = self.run.validation
         params = state.ema["student"] if (v.use_ema and "student" in state.ema) else state.params["student"]
-        latents = generate(self.student.apply, params, self.text, self.shape, self.sampler, uncond=self.uncond)
+        latents = generate(self.student.apply, params, self.text, self.shape, self.sampler, uncond=self.uncond,
+                           cond=self.cond)
+        latents = self.student.family.impose(self.student.config, latents, self.cond)
         frames = to_frames(latents, self.student.family, self.vae, self.facts)
         paths = []
         for i, clip in enumerate(frames):

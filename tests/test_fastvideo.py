@@ -238,7 +238,7 @@ def test_validation_encodes_the_caption_file_and_negative_prompt_with_the_studen
     run = tiny.run_of(METHODS["finetune"], validation=v, data=configs.DataConfig(text_len=16))
     dataset = [{"text": torch.zeros(16, 32)}]  # only its spec and first sample's shapes are read
     ds = type("DS", (), {"spec": (), "__getitem__": lambda self, i: dataset[i]})()
-    emb, captions, _ = validation.prompts_from(run, ds, str(folder / "transformer"))
+    emb, captions, _, _ = validation.prompts_from(run, ds, str(folder / "transformer"))
     assert captions == ["a cat", "a dog"] and torch.equal(emb, text.encode_prompts(folder, captions, 16))
     with pytest.raises(ValueError, match="validation.dataset_file: .* has no text_encoder"):
         validation.prompts_from(run, ds, str(tmp_path / "elsewhere"))

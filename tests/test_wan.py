@@ -190,7 +190,13 @@ def test_bad_folders_and_configs(tmp_path):
         wan.load(folder)
     folder, _ = _write(tmp_path, {"_class_name": "WanTransformer3DModel", "image_dim": 1280,
                                   "added_kv_proj_dim": 5120})
-    with pytest.raises(ModelError, match="image-to-video"):
+    with pytest.raises(ModelError, match="added_kv_proj_dim 5120 must equal the model width 16"):
+        wan.load(folder)
+    folder, _ = _write(tmp_path, {"image_dim": 8, "added_kv_proj_dim": None})
+    with pytest.raises(ModelError, match="set together"):
+        wan.load(folder)
+    folder, _ = _write(tmp_path, {"image_dim": 8, "added_kv_proj_dim": 16})
+    with pytest.raises(ModelError, match="in_channels = 2 x out_channels \\+ 4"):
         wan.load(folder)
     folder, _ = _write(tmp_path, {"image_dim": None, "added_kv_proj_dim": None, "qk_norm": "rms_norm"})
     with pytest.raises(ModelError, match="qk_norm"):
@@ -352,18 +358,13 @@ def test_two_expert_wan22_is_refused_at_load_and_at_the_config_check(tmp_path, c
     assert not out.exists()
 
 
-def test_ti2v_is_refused_from_the_transformer_or_the_pipeline_config(tmp_path):
-    from fvfunc import cli
-
+def test_ti2v_expand_timesteps_is_read_from_the_transformer_or_the_pipeline_config(tmp_path):
     folder, _ = _write(tmp_path, {"expand_timesteps": True})
-    why = "Wan2.2 TI2V \\(expand_timesteps\\) is not supported yet"
-    with pytest.raises(ModelError, match=f"config.json: {why}"):
-        wan.load(folder)
+    assert wan.load_config(folder).expand_timesteps
+    assert "expand_timesteps" not in wan.config_to_dict(wan.load_config(folder))  # a pipeline fact
     root = _pipeline(tmp_path / "ti2v", expand_timesteps=True)
-    with pytest.raises(ModelError, match=f"model_index.json: {why}"):
-        wan.load(root)
-    with pytest.raises(cli.ConfigError, match=f"roles.student.path: .*model_index.json: {why}"):
-        _check_student(root, tmp_path)
+    assert wan.load_config(root).expand_timesteps and wan.load(root)[0].expand_timesteps
+    _check_student(root, tmp_path)
     # the Wan2.1 folders' own `"transformer_2": [null, null]` and `"expand_timesteps": false` are fine
     ok = _pipeline(tmp_path / "t2v", transformer_2=[None, None], expand_timesteps=False, boundary_ratio=None)
     _check_student(ok, tmp_path)

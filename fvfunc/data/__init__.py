@@ -6,7 +6,7 @@
 - `order`: `epoch_order` (a seeded shuffle per epoch) and `Loader` (batches forever, resumable exactly).
 """
 
-from fvfunc.data.dataset import ParquetDataset, parse_specs
+from fvfunc.data.dataset import ParquetDataset, columns_in, parse_specs
 from fvfunc.data.order import SHUFFLES, Loader, epoch_order
 from fvfunc.data.parquet import (
     ODE_TRAJECTORY_TEXT_ONLY,
@@ -20,4 +20,4 @@ from fvfunc.data.parquet import (
 )
 
 __all__ = ["ODE_TRAJECTORY_TEXT_ONLY", "SHUFFLES", "T2V", "TEXT_ONLY", "DataError", "Loader", "ParquetDataset",
-           "epoch_order", "ids_in", "parse_specs", "schema", "write_atomic", "write_parquet"]
+           "epoch_order", "columns_in", "ids_in", "parse_specs", "schema", "write_atomic", "write_parquet"]

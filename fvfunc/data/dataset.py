@@ -43,6 +43,18 @@ def parse_specs(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     return specs
 
 
+def columns_in(paths) -> set[str]:
+    """The column names of the first parquet file of the first dataset folder (footer only; none: empty)."""
+    folder = parse_specs(paths)[0][0]
+    files = [folder] if folder.is_file() else sorted(folder.rglob("*.parquet")) if folder.exists() else []
+    if not files:
+        return set()
+    try:
+        return set(pq.read_schema(files[0]).names)
+    except Exception:
+        return set()  # the dataset's own opening names the unreadable file
+
+
 CONDITIONS = ("clip_feature", "first_frame_latent", "pil_image")
 """FastVideo's image-to-video columns (its i2v schema); a run that reads none of them is told once."""
 

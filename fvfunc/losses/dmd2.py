@@ -35,7 +35,7 @@ import configs
 from fvfunc import optim, random
 from fvfunc.autodiff import accumulate
 from fvfunc.losses.flow_matching import flow_matching_loss
-from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec, Prepared
+from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec, Prepared, condition, conditioned
 from fvfunc.samplers import (
     NUM_TRAIN_TIMESTEPS,
     add_noise,
@@ -85,16 +85,17 @@ def score_sigmas(t0: torch.Tensor, cfg) -> torch.Tensor:
     return grid[nearest].to(t0.device)
 
 
-def x0_prediction(apply, params, x, sigma, context) -> torch.Tensor:
-    return x0_from_v(x, apply(params, x, sigma * 1000, context).float(), sigma)
+def x0_prediction(apply, params, x, sigma, context, cond=None) -> torch.Tensor:
+    return x0_from_v(x, apply(params, x, sigma * 1000, context, *conditioned(cond)).float(), sigma)
 
 
-def real_score(teacher, params, x_t, sigma, context, uncond, guidance: float) -> torch.Tensor:
+def real_score(teacher, params, x_t, sigma, context, uncond, guidance: float, cond=None) -> torch.Tensor:
     """Teacher x0 with standard CFG; cond and uncond (the negative prompt's embedding, or zeros when
-    None) in one batched call."""
+    None) in one batched call; the image condition `cond` goes with both."""
     uncond = torch.zeros_like(context) if uncond is None else uncond.to(context.dtype)
     both = teacher.apply(params, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]) * 1000,
-                         torch.cat([context, uncond])).float()
+                         torch.cat([context, uncond]),
+                         *conditioned({k: torch.cat([v, v]) for k, v in (cond or {}).items()})).float()
     v_cond, v_uncond = both.chunk(2)
     return x0_from_v(x_t, v_uncond + guidance * (v_cond - v_uncond), sigma)
 
@@ -102,13 +103,15 @@ def real_score(teacher, params, x_t, sigma, context, uncond, guidance: float) ->
 def generator_loss(student_params, batch, models, params, cfg):
     """DMD loss of one (micro-)batch; `batch` carries the student's input x_k at sigma_k and the
     score noise / sigma drawn for it."""
+    cond = condition(batch)  # the image condition: the same for the student, the critic and the teacher
     x0_gen = x0_prediction(models["student"].apply, student_params, batch["x_k"], batch["sigma_k"],
-                           batch["text"])
+                           batch["text"], cond)
     with torch.no_grad():
         x_t = add_noise(x0_gen.detach(), batch["score_noise"], batch["score_sigma"])
-        fake = x0_prediction(models["critic"].apply, params["critic"], x_t, batch["score_sigma"], batch["text"])
+        fake = x0_prediction(models["critic"].apply, params["critic"], x_t, batch["score_sigma"], batch["text"],
+                             cond)
         real = real_score(models["teacher"], params["teacher"], x_t, batch["score_sigma"], batch["text"],
-                          batch.get("negative_text"), cfg.real_score_guidance_scale)
+                          batch.get("negative_text"), cfg.real_score_guidance_scale, cond)
     return distribution_matching_loss(x0_gen, real, fake), {}
 
 
@@ -116,8 +119,8 @@ def critic_loss(critic_params, batch, models):
     """Flow-matching loss of the critic on the student's samples x0' (no grad to the student)."""
     x0, noise, sigma = batch["x0_fake"], batch["score_noise"], batch["score_sigma"]
     x_t = add_noise(x0, noise, sigma)
-    return flow_matching_loss(models["critic"].apply(critic_params, x_t, sigma * 1000, batch["text"]), x0, noise,
-                              sigma), {}
+    v = models["critic"].apply(critic_params, x_t, sigma * 1000, batch["text"], *conditioned(condition(batch)))
+    return flow_matching_loss(v, x0, noise, sigma), {}
 
 
 # ------------------------------------------------------------------------------------ rollouts
@@ -166,7 +169,8 @@ def student_input(student, params, batch, sigmas, k: torch.Tensor, mode: str, la
     last = int(k.max()) if last is None else last
     if last == 0:
         return noise[:, 0]
-    denoise = lambda x, t: student.apply(params, x, t, batch["text"]).float()  # noqa: E731
+    cond = condition(batch)  # simulate: the rollout's image condition is the dataset row's
+    denoise = lambda x, t: student.apply(params, x, t, batch["text"], *conditioned(cond)).float()  # noqa: E731
     end, states = sample(denoise, noise[:, 0], sigmas[:last + 1], "sde", noise=lambda j: noise[:, j + 1],
                          states=True)
     states = torch.stack([*states, end])  # [last + 1, B, ...]: the state at sigmas[0..last]
@@ -219,7 +223,8 @@ def make(run, roles, reduce=None) -> Method:
         critic_batch = prepare(random.fold_in(key, 1), batch, params["student"])
         with torch.no_grad():
             critic_batch["x0_fake"] = x0_prediction(student.apply, params["student"], critic_batch["x_k"],
-                                                    critic_batch["sigma_k"], critic_batch["text"])
+                                                    critic_batch["sigma_k"], critic_batch["text"],
+                                                    condition(critic_batch))
         grads, value = accumulate(critic_loss, training.grad_transform, params["critic"], critic_batch,
                                   training.micro_batches, roles)
         params["critic"], opt["critic"], norm = optim.apply_gradients(

@@ -21,7 +21,7 @@ import torch
 import configs
 from fvfunc import optim, random
 from fvfunc.autodiff import accumulate
-from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec
+from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec, condition, conditioned
 from fvfunc.samplers import add_noise, shift
 from fvfunc.state import TrainState
 
@@ -64,7 +64,7 @@ def loss(params, batch, apply, cfg):
     x0, noise, sigma = batch["latents"], batch["noise"], batch["sigma"]
     context = batch["text"] * batch["keep_text"].view(-1, 1, 1).to(batch["text"].dtype)
     x_t = add_noise(x0, noise, sigma)
-    v = apply(params, x_t, sigma * 1000, context)
+    v = apply(params, x_t, sigma * 1000, context, *conditioned(condition(batch)))
     return flow_matching_loss(v, x0, noise, sigma, cfg.precondition_outputs), {}
 
 

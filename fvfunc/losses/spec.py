@@ -35,7 +35,8 @@ class Column(NamedTuple):
     """Rank of one row's tensor (one more, with a leading 1, is accepted)."""
     kind: str
     """'text' (zero-padded to data.text_len, with its length in batch['text_len']), 'latents' (normalised
-    per channel, dim -4, with the VAE's latents mean / std) or 'tensor' (as stored)."""
+    per channel, dim -4, with the VAE's latents mean / std), 'tensor' (as stored) or 'condition' (as
+    stored, and handed to the models as their image condition: `condition(batch)`)."""
     what: str
     """What it holds, for error messages."""
 
@@ -47,7 +48,24 @@ TRAJECTORY = Column("trajectory_latents", "trajectory", 5, "tensor",
 TRAJECTORY_TIMESTEPS = Column("trajectory_timesteps", "trajectory_timesteps", 1, "tensor",
                               "the trajectory's timesteps")
 
+CLIP_FEATURE = Column("clip_feature", "clip_feature", 2, "condition", "the CLIP image tokens")
+FIRST_FRAME_LATENT = Column("first_frame_latent", "first_frame_latent", 4, "condition",
+                            "the normalised VAE latent of the first frame followed by zero frames")
+CONDITIONS = {c.name: c for c in (CLIP_FEATURE, FIRST_FRAME_LATENT)}
+"""FastVideo's i2v columns a family's `conditions` may name (fvfunc.models.Family.conditions)."""
+
 DataSpec = tuple[Column, ...]
+
+
+def condition(batch: dict) -> dict:
+    """The image condition of a batch ({} for text-only data): its condition columns by name."""
+    return {c.name: batch[c.key] for c in CONDITIONS.values() if c.key in batch}
+
+
+def conditioned(cond: dict | None) -> tuple:
+    """The trailing argument of a role's apply for an image condition: (cond,), or () without one (so a
+    text-only apply keeps its four arguments)."""
+    return (cond,) if cond else ()
 
 
 class Method(NamedTuple):

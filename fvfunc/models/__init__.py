@@ -10,7 +10,7 @@ Adding a family is one module plus one line in FAMILIES.
 
 The forward of every family is, for latents x [B, C, T, H, W], timesteps t [B] and text context:
 
-    h, inputs = embed(params, cfg, x, t, context, dtype)      # params outside the blocks
+    h, inputs = embed(params, cfg, x, t, context, dtype[, cond])   # params outside the blocks
     for i in range(num_blocks(cfg)):
         h = block(block_params(params, i), cfg, h, inputs, dtype, attend)
     v = head(params, cfg, h, inputs, dtype)                   # the flow v = noise - x0
@@ -100,6 +100,13 @@ class Family(NamedTuple):
     """original_names(cfg) -> {param name of a linear layer (no `.weight`): its name in the model's
     original (non-diffusers) checkpoints}, for LoRA files in ComfyUI / kohya layout (fvfunc/lora.py);
     None: only diffusers / PEFT names are read and written."""
+    conditions: Callable[[Any], dict[str, bool]] = lambda cfg: {}
+    """conditions(cfg) -> {name: required}: the conditions (FastVideo's i2v column names, e.g.
+    "clip_feature") the model takes besides the text, in `embed`'s `cond` dict; a family that takes none
+    is never given `cond` (its embed keeps the six arguments)."""
+    impose: Callable[[Any, torch.Tensor, Any], torch.Tensor] = lambda cfg, x, cond: x
+    """impose(cfg, latents, cond) -> the sampled latents with the part the condition gives set (Wan2.2
+    TI2V's first frame), as a pipeline ends its sampling; a sampler's caller applies it."""
 
 
 BLOCKS = "blocks."

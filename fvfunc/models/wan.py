@@ -68,6 +68,9 @@ class WanConfig:
     added_kv_proj_dim: int | None = None
     rope_max_seq_len: int = 1024
     pos_embed_seq_len: int | None = None
+    expand_timesteps: bool = False
+    """Wan2.2 TI2V: per-token timesteps, the first latent frame held at t = 0 as the image condition. Read
+    from the pipeline's model_index.json (diffusers keeps it there, not in the transformer's config.json)."""
 
     @property
     def dim(self) -> int:
@@ -92,9 +95,16 @@ def config_from_dict(d: dict, source: str = "config") -> WanConfig:
     small = [k for k in POSITIVE if getattr(cfg, k) < 1]
     if small:
         raise ModelError(f"{source}: {small[0]} must be >= 1, got {getattr(cfg, small[0])}")
-    if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None or cfg.pos_embed_seq_len is not None:
-        raise ModelError(f"{source}: a Wan image-to-video config (image_dim / added_kv_proj_dim / "
-                         "pos_embed_seq_len set); fvfunc supports text-to-video Wan only for now")
+    if (cfg.image_dim is None) != (cfg.added_kv_proj_dim is None):
+        raise ModelError(f"{source}: image_dim and added_kv_proj_dim must be set together (Wan2.1 I2V) or not at all")
+    if cfg.added_kv_proj_dim is not None and cfg.added_kv_proj_dim != cfg.dim:
+        raise ModelError(f"{source}: added_kv_proj_dim {cfg.added_kv_proj_dim} must equal the model width {cfg.dim} "
+                         "(the image embedder's output)")
+    if cfg.pos_embed_seq_len is not None and cfg.image_dim is None:
+        raise ModelError(f"{source}: pos_embed_seq_len (FLF2V) needs image_dim")
+    if cfg.image_dim is not None and cfg.in_channels != 2 * cfg.out_channels + 4:
+        raise ModelError(f"{source}: an image-to-video Wan (image_dim set) takes in_channels = 2 x out_channels + 4 "
+                         f"(noise, frame mask, image latent), got {cfg.in_channels} and {cfg.out_channels}")
     if cfg.qk_norm != "rms_norm_across_heads":
         raise ModelError(f"{source}: qk_norm {cfg.qk_norm!r} is unsupported (only 'rms_norm_across_heads')")
     if cfg.attention_head_dim % 2:
@@ -107,7 +117,8 @@ SHAPE_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_cha
 """config.json keys that fix the params' shapes: a config without one is refused (diffusers writes them all)."""
 POSITIVE = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim", "freq_dim",
             "ffn_dim", "num_layers", "rope_max_seq_len")
-_TYPES = {"patch_size": "3 ints", "cross_attn_norm": "bool", "eps": "float", "qk_norm": "str or null"}
+_TYPES = {"patch_size": "3 ints", "cross_attn_norm": "bool", "expand_timesteps": "bool", "eps": "float",
+          "qk_norm": "str or null"}
 
 
 def _typed(key: str, v, source: str):
@@ -131,7 +142,8 @@ def _typed(key: str, v, source: str):
 
 def config_to_dict(cfg: WanConfig) -> dict:
     d = {"_class_name": CLASS_NAME, "_diffusers_version": "0.35.0"}
-    d.update({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()})
+    d.update({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
+              if k != "expand_timesteps"})  # a pipeline fact (model_index.json)
     return d
 
 
@@ -156,6 +168,14 @@ def param_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
     add_linear("condition_embedder.time_proj", D, 6 * D)
     add_linear("condition_embedder.text_embedder.linear_1", T, D)
     add_linear("condition_embedder.text_embedder.linear_2", D, D)
+    if cfg.image_dim is not None:  # Wan2.1 I2V: CLIP tokens -> LayerNorm, MLP (GELU), LayerNorm
+        e, n = "condition_embedder.image_embedder", cfg.image_dim
+        shapes[f"{e}.norm1.weight"], shapes[f"{e}.norm1.bias"] = (n,), (n,)
+        add_linear(f"{e}.ff.net.0.proj", n, n)
+        add_linear(f"{e}.ff.net.2", n, D)
+        shapes[f"{e}.norm2.weight"], shapes[f"{e}.norm2.bias"] = (D,), (D,)
+        if cfg.pos_embed_seq_len is not None:
+            shapes[f"{e}.pos_embed"] = (1, cfg.pos_embed_seq_len, n)
     for i in range(cfg.num_layers):
         b = f"blocks.{i}"
         for attn in ("attn1", "attn2"):
@@ -163,6 +183,10 @@ def param_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
                 add_linear(f"{b}.{attn}.{proj}", D, D)
             shapes[f"{b}.{attn}.norm_q.weight"] = (D,)
             shapes[f"{b}.{attn}.norm_k.weight"] = (D,)
+        if cfg.added_kv_proj_dim is not None:  # cross-attention's keys and values of the image tokens
+            add_linear(f"{b}.attn2.add_k_proj", cfg.added_kv_proj_dim, D)
+            add_linear(f"{b}.attn2.add_v_proj", cfg.added_kv_proj_dim, D)
+            shapes[f"{b}.attn2.norm_added_k.weight"] = (D,)
         if cfg.cross_attn_norm:
             shapes[f"{b}.norm2.weight"] = (D,)
             shapes[f"{b}.norm2.bias"] = (D,)
@@ -182,7 +206,9 @@ def init(cfg: WanConfig, key: torch.Tensor, dtype: torch.dtype = torch.float32, 
     params = {}
     for name, shape in shapes.items():
         k = random.fold_in(key, zlib.crc32(name.encode()))
-        if name.endswith("scale_shift_table"):
+        if name.endswith("pos_embed"):  # diffusers starts FLF2V's image position embedding at zeros
+            p = torch.zeros(shape, device=device)
+        elif name.endswith("scale_shift_table"):
             p = random.normal(k, shape, device=device) / math.sqrt(cfg.dim)
         elif ".norm" in name and name.endswith(".weight"):
             p = torch.ones(shape, device=device)
@@ -249,7 +275,7 @@ def original_names(cfg: WanConfig) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ apply
 
-def _attention(params, p, x, context, rope, cfg, dtype, attend):
+def _attention(params, p, x, context, rope, cfg, dtype, attend, image=None):
     heads = cfg.num_attention_heads
     kv = x if context is None else context
     q = rms_norm(linear(x, params, f"{p}.to_q", dtype), params[f"{p}.norm_q.weight"], cfg.eps)
@@ -259,26 +285,51 @@ def _attention(params, p, x, context, rope, cfg, dtype, attend):
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     out = attend(q, k, v, context is not None).flatten(-2).to(dtype)
+    if image is not None:  # Wan2.1 I2V: a second attention of the same queries to the image tokens, summed
+        k_img = rms_norm(linear(image, params, f"{p}.add_k_proj", dtype), params[f"{p}.norm_added_k.weight"], cfg.eps)
+        v_img = linear(image, params, f"{p}.add_v_proj", dtype)
+        k_img, v_img = (a.unflatten(-1, (heads, -1)) for a in (k_img, v_img))
+        out = out + attend(q, k_img, v_img, True).flatten(-2).to(dtype)
     return linear(out, params, f"{p}.to_out.0", dtype)
+
+
+def _by_group(sizes: tuple[int, ...], fn, tokens: tuple, rows: tuple) -> torch.Tensor:
+    """fn(*tokens, *rows) with each row [B, G, D] applied to its own group of tokens (dim 1 split into
+    `sizes`): TI2V's given frame is modulated by t = 0, the rest by t. One group: one call, no copies."""
+    if len(sizes) == 1:
+        return fn(*tokens, *rows)
+    parts = [t.split(sizes, dim=1) for t in tokens]
+    return torch.cat([fn(*(p[g] for p in parts), *(r[:, g:g + 1] for r in rows)) for g in range(len(sizes))], dim=1)
+
+
+def _modulated(x, shift, scale, eps, dtype):
+    return modulate(layer_norm(x, eps=eps), shift, scale).to(dtype)
+
+
+def _gated(x, y, gate, dtype):
+    return (x.float() + y.float() * gate).to(dtype)
 
 
 def block(params: dict, cfg: WanConfig, x: torch.Tensor, inputs: Inputs, dtype: torch.dtype, attend) -> torch.Tensor:
     """One transformer block; `params` holds this block's leaves without the "blocks.{i}." prefix."""
-    shift, scale, gate, c_shift, c_scale, c_gate = (params["scale_shift_table"] + inputs.mod).chunk(6, dim=1)
+    rows = (params["scale_shift_table"][:, None] + inputs.mod).unbind(2)  # six [B, G, D]
+    shift, scale, gate, c_shift, c_scale, c_gate = rows
+    g = inputs.groups
     # 1. self-attention, modulated and gated
-    h = modulate(layer_norm(x, eps=cfg.eps), shift, scale).to(dtype)
-    x = (x.float() + _attention(params, "attn1", h, None, inputs.rope, cfg, dtype, attend) * gate).to(dtype)
-    # 2. cross-attention to the text, ungated
+    h = _by_group(g, lambda a, s, c: _modulated(a, s, c, cfg.eps, dtype), (x,), (shift, scale))
+    y = _attention(params, "attn1", h, None, inputs.rope, cfg, dtype, attend)
+    x = _by_group(g, lambda a, b, c: _gated(a, b, c, dtype), (x, y), (gate,))
+    # 2. cross-attention to the text (and the image tokens), ungated
     if cfg.cross_attn_norm:
         h = layer_norm(x, params["norm2.weight"], params["norm2.bias"], cfg.eps).to(dtype)
     else:
         h = x
-    x = x + _attention(params, "attn2", h, inputs.context, None, cfg, dtype, attend)
+    x = x + _attention(params, "attn2", h, inputs.context, None, cfg, dtype, attend, inputs.image)
     # 3. feed-forward (GELU-tanh), modulated and gated
-    h = modulate(layer_norm(x, eps=cfg.eps), c_shift, c_scale).to(dtype)
+    h = _by_group(g, lambda a, s, c: _modulated(a, s, c, cfg.eps, dtype), (x,), (c_shift, c_scale))
     h = F.gelu(linear(h, params, "ffn.net.0.proj", dtype), approximate="tanh")
     h = linear(h, params, "ffn.net.2", dtype)
-    return (x.float() + h.float() * c_gate).to(dtype)
+    return _by_group(g, lambda a, b, c: _gated(a, b, c, dtype), (x, h), (c_gate,))
 
 
 class Inputs(NamedTuple):
@@ -287,46 +338,141 @@ class Inputs(NamedTuple):
     context: torch.Tensor
     """The projected text [B, L, D]."""
     mod: torch.Tensor
-    """The six modulation rows from the timestep, [B, 6, D] in fp32."""
+    """The six modulation rows from the timestep, [B, G, 6, D] in fp32: one per group of tokens."""
     temb: torch.Tensor
-    """The time embedding [B, D] (the head's modulation)."""
+    """The time embedding [B, G, D] (the head's modulation)."""
     rope: tuple[torch.Tensor, torch.Tensor]
     """RoPE cos / sin tables of the token grid."""
     grid: tuple[int, int, int]
     """Tokens along (T, H, W)."""
+    groups: tuple[int, ...] = ()
+    """Tokens of each modulation group, in token order: (N,) for one timestep a sample; (n0, N - n0) for
+    TI2V's image mode (the given first frame at t = 0, then the rest at t)."""
+    image: torch.Tensor | None = None
+    """Wan2.1 I2V: the projected CLIP image tokens [B, L_img, D] (None: text only)."""
+    given: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """TI2V's image mode: (x's first frame, the given latent frame, sigma [B]) for the head."""
+
+
+CLIP = "clip_feature"
+FIRST_FRAME = "first_frame_latent"
+"""The condition names (FastVideo's i2v columns) Wan's image-to-video models take in `cond`."""
+
+
+def conditions(cfg: WanConfig) -> dict[str, bool]:
+    """The conditions a config takes, each with whether it is required: Wan2.1 I2V both the CLIP tokens
+    and the first-frame latent; TI2V the first-frame latent when it is given (without: text-to-video)."""
+    if cfg.image_dim is not None:
+        return {CLIP: True, FIRST_FRAME: True}
+    if cfg.expand_timesteps:
+        return {FIRST_FRAME: False}
+    return {}
+
+
+def frame_mask(B: int, T: int, H: int, W: int, temporal: int = 4, last: bool = False, device=None) -> torch.Tensor:
+    """Wan2.1 I2V's 4-channel frame mask [B, temporal, T, H, W] (WanImageToVideoPipeline.prepare_latents):
+    video frame f is 1 when given (the first; FLF2V also the last); the first latent frame stands for
+    `temporal` copies of the first video frame, every later one for `temporal` video frames."""
+    frames = torch.zeros(B, 1, temporal * (T - 1) + 1, H, W, device=device)
+    frames[:, :, 0] = 1
+    if last:
+        frames[:, :, -1] = 1
+    frames = torch.cat([frames[:, :, :1].repeat_interleave(temporal, dim=2), frames[:, :, 1:]], dim=2)
+    return frames.view(B, T, temporal, H, W).transpose(1, 2)
+
+
+def _image_tokens(params: dict, cfg: WanConfig, clip: torch.Tensor, dtype) -> torch.Tensor:
+    """CLIP image tokens [B, L, image_dim] -> [B, L, D] (diffusers' WanImageEmbedding; FLF2V's two images'
+    tokens come concatenated, [B, 2 x 257, image_dim], and get the learnt position embedding)."""
+    e = "condition_embedder.image_embedder"
+    x = clip.to(dtype)
+    if cfg.pos_embed_seq_len is not None:
+        x = x + params[f"{e}.pos_embed"].to(dtype)
+    x = layer_norm(x, params[f"{e}.norm1.weight"], params[f"{e}.norm1.bias"], 1e-5).to(dtype)
+    x = F.gelu(linear(x, params, f"{e}.ff.net.0.proj", dtype))
+    x = linear(x, params, f"{e}.ff.net.2", dtype)
+    return layer_norm(x, params[f"{e}.norm2.weight"], params[f"{e}.norm2.bias"], 1e-5).to(dtype)
 
 
 def embed(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-          dtype: torch.dtype) -> tuple[torch.Tensor, Inputs]:
+          dtype: torch.dtype, cond: dict | None = None) -> tuple[torch.Tensor, Inputs]:
     """Patchify the latents x [B, C, T, H, W], embed the timesteps t [B] (floats in [0, 1000]) and the
-    text context [B, L, text_dim]: (tokens [B, N, D], Inputs)."""
+    text context [B, L, text_dim]: (tokens [B, N, D], Inputs).
+
+    cond: the image condition ({} or None: text only). Wan2.1 I2V takes "clip_feature" [B, L, image_dim]
+    and "first_frame_latent" [B, C, T', H, W] (T' >= T; normalised, the VAE latent of the first frame
+    followed by zero frames), concatenated after the frame mask to x as diffusers' pipeline does. TI2V
+    takes "first_frame_latent" (its first frame) and holds it as x's first frame at t = 0."""
+    cond = cond or {}
     B, _, T, H, W = x.shape
     pt, ph, pw = cfg.patch_size
     grid = (T // pt, H // ph, W // pw)
     if t.shape != (B,):
         raise ValueError(f"t must have shape [B] = [{B}], got {list(t.shape)}")
+    missing = [k for k, required in conditions(cfg).items() if required and k not in cond]
+    if missing:
+        raise ValueError(f"this image-to-video Wan needs the condition {missing[0]!r}, not given")
+    x_in, given, times = x, None, t[:, None]
+    if cfg.image_dim is not None:
+        y = cond[FIRST_FRAME]
+        if tuple(y.shape[-2:]) != (H, W) or y.shape[-3] < T or y.shape[0] != B:
+            raise ValueError(f"first_frame_latent {list(y.shape)} does not fit the latents {list(x.shape)}")
+        mask = frame_mask(B, T, H, W, last=cfg.pos_embed_seq_len is not None, device=x.device)
+        x_in = torch.cat([x, mask.to(x.dtype), y[:, :, :T].to(x.dtype)], dim=1)
+    elif cfg.expand_timesteps and FIRST_FRAME in cond:
+        y = cond[FIRST_FRAME][:, :, :1].to(x.dtype)
+        if tuple(y.shape[-2:]) != (H, W) or y.shape[:2] != x.shape[:2]:
+            raise ValueError(f"first_frame_latent {list(cond[FIRST_FRAME].shape)} does not fit the latents "
+                             f"{list(x.shape)}")
+        given = (x[:, :, :1], y, t / 1000)
+        x_in = torch.cat([y, x[:, :, 1:]], dim=2)
+        times = torch.stack([torch.zeros_like(t), t], dim=1)  # the given frame's tokens at t = 0, the rest at t
     w = params["patch_embedding.weight"]
-    h = patchify(x.to(dtype), cfg.patch_size) @ w.reshape(w.shape[0], -1).to(dtype).T
+    h = patchify(x_in.to(dtype), cfg.patch_size) @ w.reshape(w.shape[0], -1).to(dtype).T
     h = h + params["patch_embedding.bias"].to(dtype)
+    n = h.shape[1]
+    groups = (n,) if given is None else (n // grid[0], n - n // grid[0])
 
-    # time: sinusoid -> MLP in fp32 -> temb (in the text's dtype, as diffusers) -> 6 modulation rows
-    temb = timestep_embedding(t, cfg.freq_dim)
+    # time: sinusoid -> MLP in fp32 -> temb (in the text's dtype, as diffusers) -> 6 modulation rows,
+    # for each group's timestep: [B, G, ...]
+    temb = timestep_embedding(times.flatten(), cfg.freq_dim)
     temb = linear(temb, params, "condition_embedder.time_embedder.linear_1", torch.float32)
     temb = linear(F.silu(temb), params, "condition_embedder.time_embedder.linear_2", torch.float32).to(dtype)
     mod = linear(F.silu(temb), params, "condition_embedder.time_proj", dtype).unflatten(1, (6, -1)).float()
+    temb, mod = temb.unflatten(0, (B, -1)), mod.unflatten(0, (B, -1))
 
     ctx = linear(context.to(dtype), params, "condition_embedder.text_embedder.linear_1", dtype)
     ctx = linear(F.gelu(ctx, approximate="tanh"), params, "condition_embedder.text_embedder.linear_2", dtype)
+    image = _image_tokens(params, cfg, cond[CLIP], dtype) if cfg.image_dim is not None else None
     rope = rope_3d(cfg.attention_head_dim, grid, device=x.device)
-    return h, Inputs(ctx, mod, temb, rope, grid)
+    return h, Inputs(ctx, mod, temb, rope, grid, groups, image, given)
+
+
+def impose(cfg: WanConfig, x: torch.Tensor, cond: dict | None) -> torch.Tensor:
+    """Sampled latents with their given part set, as the pipeline ends (TI2V's image mode: the first frame
+    is the given latent; exact already where the model was called at t = 1000 sigma, but UniPC calls it
+    at integer timesteps). Identity otherwise."""
+    if cfg.expand_timesteps and cond and FIRST_FRAME in cond:
+        return torch.cat([cond[FIRST_FRAME][:, :, :1].to(x.dtype), x[:, :, 1:]], dim=2)
+    return x
 
 
 def head(params: dict, cfg: WanConfig, h: torch.Tensor, inputs: Inputs, dtype: torch.dtype) -> torch.Tensor:
-    """The last norm, modulation and projection, unpatchified: v [B, C, T, H, W]."""
-    shift, scale = (params["scale_shift_table"] + inputs.temb[:, None]).chunk(2, dim=1)
-    h = modulate(layer_norm(h, eps=cfg.eps), shift, scale).to(dtype)
+    """The last norm, modulation and projection, unpatchified: v [B, C, T, H, W].
+
+    TI2V's image mode: the given frame's v is the flow that carries x's first frame onto the given
+    latent, (x - given) / sigma, so that x0 = x - sigma v is the given frame exactly; every sampler and
+    method then keeps the condition without knowing of it (diffusers' model output there is never used:
+    its pipeline overwrites the frame before each call and at the end), and that frame has no gradient."""
+    shift, scale = (params["scale_shift_table"][:, None] + inputs.temb[:, :, None]).unbind(2)  # [B, G, D]
+    h = _by_group(inputs.groups, lambda a, s, c: _modulated(a, s, c, cfg.eps, dtype), (h,), (shift, scale))
     h = linear(h, params, "proj_out", dtype)
-    return unpatchify(h, inputs.grid, cfg.patch_size)
+    v = unpatchify(h, inputs.grid, cfg.patch_size)
+    if inputs.given is not None:
+        x0, y, sigma = inputs.given
+        flow = (x0.float() - y.float()) / sigma.float().clamp_min(1e-6).view(-1, 1, 1, 1, 1)
+        v = torch.cat([flow.to(v.dtype), v[:, :, 1:]], dim=2)
+    return v
 
 
 def _default_attend(q, k, v, cross):
@@ -334,8 +480,8 @@ def _default_attend(q, k, v, cross):
     return attention(q, k, v, "auto")
 
 
-def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
-          dtype: torch.dtype | None = None) -> torch.Tensor:
+def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+          cond: dict | None = None, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The flow prediction v = noise - x0 for latents x [B, C, T, H, W] at timesteps t [B] (floats in
     [0, 1000]) given text embeddings context [B, L, text_dim], in the compute `dtype` (None: the
     params' dtype; params are cast on the fly, so fp32 masters stay untouched).
@@ -344,7 +490,7 @@ def apply(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
     a run's speed options."""
     dtype = dtype or params["proj_out.weight"].dtype
     outer, blocks = block_params(params, cfg.num_layers)
-    h, inputs = embed(outer, cfg, x, t, context, dtype)
+    h, inputs = embed(outer, cfg, x, t, context, dtype, cond)
     for bp in blocks:
         h = block(bp, cfg, h, inputs, dtype, _default_attend)
     return head(outer, cfg, h, inputs, dtype)
@@ -442,9 +588,7 @@ def pipeline(path) -> Path | None:
 
 def _refuse_unsupported(folder: Path, d: dict) -> None:
     """ModelError for the Wan variants fvfunc does not train yet, seen in the transformer's config or
-    in its pipeline's model_index.json (Wan2.2 A14B's two experts, Wan2.2 TI2V's per-token timesteps)."""
-    if d.get("expand_timesteps"):
-        raise ModelError(f"{folder / 'config.json'}: Wan2.2 TI2V (expand_timesteps) is not supported yet")
+    in its pipeline's model_index.json (Wan2.2 A14B's two experts)."""
     root = pipeline(folder)
     if root is None:
         return
@@ -453,8 +597,6 @@ def _refuse_unsupported(folder: Path, d: dict) -> None:
     if (isinstance(second, list) and any(second)) or (root / "transformer_2" / "config.json").is_file():
         raise ModelError(f"{root}: a two-expert pipeline (transformer_2); two-expert Wan2.2 A14B is not "
                          "supported yet")
-    if index.get("expand_timesteps"):
-        raise ModelError(f"{root / 'model_index.json'}: Wan2.2 TI2V (expand_timesteps) is not supported yet")
 
 
 def load_config(path) -> WanConfig:
@@ -462,7 +604,11 @@ def load_config(path) -> WanConfig:
     folder = resolve_folder(path)
     d = _read_json(folder / "config.json")
     _refuse_unsupported(folder, d)
-    return config_from_dict(d, str(folder / "config.json"))
+    root = pipeline(folder)
+    expand = bool(d.pop("expand_timesteps", False))  # TI2V: model_index.json's, or (rarely) config.json's
+    if root is not None:
+        expand = expand or bool(_read_json(root / "model_index.json").get("expand_timesteps"))
+    return dataclasses.replace(config_from_dict(d, str(folder / "config.json")), expand_timesteps=expand)
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -584,10 +730,10 @@ def latents(cfg: WanConfig, folder=None) -> Latents:
             std = torch.tensor(d["latents_std"], dtype=torch.float32)
             if mean.ndim != 1 or mean.shape != std.shape:
                 raise ModelError(f"{path}: latents_mean and latents_std must be lists of the same length")
-            if len(mean) != cfg.in_channels:
-                raise ModelError(f"{path}: latents_mean has {len(mean)} channels, the transformer takes "
-                                 f"{cfg.in_channels}")
-    return Latents(cfg.in_channels, tuple(cfg.patch_size), temporal, spatial, mean, std)
+            if len(mean) != cfg.out_channels:
+                raise ModelError(f"{path}: latents_mean has {len(mean)} channels, the transformer predicts "
+                                 f"{cfg.out_channels}")
+    return Latents(cfg.out_channels, tuple(cfg.patch_size), temporal, spatial, mean, std)
 
 
 def load_vae(folder, device):
@@ -611,4 +757,4 @@ FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=
                 load_vae=load_vae, decode=decode, pipeline=pipeline, components=COMPONENTS,
                 stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
                 weight_files=lambda path, variant="": weight_files(resolve_folder(path), variant),
-                original_names=original_names)
+                original_names=original_names, conditions=conditions, impose=impose)
