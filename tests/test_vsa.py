@@ -1,0 +1,120 @@
+"""fvfunc.ops.vsa, the plain-torch reference of Video Sparse Attention: dense at sparsity 0, a per-query
+loop written out here on a small ragged grid, FastVideo's cube numbering and top-k rule, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fvfunc.ops import attention
+from fvfunc.ops import vsa as V
+
+GRID = (5, 6, 7)  # no side divisible by 4: every edge cube is ragged
+
+
+def _qkvg(grid, heads=2, dim=8, seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    S = math.prod(grid)
+    return [torch.randn(batch, S, heads, dim, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+def test_cubes_follow_fastvideos_tile_partition():
+    # FastVideo's get_tile_partition_indices, written out: cubes in (t, h, w) raster order, each cube's
+    # tokens in raster order, edge cubes cut at the grid's end
+    T, H, W = GRID
+    idx = torch.arange(T * H * W).reshape(T, H, W)
+    theirs = torch.cat([idx[t:t + 4, h:h + 4, w:w + 4].flatten()
+                        for t in range(0, T, 4) for h in range(0, H, 4) for w in range(0, W, 4)])
+    assert torch.equal(V.tile_order(GRID), theirs)
+    sizes = V.cube_sizes(GRID)
+    assert sizes.tolist() == [a * b * c for a in (4, 1) for b in (4, 2) for c in (4, 3)]
+    assert V.num_cubes(GRID) == 8 and V.num_cubes((21, 30, 52)) == 6 * 8 * 13
+
+
+def test_topk_is_fastvideos_compute_topk():
+    # the same float arithmetic as FastVideo's: (1 - 0.99) * 100 is 1.0000000000000009, so 2 cubes
+    assert [V.topk(s, 100) for s in (0.0, 0.5, 0.8, 0.9, 0.99, 0.999)] == [100, 50, 20, 10, 2, 1]
+    assert V.topk(0.9, 2340) == 234 and V.topk(0.8, 7) == 2  # ceil((1 - s) n)
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="sparsity must be in"):
+            V.topk(bad, 10)
+
+
+def test_sparsity_zero_without_gate_is_dense_attention():
+    q, k, v, _ = _qkvg(GRID)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # dense attention in fp64
+    dense = (torch.softmax(qt @ kt.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ vt).transpose(1, 2)
+    assert torch.allclose(V.vsa(q, k, v, None, GRID, 0.0), dense, atol=1e-12, rtol=0)
+    # a zero gate is no coarse branch; fp32 inputs agree within fp32 rounding
+    zero = torch.zeros_like(q)
+    assert torch.allclose(V.vsa(q, k, v, zero, GRID, 0.0), dense, atol=1e-12, rtol=0)
+    f = [x.float() for x in (q, k, v)]
+    assert torch.allclose(V.vsa(*f, None, GRID, 0.0), attention(*f, "math"), atol=1e-5, rtol=1e-5)
+
+
+def _loop_reference(q, k, v, gate, grid, sparsity):
+    """VSA one query token at a time, from the definitions (cube means, top-k cubes, gated sum)."""
+    B, S, H, D = q.shape
+    T, Hh, W = grid
+    nh, nw = -(-Hh // 4), -(-W // 4)
+    cube = [((t // 4) * nh + h // 4) * nw + w // 4 for t in range(T) for h in range(Hh) for w in range(W)]
+    n = max(cube) + 1
+    members = [[i for i in range(S) if cube[i] == c] for c in range(n)]
+    kk = max(1, min(math.ceil((1 - sparsity) * n), n))
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for hd in range(H):
+            qc, kc, vc = (torch.stack([x[b, members[c], hd].mean(0) for c in range(n)]) for x in (q, k, v))
+            for i in range(S):
+                row = qc[cube[i]] @ kc.T / math.sqrt(D)
+                coarse = torch.softmax(row, 0) @ vc
+                # top-k by score, ties to the lower cube index
+                ranked = sorted(range(n), key=lambda c: (-row[c].item(), c))[:kk]
+                keys = [j for c in sorted(ranked) for j in members[c]]
+                w = torch.softmax(k[b, keys, hd] @ q[b, i, hd] / math.sqrt(D), 0)
+                out[b, i, hd] = w @ v[b, keys, hd] + gate[b, i, hd] * coarse
+    return out
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_equals_a_per_query_loop(sparsity):
+    grid = (5, 4, 6)
+    q, k, v, gate = _qkvg(grid, batch=1, seed=1)
+    ours = V.vsa(q, k, v, gate, grid, sparsity)
+    assert torch.allclose(ours, _loop_reference(q, k, v, gate, grid, sparsity), atol=1e-10, rtol=0)
+    # and the sparsity matters: dense attention is something else
+    assert not torch.allclose(ours, attention(q, k, v, "math") + 0 * gate, atol=1e-3)
+
+
+def test_ties_keep_the_lower_cube():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0]])
+    assert V.select(scores, 2).tolist() == [[False, True, True, False, False]]
+
+
+def test_gradients_reach_q_k_v_and_the_gate():
+    q, k, v, gate = (x.float().requires_grad_() for x in _qkvg(GRID, seed=2))
+    out = V.vsa(q, k, v, gate, GRID, 0.75)
+    out.square().sum().backward()
+    for name, x in zip("qkvg", (q, k, v, gate), strict=True):
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, name
+    # the gate's gradient is exactly the coarse branch times dL/dout
+    with torch.no_grad():
+        coarse = V.vsa(q, k, v, torch.ones_like(gate), GRID, 0.75) - V.vsa(q, k, v, None, GRID, 0.75)
+    assert torch.allclose(gate.grad, 2 * out.detach() * coarse, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_func_grad_matches_autograd():
+    q, k, v, gate = (x.float() for x in _qkvg(GRID, seed=3))
+    f = lambda q, g: V.vsa(q, k, v, g, GRID, 0.5).sum()  # noqa: E731
+    gq, gg = torch.func.grad(f, argnums=(0, 1))(q, gate)
+    q2, g2 = q.clone().requires_grad_(), gate.clone().requires_grad_()
+    f(q2, g2).backward()
+    assert torch.allclose(gq, q2.grad, atol=1e-6) and torch.allclose(gg, g2.grad, atol=1e-6)
+
+
+def test_refuses_a_grid_that_is_not_the_tokens():
+    q, k, v, _ = _qkvg(GRID)
+    with pytest.raises(ValueError, match=r"token grid \(5, 6, 6\)"):
+        V.vsa(q, k, v, None, (5, 6, 6), 0.5)
