@@ -118,3 +118,18 @@ def test_refuses_a_grid_that_is_not_the_tokens():
     q, k, v, _ = _qkvg(GRID)
     with pytest.raises(ValueError, match=r"token grid \(5, 6, 6\)"):
         V.vsa(q, k, v, None, (5, 6, 6), 0.5)
+
+
+def test_warm_up_is_fastvideos_phase3_schedule():
+    def fastvideo(step, sparsity, rate, interval):  # its trainer's rule, steps counted from 1
+        if interval > 1:
+            return min(step // interval, int(sparsity // rate)) * rate
+        return sparsity
+
+    for s, rate, interval in ((0.9, 0.03, 50), (0.7, 0.03, 50), (0.8, 0.1, 3), (0.9, 0.0, 0), (0.9, 0.03, 1)):
+        ours = [V.sparsity_at(i, s, rate, interval) for i in range(2000)]
+        assert ours == [fastvideo(i + 1, s, rate, interval) for i in range(2000)]
+    assert V.sparsity_at(0, 0.9, 0.03, 50) == 0.0 and V.sparsity_at(49, 0.9, 0.03, 50) == 0.03
+    assert abs(V.sparsity_at(10_000, 0.9, 0.03, 50) - 0.9) < 1e-9
+    with pytest.raises(ValueError, match="vsa_decay_rate must be > 0"):
+        V.sparsity_at(0, 0.9, 0.0, 50)

@@ -111,3 +111,16 @@ def vsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | 
 
     out = fine if gate is None else fine + gate.to(ct) * coarse
     return out.to(q.dtype)
+
+
+def sparsity_at(step: int, sparsity: float, decay_rate: float = 0.0, interval: int = 0) -> float:
+    """The sparsity of training step `step` (0-based, fvfunc's state.step) under FastVideo's warm-up (its
+    Phase-3 trainer, `_get_current_vsa_sparsity`, whose steps count from 1): with interval > 1 the
+    sparsity climbs by `decay_rate` every `interval` steps, min(s // interval, int(sparsity // rate)) *
+    rate for FastVideo's step s; otherwise it is `sparsity` from the first step."""
+    check_sparsity(sparsity)
+    if interval > 1:
+        if not decay_rate > 0:
+            raise ValueError(f"vsa_decay_rate must be > 0 with a decay interval of {interval} steps, got {decay_rate}")
+        return min((step + 1) // interval, int(sparsity // decay_rate)) * decay_rate
+    return sparsity
