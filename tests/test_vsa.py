@@ -133,3 +133,54 @@ def test_warm_up_is_fastvideos_phase3_schedule():
     assert abs(V.sparsity_at(10_000, 0.9, 0.03, 50) - 0.9) < 1e-9
     with pytest.raises(ValueError, match="vsa_decay_rate must be > 0"):
         V.sparsity_at(0, 0.9, 0.0, 50)
+
+
+# ------------------------------------------------------------------ the kernel against the reference (GPU)
+
+
+def _kernel_vsa(q, k, v, gate, grid, sparsity):
+    """fastvideo-kernel's video_sparse_attn on [B, S, H, Dh] raster-order tokens: each cube's tokens moved
+    into a zero-padded 64-token slot (FastVideo's tile layout), the kernel run, the tokens moved back."""
+    import fastvideo_kernel
+
+    order = V.tile_order(grid, device=q.device)
+    sizes = V.cube_sizes(grid, device=q.device)
+    n, slot = sizes.numel(), math.prod(V.TILE)
+    starts = torch.cumsum(sizes, 0) - sizes
+    cube = V.cube_of_token(grid, device=q.device)[order]
+    dst = cube * slot + torch.arange(order.numel(), device=q.device) - starts[cube]
+
+    def tiled(x):
+        out = x.new_zeros(x.shape[0], n * slot, *x.shape[2:])
+        out[:, dst] = x[:, order]
+        return out.transpose(1, 2).contiguous()
+
+    out = fastvideo_kernel.video_sparse_attn(tiled(q), tiled(k), tiled(v), sizes.int(), sizes.int(),
+                                             V.topk(sparsity, n), block_size=V.TILE,
+                                             compress_attn_weight=tiled(gate)).transpose(1, 2)
+    result = torch.empty_like(q)
+    result[:, order] = out[:, dst]
+    return result
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the VSA kernel needs a CUDA GPU")
+@pytest.mark.parametrize("sparsity", [0.0, 0.8, 0.9])
+def test_kernel_equals_the_reference_in_bf16(sparsity):
+    pytest.importorskip("fastvideo_kernel")
+    grid, heads, dim = (6, 10, 14), 2, 128  # ragged on every side
+    g = torch.Generator(device="cuda").manual_seed(0)
+    S = math.prod(grid)
+    q, k, v, gate = (torch.randn(1, S, heads, dim, generator=g, device="cuda", dtype=torch.bfloat16)
+                     .requires_grad_() for _ in range(4))
+    out = _kernel_vsa(q, k, v, gate, grid, sparsity)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, gate))
+    q32, k32, v32, g32 = (x.detach().float().requires_grad_() for x in (q, k, v, gate))
+    ref = V.vsa(q32, k32, v32, g32, grid, sparsity)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q32, k32, v32, g32))
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    assert rel(out, ref) < 2e-2
+    for name, a, b in zip("qkvg", grads, ref_grads, strict=True):
+        assert rel(a, b) < 5e-2, name
