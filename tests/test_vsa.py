@@ -184,3 +184,60 @@ def test_kernel_equals_the_reference_in_bf16(sparsity):
     assert rel(out, ref) < 2e-2
     for name, a, b in zip("qkvg", grads, ref_grads, strict=True):
         assert rel(a, b) < 5e-2, name
+
+
+# ------------------------------------------------------------------ the backend in the block runner
+
+
+def _tiny_wan(gates: bool):
+    from fvfunc import random
+    from fvfunc.models import wan
+    from fvfunc.testing import tiny
+
+    cfg = tiny.tiny_config()
+    params = wan.init(cfg, random.key(0))
+    if gates:  # FastVideo's VSA Wan: blocks.{i}.to_gate_compress, Linear(D, D)
+        g = torch.Generator().manual_seed(1)
+        for i in range(cfg.num_layers):
+            params[f"blocks.{i}.to_gate_compress.weight"] = 0.1 * torch.randn(cfg.dim, cfg.dim, generator=g)
+            params[f"blocks.{i}.to_gate_compress.bias"] = 0.1 * torch.randn(cfg.dim, generator=g)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 16, 5, 12, 12, generator=g)  # a (5, 6, 6) token grid: 8 ragged cubes
+    return wan, cfg, params, x, torch.tensor([500.0]), torch.randn(1, 7, cfg.text_dim, generator=g)
+
+
+def test_runner_vsa_at_sparsity_zero_without_gates_is_the_dense_forward():
+    from fvfunc import runner
+
+    wan, cfg, params, x, t, ctx = _tiny_wan(gates=False)
+    dense = wan.apply(params, cfg, x, t, ctx)
+    ours = runner.apply(wan.FAMILY, params, cfg, x, t, ctx, attention="vsa", vsa_sparsity=0.0)
+    assert torch.allclose(ours, dense, atol=1e-5, rtol=1e-5)
+    sparse = runner.apply(wan.FAMILY, params, cfg, x, t, ctx, attention="vsa", vsa_sparsity=0.75)
+    assert not torch.allclose(sparse, dense, atol=1e-4)
+    with pytest.raises(ValueError, match="vsa_sparsity must be in"):
+        runner.apply(wan.FAMILY, params, cfg, x, t, ctx, attention="vsa", vsa_sparsity=1.0)
+
+
+def test_runner_vsa_gate_remat_and_compile_agree():
+    from fvfunc import runner
+
+    wan, cfg, params, x, t, ctx = _tiny_wan(gates=True)
+    plain = runner.apply(wan.FAMILY, params, cfg, x, t, ctx, attention="vsa", vsa_sparsity=0.75)
+    gateless = {k: v for k, v in params.items() if "to_gate_compress" not in k}
+    assert not torch.allclose(plain, runner.apply(wan.FAMILY, gateless, cfg, x, t, ctx, attention="vsa",
+                                                  vsa_sparsity=0.75), atol=1e-4)
+
+    def grads(**options):
+        def loss(p):
+            return runner.apply(wan.FAMILY, p, cfg, x, t, ctx, attention="vsa", vsa_sparsity=0.75,
+                                **options).square().mean()
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        return dict(zip(leaves, torch.autograd.grad(loss(leaves), list(leaves.values())), strict=True))
+
+    ref = grads()
+    assert ref["blocks.0.to_gate_compress.weight"].abs().sum() > 0
+    for options in ({"remat": "attention"}, {"remat": "full"}, {"compile": "aot_eager"}):
+        got = grads(**options)
+        for k in ref:
+            assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=1e-4), (options, k)

@@ -218,7 +218,7 @@ def check_shapes(cfg: WanConfig, shapes: dict[str, tuple[int, ...]], source: str
 
 # ------------------------------------------------------------------------------------------ apply
 
-def _attention(params, p, x, context, rope, cfg, dtype, attend):
+def _attention(params, p, x, context, rope, cfg, dtype, attend, grid=None, gate=None):
     heads = cfg.num_attention_heads
     kv = x if context is None else context
     q = rms_norm(linear(x, params, f"{p}.to_q", dtype), params[f"{p}.norm_q.weight"], cfg.eps)
@@ -227,7 +227,11 @@ def _attention(params, p, x, context, rope, cfg, dtype, attend):
     q, k, v = (a.unflatten(-1, (heads, -1)) for a in (q, k, v))
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = attend(q, k, v, context is not None).flatten(-2).to(dtype)
+    if context is None:  # self-attention: the token grid and VSA's gate (FastVideo's VSA Wan) go along
+        out = attend(q, k, v, False, grid=grid, gate=None if gate is None else gate.unflatten(-1, (heads, -1)))
+    else:
+        out = attend(q, k, v, True)
+    out = out.flatten(-2).to(dtype)
     return linear(out, params, f"{p}.to_out.0", dtype)
 
 
@@ -236,7 +240,11 @@ def block(params: dict, cfg: WanConfig, x: torch.Tensor, inputs: Inputs, dtype: 
     shift, scale, gate, c_shift, c_scale, c_gate = (params["scale_shift_table"] + inputs.mod).chunk(6, dim=1)
     # 1. self-attention, modulated and gated
     h = modulate(layer_norm(x, eps=cfg.eps), shift, scale).to(dtype)
-    x = (x.float() + _attention(params, "attn1", h, None, inputs.rope, cfg, dtype, attend) * gate).to(dtype)
+    # FastVideo's VSA Wan adds blocks.{i}.to_gate_compress (D -> D, on the same input as to_q): the gate of
+    # VSA's coarse branch; a plain Wan has none
+    vsa_gate = linear(h, params, "to_gate_compress", dtype) if "to_gate_compress.weight" in params else None
+    x = (x.float() + _attention(params, "attn1", h, None, inputs.rope, cfg, dtype, attend, inputs.grid, vsa_gate)
+         * gate).to(dtype)
     # 2. cross-attention to the text, ungated
     if cfg.cross_attn_norm:
         h = layer_norm(x, params["norm2.weight"], params["norm2.bias"], cfg.eps).to(dtype)
@@ -298,8 +306,8 @@ def head(params: dict, cfg: WanConfig, h: torch.Tensor, inputs: Inputs, dtype: t
     return unpatchify(h, inputs.grid, cfg.patch_size)
 
 
-def _default_attend(q, k, v, cross):
-    del cross
+def _default_attend(q, k, v, cross, grid=None, gate=None):
+    del cross, grid, gate
     return attention(q, k, v, "auto")
 
 
