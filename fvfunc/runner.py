@@ -28,10 +28,10 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from torch.utils.checkpoint import checkpoint as recompute
 
 from fvfunc.models import Family, block_params
-from fvfunc.ops import attention
+from fvfunc.ops import attention, vsa
 
 REMAT = ("none", "full", "attention")
-CROSS_ATTENTION = {"fa4": "cudnn"}
+CROSS_ATTENTION = {"fa4": "cudnn", "vsa": "auto"}
 """Backend of cross-attention for a self-attention backend (to 512 text tokens cuDNN beats
 FlashAttention-4 on an H100, bench/RESULTS.md)."""
 
@@ -54,17 +54,24 @@ class Options(NamedTuple):
     """torch.compile each block: True for inductor, or a backend name ("aot_eager" in tests)."""
     gather: Callable[[dict], dict] | None = None
     """For sharded params: tree -> the same tree with whole tensors (fvfunc.distributed.gather)."""
+    vsa_sparsity: float = 0.0
+    """The sparsity of self-attention under attention="vsa" (fvfunc.ops.vsa; cross-attention stays dense)."""
 
 
-def _attend(backend: str, q, k, v, cross: bool):
+def _attend(backend: str, sparsity: float, q, k, v, cross: bool, grid=None, gate=None):
+    if backend == "vsa" and not cross:
+        if grid is None:
+            raise ValueError("attention 'vsa' needs the family's token grid (attend(..., grid=(T, H, W)))")
+        return vsa.vsa(q, k, v, gate, grid, sparsity)
     return attention(q, k, v, CROSS_ATTENTION.get(backend, backend) if cross else backend)
 
 
 @functools.cache
-def attend(backend: str):
-    """attend(q, k, v, cross) on `backend`; one function object per backend, so compiled blocks keep
-    their guards."""
-    return functools.partial(_attend, backend)
+def attend(backend: str, sparsity: float = 0.0):
+    """attend(q, k, v, cross, grid=None, gate=None) on `backend` (VSA at `sparsity` for "vsa"
+    self-attention, with the family's token grid and gate); one function object per (backend, sparsity),
+    so compiled blocks keep their guards."""
+    return functools.partial(_attend, backend, sparsity)
 
 
 # The fused attention kernels whose outputs (and log-sum-exp) remat="attention" keeps for the backward
@@ -112,6 +119,7 @@ def check(options: Options) -> None:
         raise ValueError(f"remat must be one of {REMAT}, got {options.remat!r}")
     if not 0 <= options.remat_fraction <= 1:
         raise ValueError(f"remat_fraction must be in [0, 1], got {options.remat_fraction}")
+    vsa.check_sparsity(options.vsa_sparsity, "vsa_sparsity")
 
 
 DEFAULT = Options()
@@ -128,7 +136,7 @@ def forward(family: Family, params: dict, cfg, x, t, context, options: Options =
         outer = options.gather(outer)
     h, inputs = family.embed(outer, cfg, x, t, context, dtype, *([cond] if cond else []))
     run = _compiled("inductor" if options.compile is True else options.compile) if options.compile else run_block
-    attend_fn = attend(options.attention)
+    attend_fn = attend(options.attention, options.vsa_sparsity)
     n_remat = round(options.remat_fraction * n)
     for i, bp in enumerate(blocks):
         h = run(family.block, bp, cfg, h, inputs, dtype, attend_fn, options.remat if i < n_remat else "none",

@@ -275,7 +275,7 @@ def original_names(cfg: WanConfig) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ apply
 
-def _attention(params, p, x, context, rope, cfg, dtype, attend, image=None):
+def _attention(params, p, x, context, rope, cfg, dtype, attend, image=None, grid=None, gate=None):
     heads = cfg.num_attention_heads
     kv = x if context is None else context
     q = rms_norm(linear(x, params, f"{p}.to_q", dtype), params[f"{p}.norm_q.weight"], cfg.eps)
@@ -284,7 +284,11 @@ def _attention(params, p, x, context, rope, cfg, dtype, attend, image=None):
     q, k, v = (a.unflatten(-1, (heads, -1)) for a in (q, k, v))
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = attend(q, k, v, context is not None).flatten(-2).to(dtype)
+    if context is None:  # self-attention: the token grid and VSA's gate (FastVideo's VSA Wan) go along
+        out = attend(q, k, v, False, grid=grid, gate=None if gate is None else gate.unflatten(-1, (heads, -1)))
+    else:
+        out = attend(q, k, v, True)
+    out = out.flatten(-2).to(dtype)
     if image is not None:  # Wan2.1 I2V: a second attention of the same queries to the image tokens, summed
         k_img = rms_norm(linear(image, params, f"{p}.add_k_proj", dtype), params[f"{p}.norm_added_k.weight"], cfg.eps)
         v_img = linear(image, params, f"{p}.add_v_proj", dtype)
@@ -317,7 +321,10 @@ def block(params: dict, cfg: WanConfig, x: torch.Tensor, inputs: Inputs, dtype: 
     g = inputs.groups
     # 1. self-attention, modulated and gated
     h = _by_group(g, lambda a, s, c: _modulated(a, s, c, cfg.eps, dtype), (x,), (shift, scale))
-    y = _attention(params, "attn1", h, None, inputs.rope, cfg, dtype, attend)
+    # FastVideo's VSA Wan adds blocks.{i}.to_gate_compress (D -> D, on the same input as to_q): the gate of
+    # VSA's coarse branch; a plain Wan has none
+    vsa_gate = linear(h, params, "to_gate_compress", dtype) if "to_gate_compress.weight" in params else None
+    y = _attention(params, "attn1", h, None, inputs.rope, cfg, dtype, attend, grid=inputs.grid, gate=vsa_gate)
     x = _by_group(g, lambda a, b, c: _gated(a, b, c, dtype), (x, y), (gate,))
     # 2. cross-attention to the text (and the image tokens), ungated
     if cfg.cross_attn_norm:
@@ -475,8 +482,8 @@ def head(params: dict, cfg: WanConfig, h: torch.Tensor, inputs: Inputs, dtype: t
     return v
 
 
-def _default_attend(q, k, v, cross):
-    del cross
+def _default_attend(q, k, v, cross, grid=None, gate=None):
+    del cross, grid, gate
     return attention(q, k, v, "auto")
 
 

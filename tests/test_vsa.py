@@ -1,0 +1,243 @@
+"""fvfunc.ops.vsa, the plain-torch reference of Video Sparse Attention: dense at sparsity 0, a per-query
+loop written out here on a small ragged grid, FastVideo's cube numbering and top-k rule, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fvfunc.ops import attention
+from fvfunc.ops import vsa as V
+
+GRID = (5, 6, 7)  # no side divisible by 4: every edge cube is ragged
+
+
+def _qkvg(grid, heads=2, dim=8, seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    S = math.prod(grid)
+    return [torch.randn(batch, S, heads, dim, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+def test_cubes_follow_fastvideos_tile_partition():
+    # FastVideo's get_tile_partition_indices, written out: cubes in (t, h, w) raster order, each cube's
+    # tokens in raster order, edge cubes cut at the grid's end
+    T, H, W = GRID
+    idx = torch.arange(T * H * W).reshape(T, H, W)
+    theirs = torch.cat([idx[t:t + 4, h:h + 4, w:w + 4].flatten()
+                        for t in range(0, T, 4) for h in range(0, H, 4) for w in range(0, W, 4)])
+    assert torch.equal(V.tile_order(GRID), theirs)
+    sizes = V.cube_sizes(GRID)
+    assert sizes.tolist() == [a * b * c for a in (4, 1) for b in (4, 2) for c in (4, 3)]
+    assert V.num_cubes(GRID) == 8 and V.num_cubes((21, 30, 52)) == 6 * 8 * 13
+
+
+def test_topk_is_fastvideos_compute_topk():
+    # the same float arithmetic as FastVideo's: (1 - 0.99) * 100 is 1.0000000000000009, so 2 cubes
+    assert [V.topk(s, 100) for s in (0.0, 0.5, 0.8, 0.9, 0.99, 0.999)] == [100, 50, 20, 10, 2, 1]
+    assert V.topk(0.9, 2340) == 234 and V.topk(0.8, 7) == 2  # ceil((1 - s) n)
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="sparsity must be in"):
+            V.topk(bad, 10)
+
+
+def test_sparsity_zero_without_gate_is_dense_attention():
+    q, k, v, _ = _qkvg(GRID)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # dense attention in fp64
+    dense = (torch.softmax(qt @ kt.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ vt).transpose(1, 2)
+    assert torch.allclose(V.vsa(q, k, v, None, GRID, 0.0), dense, atol=1e-12, rtol=0)
+    # a zero gate is no coarse branch; fp32 inputs agree within fp32 rounding
+    zero = torch.zeros_like(q)
+    assert torch.allclose(V.vsa(q, k, v, zero, GRID, 0.0), dense, atol=1e-12, rtol=0)
+    f = [x.float() for x in (q, k, v)]
+    assert torch.allclose(V.vsa(*f, None, GRID, 0.0), attention(*f, "math"), atol=1e-5, rtol=1e-5)
+
+
+def _loop_reference(q, k, v, gate, grid, sparsity):
+    """VSA one query token at a time, from the definitions (cube means, top-k cubes, gated sum)."""
+    B, S, H, D = q.shape
+    T, Hh, W = grid
+    nh, nw = -(-Hh // 4), -(-W // 4)
+    cube = [((t // 4) * nh + h // 4) * nw + w // 4 for t in range(T) for h in range(Hh) for w in range(W)]
+    n = max(cube) + 1
+    members = [[i for i in range(S) if cube[i] == c] for c in range(n)]
+    kk = max(1, min(math.ceil((1 - sparsity) * n), n))
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for hd in range(H):
+            qc, kc, vc = (torch.stack([x[b, members[c], hd].mean(0) for c in range(n)]) for x in (q, k, v))
+            for i in range(S):
+                row = qc[cube[i]] @ kc.T / math.sqrt(D)
+                coarse = torch.softmax(row, 0) @ vc
+                # top-k by score, ties to the lower cube index
+                ranked = sorted(range(n), key=lambda c: (-row[c].item(), c))[:kk]
+                keys = [j for c in sorted(ranked) for j in members[c]]
+                w = torch.softmax(k[b, keys, hd] @ q[b, i, hd] / math.sqrt(D), 0)
+                out[b, i, hd] = w @ v[b, keys, hd] + gate[b, i, hd] * coarse
+    return out
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_equals_a_per_query_loop(sparsity):
+    grid = (5, 4, 6)
+    q, k, v, gate = _qkvg(grid, batch=1, seed=1)
+    ours = V.vsa(q, k, v, gate, grid, sparsity)
+    assert torch.allclose(ours, _loop_reference(q, k, v, gate, grid, sparsity), atol=1e-10, rtol=0)
+    # and the sparsity matters: dense attention is something else
+    assert not torch.allclose(ours, attention(q, k, v, "math") + 0 * gate, atol=1e-3)
+
+
+def test_ties_keep_the_lower_cube():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0]])
+    assert V.select(scores, 2).tolist() == [[False, True, True, False, False]]
+
+
+def test_gradients_reach_q_k_v_and_the_gate():
+    q, k, v, gate = (x.float().requires_grad_() for x in _qkvg(GRID, seed=2))
+    out = V.vsa(q, k, v, gate, GRID, 0.75)
+    out.square().sum().backward()
+    for name, x in zip("qkvg", (q, k, v, gate), strict=True):
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, name
+    # the gate's gradient is exactly the coarse branch times dL/dout
+    with torch.no_grad():
+        coarse = V.vsa(q, k, v, torch.ones_like(gate), GRID, 0.75) - V.vsa(q, k, v, None, GRID, 0.75)
+    assert torch.allclose(gate.grad, 2 * out.detach() * coarse, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_func_grad_matches_autograd():
+    q, k, v, gate = (x.float() for x in _qkvg(GRID, seed=3))
+    f = lambda q, g: V.vsa(q, k, v, g, GRID, 0.5).sum()  # noqa: E731
+    gq, gg = torch.func.grad(f, argnums=(0, 1))(q, gate)
+    q2, g2 = q.clone().requires_grad_(), gate.clone().requires_grad_()
+    f(q2, g2).backward()
+    assert torch.allclose(gq, q2.grad, atol=1e-6) and torch.allclose(gg, g2.grad, atol=1e-6)
+
+
+def test_refuses_a_grid_that_is_not_the_tokens():
+    q, k, v, _ = _qkvg(GRID)
+    with pytest.raises(ValueError, match=r"token grid \(5, 6, 6\)"):
+        V.vsa(q, k, v, None, (5, 6, 6), 0.5)
+
+
+def test_warm_up_is_fastvideos_phase3_schedule():
+    def fastvideo(step, sparsity, rate, interval):  # its trainer's rule, steps counted from 1
+        if interval > 1:
+            return min(step // interval, int(sparsity // rate)) * rate
+        return sparsity
+
+    for s, rate, interval in ((0.9, 0.03, 50), (0.7, 0.03, 50), (0.8, 0.1, 3), (0.9, 0.0, 0), (0.9, 0.03, 1)):
+        ours = [V.sparsity_at(i, s, rate, interval) for i in range(2000)]
+        assert ours == [fastvideo(i + 1, s, rate, interval) for i in range(2000)]
+    assert V.sparsity_at(0, 0.9, 0.03, 50) == 0.0 and V.sparsity_at(49, 0.9, 0.03, 50) == 0.03
+    assert abs(V.sparsity_at(10_000, 0.9, 0.03, 50) - 0.9) < 1e-9
+    with pytest.raises(ValueError, match="vsa_decay_rate must be > 0"):
+        V.sparsity_at(0, 0.9, 0.0, 50)
+
+
+# ------------------------------------------------------------------ the kernel against the reference (GPU)
+
+
+def _kernel_vsa(q, k, v, gate, grid, sparsity):
+    """fastvideo-kernel's video_sparse_attn on [B, S, H, Dh] raster-order tokens: each cube's tokens moved
+    into a zero-padded 64-token slot (FastVideo's tile layout), the kernel run, the tokens moved back."""
+    import fastvideo_kernel
+
+    order = V.tile_order(grid, device=q.device)
+    sizes = V.cube_sizes(grid, device=q.device)
+    n, slot = sizes.numel(), math.prod(V.TILE)
+    starts = torch.cumsum(sizes, 0) - sizes
+    cube = V.cube_of_token(grid, device=q.device)[order]
+    dst = cube * slot + torch.arange(order.numel(), device=q.device) - starts[cube]
+
+    def tiled(x):
+        out = x.new_zeros(x.shape[0], n * slot, *x.shape[2:])
+        out[:, dst] = x[:, order]
+        return out.transpose(1, 2).contiguous()
+
+    out = fastvideo_kernel.video_sparse_attn(tiled(q), tiled(k), tiled(v), sizes.int(), sizes.int(),
+                                             V.topk(sparsity, n), block_size=V.TILE,
+                                             compress_attn_weight=tiled(gate)).transpose(1, 2)
+    result = torch.empty_like(q)
+    result[:, order] = out[:, dst]
+    return result
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the VSA kernel needs a CUDA GPU")
+@pytest.mark.parametrize("sparsity", [0.0, 0.8, 0.9])
+def test_kernel_equals_the_reference_in_bf16(sparsity):
+    pytest.importorskip("fastvideo_kernel")
+    grid, heads, dim = (6, 10, 14), 2, 128  # ragged on every side
+    g = torch.Generator(device="cuda").manual_seed(0)
+    S = math.prod(grid)
+    q, k, v, gate = (torch.randn(1, S, heads, dim, generator=g, device="cuda", dtype=torch.bfloat16)
+                     .requires_grad_() for _ in range(4))
+    out = _kernel_vsa(q, k, v, gate, grid, sparsity)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, gate))
+    q32, k32, v32, g32 = (x.detach().float().requires_grad_() for x in (q, k, v, gate))
+    ref = V.vsa(q32, k32, v32, g32, grid, sparsity)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q32, k32, v32, g32))
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    assert rel(out, ref) < 2e-2
+    for name, a, b in zip("qkvg", grads, ref_grads, strict=True):
+        assert rel(a, b) < 5e-2, name
+
+
+# ------------------------------------------------------------------ the backend in the block runner
+
+
+def _tiny_wan(gates: bool):
+    from fvfunc import random
+    from fvfunc.models import wan
+    from fvfunc.testing import tiny
+
+    cfg = tiny.tiny_config()
+    params = wan.init(cfg, random.key(0))
+    if gates:  # FastVideo's VSA Wan: blocks.{i}.to_gate_compress, Linear(D, D)
+        g = torch.Generator().manual_seed(1)
+        for i in range(cfg.num_layers):
+            params[f"blocks.{i}.to_gate_compress.weight"] = 0.1 * torch.randn(cfg.dim, cfg.dim, generator=g)
+            params[f"blocks.{i}.to_gate_compress.bias"] = 0.1 * torch.randn(cfg.dim, generator=g)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 16, 5, 12, 12, generator=g)  # a (5, 6, 6) token grid: 8 ragged cubes
+    return wan, cfg, params, x, torch.tensor([500.0]), torch.randn(1, 7, cfg.text_dim, generator=g)
+
+
+def test_runner_vsa_at_sparsity_zero_without_gates_is_the_dense_forward():
+    from fvfunc import runner
+
+    wan, cfg, params, x, t, ctx = _tiny_wan(gates=False)
+    dense = wan.apply(params, cfg, x, t, ctx)
+    ours = runner.apply(wan.FAMILY, params, cfg, x, t, ctx, attention="vsa", vsa_sparsity=0.0)
+    assert torch.allclose(ours, dense, atol=1e-5, rtol=1e-5)
+    sparse = runner.apply(wan.FAMILY, params, cfg, x, t, ctx, attention="vsa", vsa_sparsity=0.75)
+    assert not torch.allclose(sparse, dense, atol=1e-4)
+    with pytest.raises(ValueError, match="vsa_sparsity must be in"):
+        runner.apply(wan.FAMILY, params, cfg, x, t, ctx, attention="vsa", vsa_sparsity=1.0)
+
+
+def test_runner_vsa_gate_remat_and_compile_agree():
+    from fvfunc import runner
+
+    wan, cfg, params, x, t, ctx = _tiny_wan(gates=True)
+    plain = runner.apply(wan.FAMILY, params, cfg, x, t, ctx, attention="vsa", vsa_sparsity=0.75)
+    gateless = {k: v for k, v in params.items() if "to_gate_compress" not in k}
+    assert not torch.allclose(plain, runner.apply(wan.FAMILY, gateless, cfg, x, t, ctx, attention="vsa",
+                                                  vsa_sparsity=0.75), atol=1e-4)
+
+    def grads(**options):
+        def loss(p):
+            return runner.apply(wan.FAMILY, p, cfg, x, t, ctx, attention="vsa", vsa_sparsity=0.75,
+                                **options).square().mean()
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        return dict(zip(leaves, torch.autograd.grad(loss(leaves), list(leaves.values())), strict=True))
+
+    ref = grads()
+    assert ref["blocks.0.to_gate_compress.weight"].abs().sum() > 0
+    for options in ({"remat": "attention"}, {"remat": "full"}, {"compile": "aot_eager"}):
+        got = grads(**options)
+        for k in ref:
+            assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=1e-4), (options, k)
