@@ -129,9 +129,10 @@ def test_dmd2_data_parallel_and_sharded_equal_one_process(world, teacher, tmp_pa
     # The student's rollouts run at 4 samples in one process and at 2 on a rank, and CPU matmuls
     # round differently for each; DMD2's (fake - real) / mean|x0 - real| and AdamW magnify that in a
     # few params (seen: 2e-5). Losses and gradient norms agree to 1e-6 (seen: 2e-7); a missing 1/W or
-    # a rank reading another rank's samples would be off by far more.
+    # a rank reading another rank's samples would be off by far more. (1.3e-4 on the critic on another
+    # machine of the same kind, 2026-12-02: the CPU's matmul kernels round differently; hence 5e-4.)
     assert_metrics_close(metrics(tmp_path / "dp"), metrics(tmp_path / "one"), 1e-6)
-    assert_trees_close(dp, one, 1e-4)
+    assert_trees_close(dp, one, 5e-4)
 
 
 def test_sharded_checkpoint_resumes_bitwise_and_exports_for_diffusers(world, teacher, tmp_path):
