@@ -108,6 +108,9 @@ class SamplerConfig:
     student (floats allowed, e.g. a FlowMatchEuler pipeline's). Overrides num_steps, shift, schedule."""
     guidance_scale: float = 1.0
     """Classifier-free guidance w: v = v_uncond + w * (v_cond - v_uncond); 1 disables it."""
+    guidance_scale_2: float | None = None
+    """For an expert pair (Wan2.2 A14B): the w of the low-noise expert's steps (WanPipeline's
+    guidance_scale_2); None: guidance_scale for both."""
     seed: int = 0
     """Seed of the initial noise and of the SDE's noise."""
 
@@ -303,6 +306,11 @@ class FinetuneConfig:
     """Compare x0 predictions (x_t - sigma*v vs x0) instead of flow predictions."""
     cfg_rate: float = 0.1
     """Probability of replacing a sample's text embedding with zeros (for classifier-free guidance)."""
+    expert: str = ""
+    """For an expert-pair student (a Wan2.2 A14B pipeline folder): train only this expert ('transformer',
+    the high-noise one, or 'transformer_2'), every sample's noise level drawn from the scheme within its
+    range; the other stays frozen (and gets no optimizer state). Empty: each sample trains the expert its
+    noise level routes to."""
 
 
 @dataclass(frozen=True)

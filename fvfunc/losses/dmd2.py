@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import configs
-from fvfunc import optim, random
+from fvfunc import experts, optim, random
 from fvfunc.autodiff import accumulate
 from fvfunc.losses.flow_matching import flow_matching_loss
 from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec, Prepared, condition, conditioned
@@ -149,6 +149,13 @@ def step_indices(key, sample_index, num_steps: int) -> torch.Tensor:
                       for k in random.per_sample(key, sample_index)])
 
 
+def score_timesteps(key, sample_index) -> torch.Tensor:
+    """The score's integer t0 [B] that `draw` gives the samples `sample_index` (the 3rd of its keys),
+    without their noise: the whole global batch's, for every rank to agree on a pair's experts."""
+    return torch.cat([random.randint(random.split(k, 4)[2], (1,), 0, NUM_TRAIN_TIMESTEPS)
+                      for k in random.per_sample(key, sample_index)])
+
+
 def rollout_steps(key, batch_size: int, num_steps: int) -> int:
     """The largest k of the global batch (samples 0..batch_size - 1): every rank runs that many rollout
     steps, so a sharded student gathers its blocks the same number of times on every rank whatever k
@@ -191,9 +198,12 @@ def make(run, roles, reduce=None) -> Method:
     student, channels = roles["student"], roles["student"].latents.channels
     decays = {r: roles[r].ema_decay for r in SPEC.trainable if roles[r].ema_decay > 0}
 
+    everyone = range(training.batch_size)  # the global batch: what every rank's expert steps are decided on
+
     def init(params, key):
         ema = {r: optim.ema_init(params[r]) for r in decays}
-        opt = {"student": opt_s.init(params["student"]), "critic": opt_c.init(params["critic"])}
+        opt = {"student": experts.opt_init(opt_s, params["student"], student.experts),
+               "critic": experts.opt_init(opt_c, params["critic"], roles["critic"].experts)}
         return TrainState(0, key, dict(params), opt, ema)
 
     def prepare(key, batch, student_params):
@@ -212,27 +222,33 @@ def make(run, roles, reduce=None) -> Method:
         params, opt, ema = dict(state.params), dict(state.opt), dict(state.ema)
         metrics = {}
         if state.step % interval == 0:
-            gen_batch = prepare(random.fold_in(key, 0), batch, params["student"])
+            gen_key = random.fold_in(key, 0)
+            gen_batch = prepare(gen_key, batch, params["student"])
             grads, value = accumulate(generator_loss, training.grad_transform, params["student"], gen_batch,
                                       training.micro_batches, roles, params, cfg)
-            params["student"], opt["student"], norm = optim.apply_gradients(
-                opt_s, params["student"], grads, opt["student"], training.max_grad_norm, reduce)
-            metrics.update(generator_loss=value, student_grad_norm=norm,
-                           student_lr=sched_s(int(opt["student"].step) - 1))
+            # a student pair steps the experts that the global batch's step sigmas were routed to
+            t_gen = sigmas[step_indices(gen_key, everyone, num_steps)] * 1000
+            params["student"], opt["student"], norm = experts.apply_gradients(
+                opt_s, params["student"], grads, opt["student"], training.max_grad_norm, reduce, student.experts,
+                t_gen)
+            metrics.update(generator_loss=value, student_grad_norm=norm, student_lr=sched_s(state.step // interval))
         # the critic learns the current student's distribution: a fresh rollout, no grad to the student
-        critic_batch = prepare(random.fold_in(key, 1), batch, params["student"])
+        critic_key = random.fold_in(key, 1)
+        critic_batch = prepare(critic_key, batch, params["student"])
         with torch.no_grad():
             critic_batch["x0_fake"] = x0_prediction(student.apply, params["student"], critic_batch["x_k"],
                                                     critic_batch["sigma_k"], critic_batch["text"],
                                                     condition(critic_batch))
         grads, value = accumulate(critic_loss, training.grad_transform, params["critic"], critic_batch,
                                   training.micro_batches, roles)
-        params["critic"], opt["critic"], norm = optim.apply_gradients(
-            opt_c, params["critic"], grads, opt["critic"], training.max_grad_norm, reduce)
+        t_critic = score_sigmas(score_timesteps(critic_key, everyone), cfg) * 1000
+        params["critic"], opt["critic"], norm = experts.apply_gradients(
+            opt_c, params["critic"], grads, opt["critic"], training.max_grad_norm, reduce, roles["critic"].experts,
+            t_critic)
         for r, decay in decays.items():
             if r == "critic" or state.step % interval == 0:  # an EMA moves when its role does
                 ema[r] = optim.ema_update(ema[r], params[r], decay)
-        metrics.update(critic_loss=value, critic_grad_norm=norm, critic_lr=sched_c(int(opt["critic"].step) - 1),
+        metrics.update(critic_loss=value, critic_grad_norm=norm, critic_lr=sched_c(state.step),
                        student_updated=float(state.step % interval == 0))
         return TrainState(state.step + 1, state.key, params, opt, ema), metrics
 

@@ -6,8 +6,10 @@ follows diffusers' module step by step (it is the numerical reference, see tests
 including where it computes in fp32: the time embedder, the modulation tables and the LayerNorms.
 
 A model folder is a transformer folder or a diffusers WanPipeline folder around one; its weights are
-read in any of diffusers' variants (`diffusion_pytorch_model.fp16.safetensors`, sharded or not). The
-Wan2.2 pipelines whose sampling differs, two-expert A14B and TI2V, are refused when a folder is read.
+read in any of diffusers' variants (`diffusion_pytorch_model.fp16.safetensors`, sharded or not). A
+Wan2.2 A14B pipeline folder is an expert pair (`experts`: transformer/ and transformer_2/ with
+model_index.json's boundary_ratio; fvfunc/experts.py routes them); its transformer/ or transformer_2/
+folder alone is one model.
 """
 
 from __future__ import annotations
@@ -593,24 +595,49 @@ def pipeline(path) -> Path | None:
     return None
 
 
-def _refuse_unsupported(folder: Path, d: dict) -> None:
-    """ModelError for the Wan variants fvfunc does not train yet, seen in the transformer's config or
-    in its pipeline's model_index.json (Wan2.2 A14B's two experts)."""
-    root = pipeline(folder)
-    if root is None:
-        return
-    index = _read_json(root / "model_index.json")
+EXPERTS = ("transformer", "transformer_2")
+"""Wan2.2 A14B's experts, as its pipelines name their folders: high noise first."""
+
+
+def experts(path) -> tuple[tuple[str, ...], float] | None:
+    """(EXPERTS, boundary_ratio) when `path` is a pipeline folder of two experts (Wan2.2 A14B: a
+    `transformer_2` in model_index.json or a transformer_2/ folder), None otherwise (a one-model
+    pipeline, or one expert's own folder, which trains as a single model). A pair without a
+    boundary_ratio in (0, 1) is refused: it could not be routed."""
+    p = Path(path)
+    if not (p / "model_index.json").is_file():
+        return None
+    index = _read_json(p / "model_index.json")
     second = index.get("transformer_2")
-    if (isinstance(second, list) and any(second)) or (root / "transformer_2" / "config.json").is_file():
-        raise ModelError(f"{root}: a two-expert pipeline (transformer_2); two-expert Wan2.2 A14B is not "
-                         "supported yet")
+    if not ((isinstance(second, list) and any(second)) or (p / "transformer_2" / "config.json").is_file()):
+        return None
+    where = p / "model_index.json"
+    boundary = index.get("boundary_ratio")
+    if boundary is None:
+        raise ModelError(f"{where}: a two-expert pipeline (transformer_2) needs boundary_ratio, the share of the "
+                         "1000 timesteps above which transformer/ denoises (Wan2.2 A14B: 0.875 T2V, 0.9 I2V); "
+                         "it has none")
+    if isinstance(boundary, bool) or not isinstance(boundary, int | float) or not 0 < boundary < 1:
+        raise ModelError(f"{where}: boundary_ratio must be a number in (0, 1), got {boundary!r}")
+    for name in EXPERTS:
+        if not (p / name / "config.json").is_file():
+            raise ModelError(f"{p / name}: the two-expert pipeline's {name}/ folder (config.json) is missing")
+    return EXPERTS, float(boundary)
+
+
+def pair_weight_files(path, variant: str = "") -> list[Path]:
+    """The weight files of a model folder; for a pair, both experts'."""
+    pair = experts(path)
+    if pair is None:
+        return weight_files(resolve_folder(path), variant)
+    return [f for name in pair[0] for f in weight_files(resolve_folder(Path(path) / name), variant)]
 
 
 def load_config(path) -> WanConfig:
     """The WanConfig of a transformer or pipeline folder; ModelError for a folder fvfunc cannot train."""
+    experts(path)  # a pair that cannot be routed is refused here, before any weight is read
     folder = resolve_folder(path)
     d = _read_json(folder / "config.json")
-    _refuse_unsupported(folder, d)
     root = pipeline(folder)
     expand = bool(d.pop("expand_timesteps", False))  # TI2V: model_index.json's, or (rarely) config.json's
     if root is not None:
@@ -763,5 +790,5 @@ FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=
                 num_blocks=lambda cfg: cfg.num_layers, embed=embed, block=block, head=head, latents=latents,
                 load_vae=load_vae, decode=decode, pipeline=pipeline, components=COMPONENTS,
                 stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
-                weight_files=lambda path, variant="": weight_files(resolve_folder(path), variant),
+                weight_files=pair_weight_files, experts=experts,
                 original_names=original_names, conditions=conditions, impose=impose)
