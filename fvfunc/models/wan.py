@@ -677,7 +677,9 @@ def load(path, dtype: torch.dtype | None = None, device=None, rows=None, variant
     "" the plain files, "fp16" `diffusion_pytorch_model.fp16.safetensors` or its shards). dtype None
     keeps the stored dtype. rows: `n -> (start, stop)`, to read only those rows of each tensor's dim 0
     (one rank's piece of a sharded role: fvfunc.distributed.rows_of), never the whole tensor; shapes
-    are checked against the config all the same."""
+    are checked against the config all the same. A pair's pipeline folder loads its transformer/ (the
+    roles load each expert, fvfunc/roles.py), once its routing is known to be sound."""
+    experts(path)
     folder = resolve_folder(path)
     cfg = load_config(folder)
     params, shapes = {}, {}
