@@ -144,7 +144,7 @@ def apply_gradients(opt: optim.Optimizer, params: dict, grads: dict, state, max_
     their params and state. The norm is the global norm over the experts that stepped."""
     if experts is None:
         return optim.apply_gradients(opt, params, grads, state, max_grad_norm, reduce)
-    ps, gs = split(params, experts.names), split(grads, experts.names)
+    ps, gs = split(params, experts.names), split(grads, experts.names)  # (grads of trained experts only)
     new_p, new_s, norms = dict(ps), dict(state), []
     for n in hit(t, experts):  # every rank takes the same experts (t is the global batch's)
         new_p[n], new_s[n], norm = optim.apply_gradients(opt, ps[n], gs[n], state[n], max_grad_norm, reduce)

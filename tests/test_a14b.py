@@ -204,6 +204,12 @@ def test_finetune_of_one_chosen_expert(a14b, world, tmp_path):
     assert (sig >= BOUNDARY).all() and sig.min() < 0.95  # the scheme's sigma within the high-noise range
     assert cli.main(args_of("finetune", world["model"], tmp_path / "x", world["data"], "--method.expert",
                             "transformer")) == 2
+    # in bfloat16 the frozen expert is held (and saved) in bfloat16, the trained one keeps fp32 masters
+    assert cli.main(args_of("finetune", a14b, tmp_path / "bf16", world["data"], "--method.expert", "transformer_2",
+                            "--training.precision", "bfloat16", steps=1)) == 0
+    saved, _ = checkpoint.load(tmp_path / "bf16" / "checkpoint-1")
+    assert {v.dtype for k, v in saved["student"].items() if k.startswith("transformer/")} == {torch.bfloat16}
+    assert {v.dtype for k, v in saved["student"].items() if k.startswith("transformer_2/")} == {torch.float32}
 
 
 def dmd2_args(student, teacher, critic, out, data, *extra, steps=3):

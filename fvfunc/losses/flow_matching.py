@@ -95,6 +95,11 @@ def loss(params, batch, apply, cfg):
     return flow_matching_loss(v, x0, noise, sigma, cfg.precondition_outputs), {}
 
 
+def _with_frozen(trained, batch, frozen, apply, cfg):
+    """`loss` of params made of trained and frozen parts (one chosen expert of a pair trains)."""
+    return loss({**frozen, **trained}, batch, apply, cfg)
+
+
 def make(run, roles, reduce=None) -> Method:
     """The finetune (init, step) pair of a FinetuneRun over its roles ({"student": Role}); `reduce`
     averages gradients over data-parallel ranks (None: one process)."""
@@ -106,8 +111,13 @@ def make(run, roles, reduce=None) -> Method:
             have = "one model" if student.experts is None else f"the experts {list(student.experts.names)}"
             raise ValueError(f"method.expert {cfg.expert!r}: roles.student.path holds {have}")
         within = (student.experts.names.index(cfg.expert), student.experts)
+    chosen = f"{cfg.expert}{experts.SEP}"
 
     def init(params, key):
+        if cfg.expert:  # the other expert is frozen: held in the compute precision (bfloat16 halves it)
+            low = getattr(torch, training.precision)
+            params = dict(params, student={k: v if k.startswith(chosen) else v.to(low)
+                                           for k, v in params["student"].items()})
         ema = {"student": optim.ema_init(params["student"])} if student.ema_decay > 0 else {}
         opt_state = experts.opt_init(opt, params["student"], student.experts, (cfg.expert,) if cfg.expert else None)
         return TrainState(0, key, dict(params), {"student": opt_state}, ema)
@@ -118,8 +128,14 @@ def make(run, roles, reduce=None) -> Method:
         noise, sigma, keep = draw(key, batch["sample_index"], x0.shape[1:], cfg, x0.device, within)
         batch = dict(batch, noise=noise.to(x0.dtype), sigma=sigma, keep_text=keep)
         params = state.params["student"]
-        grads, value = accumulate(loss, training.grad_transform, params, batch, training.micro_batches,
-                                  student.apply, cfg)
+        if cfg.expert:  # gradients of the chosen expert only (none made for the frozen one)
+            frozen = {k: v for k, v in params.items() if not k.startswith(chosen)}
+            grads, value = accumulate(_with_frozen, training.grad_transform,
+                                      {k: v for k, v in params.items() if k.startswith(chosen)}, batch,
+                                      training.micro_batches, frozen, student.apply, cfg)
+        else:
+            grads, value = accumulate(loss, training.grad_transform, params, batch, training.micro_batches,
+                                      student.apply, cfg)
         # an expert pair steps the experts the global batch's noise levels were routed to
         t_all = None if student.experts is None else 1000 * sigmas_of(key, range(training.batch_size), cfg,
                                                                       x0.device, within)
