@@ -163,6 +163,9 @@ def check(run, spec, world_size: int = 1) -> None:
         if not (adapted or cfg.lora.frozen or cfg.lora.rank < 0):
             continue
         fam = family(cfg.family)
+        if (cfg.lora.frozen or cfg.lora.init != "zeros") and cfg.path and fam.experts(cfg.path) is not None:
+            raise RoleError(f"roles.{name}.lora: {cfg.path} is an expert pair, and a LoRA file is one model's; "
+                            "LoRA files (lora.init, lora.frozen) for expert pairs are not supported yet")
         mcfg = fam.load_config(cfg.path)
         shapes = fam.param_shapes(mcfg)
         for entry in cfg.lora.frozen:

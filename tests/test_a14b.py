@@ -270,8 +270,35 @@ def test_a_pair_without_boundary_is_one_error(a14b, world, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_lora_files_for_a_pair_are_refused_before_models_load(a14b, world, tmp_path, capsys):
+    args = args_of("finetune", a14b, tmp_path / "run", world["data"], "--roles.student.lora.rank", "4",
+                   "--roles.student.lora.init", str(tmp_path / "x.safetensors"))
+    assert cli.main(args) == 2
+    assert "is an expert pair, and a LoRA file is one model's" in capsys.readouterr().err
+
+
 def test_one_expert_folder_trains_as_one_model(a14b, world, tmp_path):
     out = tmp_path / "low"
     assert cli.main(args_of("finetune", a14b / "transformer_2", out, world["data"], steps=1)) == 0
     index = json.loads((out / "export" / "model_index.json").read_text())
     assert index["transformer_2"] == [None, None] and index["boundary_ratio"] is None
+
+
+def test_dmd2_of_sharded_pairs_over_two_processes_equals_one_process(a14b, world, tmp_path):
+    """ZeRO-3 expert pairs (every expert of student, teacher and critic split over 2 gloo ranks, both experts
+    running on every call so the ranks gather alike) give one process's numbers; both experts of each role train."""
+    import dataclasses
+
+    from test_distributed import assert_trees_close, final, make_cfg, spawn, train
+
+    def cfg(out, sharding):
+        run = make_cfg(world | {"model": a14b}, "dmd2", out, sharding=sharding, max_steps=2, ema_decay=0.0)
+        return dataclasses.replace(run, method=dataclasses.replace(run.method, dmd_denoising_steps=(1000, 750),
+                                                                   min_timestep_ratio=0.5,
+                                                                   generator_update_interval=1))
+
+    one = trainer.run("dmd2", cfg(tmp_path / "one", "replicated"))
+    spawn(train, "dmd2", cfg(tmp_path / "two", "sharded"))
+    a, b = final(one), final(tmp_path / "two")
+    assert all(int(a[f"{r}.opt"][f"{n}/step"]) > 0 for r in ("student", "critic") for n in NAMES)
+    assert_trees_close(b, a, 5e-4)
