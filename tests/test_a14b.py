@@ -302,3 +302,35 @@ def test_dmd2_of_sharded_pairs_over_two_processes_equals_one_process(a14b, world
     a, b = final(one), final(tmp_path / "two")
     assert all(int(a[f"{r}.opt"][f"{n}/step"]) > 0 for r in ("student", "critic") for n in NAMES)
     assert_trees_close(b, a, 5e-4)
+
+
+def test_each_expert_trains_as_if_alone(a14b):
+    """The pair's finetune, one sample a step, equals two separate one-model finetunes, each stepped (with its
+    own AdamW state) on exactly the steps whose noise level routes to it: bitwise."""
+    training = configs.TrainingConfig(lr=1e-3, max_steps=8, precision="float32", device="cpu", batch_size=1)
+    spec = METHODS["finetune"]
+    run = tiny.run_of(spec, configs.FinetuneConfig(cfg_rate=0.3), training,
+                      roles=configs.RolesConfig(student=configs.RoleConfig(path=str(a14b), trainable=True)))
+    process = distributed.init("cpu")
+    pair = roles.build(run, spec, process)["student"]
+    alone = {n: roles.place("student", wan.FAMILY, *wan.load(a14b / n), training, process, False, True)
+             for n in NAMES}
+    method = spec.make(run, {"student": pair})
+    singles = {n: spec.make(run, {"student": r}) for n, r in alone.items()}
+    state = method.init({"student": pair.params}, random.key(3))
+    refs = {n: singles[n].init({"student": r.params}, random.key(3)) for n, r in alone.items()}
+    g = torch.Generator().manual_seed(0)
+    routed = []
+    for s in range(8):
+        batch = {"latents": torch.randn(1, 16, 2, 4, 4, generator=g), "text": torch.randn(1, 5, 32, generator=g),
+                 "sample_index": torch.arange(1)}
+        sigma = sigmas_of(random.fold_in(random.key(3), s), range(1), run.method)
+        n = NAMES[int(experts.route(1000 * sigma, BOUNDARY))]
+        routed.append(n)
+        state, _ = method.step(state, batch)
+        refs[n], _ = singles[n].step(refs[n]._replace(step=s), batch)
+    assert set(routed) == set(NAMES), routed  # both experts got steps
+    got = experts.split(state.params["student"], NAMES)
+    for n in NAMES:
+        assert all(torch.equal(got[n][k], v) for k, v in refs[n].params["student"].items()), n
+        assert int(state.opt["student"][n].step) == routed.count(n) == int(refs[n].opt["student"].step)
