@@ -120,7 +120,7 @@ def join(name: str, parts: list[Role], names, boundary: float, folder) -> Role:
     pair = experts.Experts(tuple(names), boundary, tuple(p.config for p in parts))
     base = None if first.base is None else experts.join({n: p.base for n, p in zip(names, parts, strict=True)})
     apply = experts.make_apply([p.apply for p in parts], pair, together=first.sharded)
-    return first._replace(folder=str(folder), params=experts.join({n: p.params for n, p in zip(names, parts,
+    return first._replace(folder=str(folder or ""), params=experts.join({n: p.params for n, p in zip(names, parts,
                                                                                                strict=True)}),
                           apply=apply, latents=first.family.latents(first.config, folder), base=base,
                           experts=pair)

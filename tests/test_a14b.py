@@ -334,3 +334,18 @@ def test_each_expert_trains_as_if_alone(a14b):
     for n in NAMES:
         assert all(torch.equal(got[n][k], v) for k, v in refs[n].params["student"].items()), n
         assert int(state.opt["student"][n].step) == routed.count(n) == int(refs[n].opt["student"].step)
+
+
+def test_fastvideo_run_file_boundary_ratio_is_checked_against_the_folder(a14b):
+    from fvfunc import config_file
+
+    def raw(b):
+        return {"recipe": {"family": "wan", "method": "finetune"},
+                "roles": {"student": {"family": "wan", "path": str(a14b), "trainable": True}},
+                "pipeline_config": {"flow_shift": 3.0, "boundary_ratio": b}}
+
+    method, run = config_file.from_dict(raw(BOUNDARY))
+    assert method == "finetune" and run.roles.student.path == str(a14b)
+    with pytest.raises(config_file.ConfigError, match=r"pipeline_config.boundary_ratio 0.9: roles.student.path "
+                                                      r".* switches experts at 0.875"):
+        config_file.from_dict(raw(0.9))
