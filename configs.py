@@ -327,6 +327,9 @@ class DMD2Config:
     real_score_guidance_scale: float = 4.5
     """Teacher CFG w in the standard form uncond + w*(cond - uncond) (FastVideo's older
     cond + w*(cond - uncond) with 3.5 equals 4.5 here)."""
+    real_score_guidance_scale_2: float | None = None
+    """For an expert-pair teacher (Wan2.2 A14B): the w at its low-noise expert's timesteps (as
+    WanPipeline's guidance_scale_2, standard form); None: real_score_guidance_scale for both."""
     flow_shift: float = 8.0
     """Shift of the score sigmas (teacher / critic noise levels)."""
     min_timestep_ratio: float = 0.02

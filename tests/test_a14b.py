@@ -349,3 +349,22 @@ def test_fastvideo_run_file_boundary_ratio_is_checked_against_the_folder(a14b):
     with pytest.raises(config_file.ConfigError, match=r"pipeline_config.boundary_ratio 0.9: roles.student.path "
                                                       r".* switches experts at 0.875"):
         config_file.from_dict(raw(0.9))
+
+
+def test_dmd2_teacher_pair_guides_each_expert_with_its_own_weight(a14b):
+    from fvfunc import runner
+    from fvfunc.losses import dmd2
+
+    cfg, pair, params = roles.load_model(wan.FAMILY, a14b)
+    teacher = tiny.role(roles.make_apply(wan.FAMILY, cfg, pair, runner.Options()), trainable=False)
+    teacher = teacher._replace(experts=pair)
+    x = random.normal(random.key(0), (2, 16, 2, 4, 4))
+    ctx, unc = random.normal(random.key(1), (2, 5, 32)), random.normal(random.key(2), (2, 5, 32))
+    sigma = torch.tensor([0.95, 0.5])
+    m = configs.DMD2Config(real_score_guidance_scale=4.0, real_score_guidance_scale_2=2.0)
+    with torch.no_grad():
+        got = dmd2.real_score(teacher, params, x, sigma, ctx, unc, dmd2.teacher_guidance(m, teacher))
+        for b, w in ((0, 4.0), (1, 2.0)):
+            want = dmd2.real_score(teacher, params, x[b:b + 1], sigma[b:b + 1], ctx[b:b + 1], unc[b:b + 1], w)
+            assert rel(got[b:b + 1], want) < 1e-6, b
+    assert dmd2.teacher_guidance(configs.DMD2Config(), teacher) == configs.DMD2Config().real_score_guidance_scale

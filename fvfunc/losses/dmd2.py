@@ -89,15 +89,26 @@ def x0_prediction(apply, params, x, sigma, context, cond=None) -> torch.Tensor:
     return x0_from_v(x, apply(params, x, sigma * 1000, context, *conditioned(cond)).float(), sigma)
 
 
-def real_score(teacher, params, x_t, sigma, context, uncond, guidance: float, cond=None) -> torch.Tensor:
+def real_score(teacher, params, x_t, sigma, context, uncond, guidance, cond=None) -> torch.Tensor:
     """Teacher x0 with standard CFG; cond and uncond (the negative prompt's embedding, or zeros when
-    None) in one batched call; the image condition `cond` goes with both."""
+    None) in one batched call; the image condition `cond` goes with both. guidance: w, or a function
+    of the timesteps [B] -> w [B] (an expert-pair teacher's per-expert weights, experts.guidance)."""
     uncond = torch.zeros_like(context) if uncond is None else uncond.to(context.dtype)
     both = teacher.apply(params, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]) * 1000,
                          torch.cat([context, uncond]),
                          *conditioned({k: torch.cat([v, v]) for k, v in (cond or {}).items()})).float()
     v_cond, v_uncond = both.chunk(2)
+    if callable(guidance):
+        guidance = guidance(sigma * 1000).to(v_cond).view(-1, *[1] * (v_cond.ndim - 1))
     return x0_from_v(x_t, v_uncond + guidance * (v_cond - v_uncond), sigma)
+
+
+def teacher_guidance(cfg, teacher):
+    """The teacher's CFG weight: real_score_guidance_scale, and for an expert-pair teacher
+    real_score_guidance_scale_2 at its low-noise expert's timesteps (when set)."""
+    pair = teacher.experts
+    return experts.guidance(cfg.real_score_guidance_scale, cfg.real_score_guidance_scale_2,
+                            None if pair is None else pair.boundary)
 
 
 def generator_loss(student_params, batch, models, params, cfg):
@@ -111,7 +122,7 @@ def generator_loss(student_params, batch, models, params, cfg):
         fake = x0_prediction(models["critic"].apply, params["critic"], x_t, batch["score_sigma"], batch["text"],
                              cond)
         real = real_score(models["teacher"], params["teacher"], x_t, batch["score_sigma"], batch["text"],
-                          batch.get("negative_text"), cfg.real_score_guidance_scale, cond)
+                          batch.get("negative_text"), teacher_guidance(cfg, models["teacher"]), cond)
     return distribution_matching_loss(x0_gen, real, fake), {}
 
 
@@ -272,6 +283,8 @@ def check(run) -> None:
     if not 0 <= m.min_timestep_ratio < m.max_timestep_ratio <= 1:
         raise ValueError("method.min_timestep_ratio and max_timestep_ratio must satisfy 0 <= min < max <= 1, "
                          f"got {m.min_timestep_ratio:g} and {m.max_timestep_ratio:g}")
+    if m.real_score_guidance_scale_2 is not None and not math.isfinite(m.real_score_guidance_scale_2):
+        raise ValueError(f"method.real_score_guidance_scale_2 must be finite, got {m.real_score_guidance_scale_2}")
     if not (math.isfinite(m.critic_lr) and m.critic_lr > 0):
         raise ValueError(f"method.critic_lr must be > 0, got {m.critic_lr:g}")
     if not all(0 <= b < 1 for b in m.critic_betas):
