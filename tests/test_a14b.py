@@ -166,7 +166,11 @@ def exported_params(folder):
 
 def test_finetune_trains_the_routed_expert_resumes_exactly_and_exports_two_experts(a14b, world, tmp_path):
     full, half = tmp_path / "full", tmp_path / "half"
-    assert cli.main(args_of("finetune", a14b, full, world["data"])) == 0
+    validation = ["--validation.every", "4", "--validation.sampler.num-steps", "3",
+                  "--validation.sampler.guidance-scale", "3", "--validation.sampler.guidance-scale-2", "2",
+                  "--validation.negative-prompt", NEGATIVE]
+    assert cli.main(args_of("finetune", a14b, full, world["data"], *validation)) == 0
+    assert len(list((full / "videos").glob("step-000004-prompt-*.mp4"))) == 2  # the pair samples with both scales
     assert cli.main(args_of("finetune", a14b, half, world["data"], steps=2)) == 0
     assert cli.main(args_of("finetune", a14b, half, world["data"], "--training.resume", "latest")) == 0
     trees = same_checkpoints(full / "checkpoint-4", half / "checkpoint-4")
@@ -187,6 +191,17 @@ def test_finetune_trains_the_routed_expert_resumes_exactly_and_exports_two_exper
     for n in NAMES:
         for k, v in loaded[n].items():
             assert torch.equal(v, trees["student"][f"{n}/{k}"]), (n, k)
+    # train.py sample of the checkpoint (the pair read back from its trees) = of the exported folder
+    from safetensors.torch import load_file
+
+    latents = {}
+    for name, model in (("ckpt", full / "checkpoint-4"), ("export", full / "export")):
+        argv = ["sample", "--model", str(model), "--prompt", PROMPTS[0], "--sampler.num-steps", "3",
+                "--sampler.guidance-scale", "3", "--sampler.guidance-scale-2", "2", "--latent-shape", "2", "4", "4",
+                "--output-dir", str(tmp_path / name), "--device", "cpu", "--precision", "float32", "--fps", "4"]
+        assert cli.main(argv) == 0
+        latents[name] = load_file(tmp_path / name / "sample-0.safetensors")["latents"]
+    assert torch.equal(latents["ckpt"], latents["export"])
 
 
 def test_finetune_of_one_chosen_expert(a14b, world, tmp_path):
@@ -368,3 +383,13 @@ def test_dmd2_teacher_pair_guides_each_expert_with_its_own_weight(a14b):
             want = dmd2.real_score(teacher, params, x[b:b + 1], sigma[b:b + 1], ctx[b:b + 1], unc[b:b + 1], w)
             assert rel(got[b:b + 1], want) < 1e-6, b
     assert dmd2.teacher_guidance(configs.DMD2Config(), teacher) == configs.DMD2Config().real_score_guidance_scale
+
+
+def test_kd_from_a_teacher_pair_into_a_student_pair(a14b, world, tmp_path):
+    out = tmp_path / "kd"
+    argv = [*args_of("kd", a14b, out, world["text"], steps=2), "--roles.teacher.path", str(a14b),
+            "--method.t-list", "1000", "500", "--method.teacher-steps", "2", "--method.latent-shape", "2", "4", "4"]
+    assert cli.main(argv) == 0
+    trees, _ = checkpoint.load(out / "checkpoint-2")
+    assert sum(int(trees["student.opt"][f"{n}/step"]) for n in NAMES) >= 2  # t_list 1000, 500 crosses 875
+    exported_params(out / "export")
