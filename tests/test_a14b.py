@@ -393,3 +393,41 @@ def test_kd_from_a_teacher_pair_into_a_student_pair(a14b, world, tmp_path):
     trees, _ = checkpoint.load(out / "checkpoint-2")
     assert sum(int(trees["student.opt"][f"{n}/step"]) for n in NAMES) >= 2  # t_list 1000, 500 crosses 875
     exported_params(out / "export")
+
+
+def test_i2v_a14b_sampling_equals_wan_image_to_video_pipeline_with_transformer_2():
+    """Wan2.2 I2V-A14B: experts of in = 2 x out + 4 channels (frame mask and first-frame latent, no CLIP
+    tokens), boundary 0.9; fvfunc's pair = WanImageToVideoPipeline with transformer_2 and guidance_scale_2."""
+    from diffusers import WanImageToVideoPipeline
+    from test_i2v import _normalised, _scheduler, _vae, module, params_of
+
+    from configs import SamplerConfig
+    from fvfunc import runner
+    from fvfunc.validation import generate
+
+    c = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, ffn_dim=24, text_dim=12, freq_dim=8,
+             in_channels=2 * 4 + 4, out_channels=4)
+    ms = [module(seed=s, **c) for s in (0, 1)]
+    cfg = wan.config_from_dict(dict(ms[0].config))
+    assert wan.conditions(cfg) == {"first_frame_latent": True}
+    vae = _vae(4)
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=_scheduler(),
+                                   transformer=ms[0], transformer_2=ms[1], boundary_ratio=0.9)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(3)
+    B, T, H, W = 2, 3, 4, 6
+    noise = torch.randn(B, 4, T, H, W, generator=g)
+    text, uncond = torch.randn(B, 8, 12, generator=g), torch.randn(B, 8, 12, generator=g)
+    image = torch.rand(1, 3, 8 * H, 8 * W, generator=g)
+    ref = pipe(image=image, prompt_embeds=text, negative_prompt_embeds=uncond, latents=noise.clone(), height=8 * H,
+               width=8 * W, num_frames=4 * (T - 1) + 1, num_inference_steps=6, guidance_scale=3.0,
+               guidance_scale_2=2.0, output_type="latent").frames
+    pixels = (image * 2 - 1)[:, :, None]
+    video = torch.cat([pixels, pixels.new_zeros(1, 3, 4 * (T - 1), 8 * H, 8 * W)], dim=2)
+    cond = {"first_frame_latent": _normalised(vae, video).expand(B, -1, -1, -1, -1)}
+    pair = experts.Experts(NAMES, 0.9, (cfg, cfg))
+    apply = roles.make_apply(wan.FAMILY, cfg, pair, runner.Options())
+    params = experts.join({n: params_of(m) for n, m in zip(NAMES, ms, strict=True)})
+    sampler = SamplerConfig(kind="unipc", num_steps=6, shift=3.0, guidance_scale=3.0, guidance_scale_2=2.0)
+    got = generate(apply, params, text, (4, T, H, W), sampler, uncond=uncond, noise=noise, cond=cond, boundary=0.9)
+    assert rel(got, ref) <= 1e-5, rel(got, ref)

@@ -375,7 +375,15 @@ def conditions(cfg: WanConfig) -> dict[str, bool]:
         return {CLIP: True, FIRST_FRAME: True}
     if cfg.expand_timesteps:
         return {FIRST_FRAME: False}
+    if _frame_channels(cfg):  # Wan2.2 I2V-A14B: the frame mask and latent, no CLIP tokens
+        return {FIRST_FRAME: True}
     return {}
+
+
+def _frame_channels(cfg: WanConfig) -> bool:
+    """Whether the model takes the frame mask and the first-frame latent as extra input channels
+    (Wan2.1 I2V, and Wan2.2 I2V-A14B, whose experts take no CLIP tokens): in = 2 x out + 4."""
+    return not cfg.expand_timesteps and cfg.in_channels == 2 * cfg.out_channels + 4
 
 
 def frame_mask(B: int, T: int, H: int, W: int, temporal: int = 4, last: bool = False, device=None) -> torch.Tensor:
@@ -410,7 +418,8 @@ def embed(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
 
     cond: the image condition ({} or None: text only). Wan2.1 I2V takes "clip_feature" [B, L, image_dim]
     and "first_frame_latent" [B, C, T', H, W] (T' >= T; normalised, the VAE latent of the first frame
-    followed by zero frames), concatenated after the frame mask to x as diffusers' pipeline does. TI2V
+    followed by zero frames), concatenated after the frame mask to x as diffusers' pipeline does (Wan2.2
+    I2V-A14B's experts the same, without CLIP tokens). TI2V
     takes "first_frame_latent" (its first frame) and holds it as x's first frame at t = 0."""
     cond = cond or {}
     B, _, T, H, W = x.shape
@@ -422,7 +431,7 @@ def embed(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
     if missing:
         raise ValueError(f"this image-to-video Wan needs the condition {missing[0]!r}, not given")
     x_in, given, times = x, None, t[:, None]
-    if cfg.image_dim is not None:
+    if cfg.image_dim is not None or _frame_channels(cfg):
         y = cond[FIRST_FRAME]
         if tuple(y.shape[-2:]) != (H, W) or y.shape[-3] < T or y.shape[0] != B:
             raise ValueError(f"first_frame_latent {list(y.shape)} does not fit the latents {list(x.shape)}")
