@@ -269,7 +269,17 @@ def test_lora_student_and_critic_pairs_share_the_teachers_frozen_experts(a14b, w
     assert trainer.run(method, run) == tmp_path / "lora"
     for n in NAMES:
         assert (tmp_path / "lora" / "export" / "lora" / n / "pytorch_lora_weights.safetensors").is_file()
-    exported_params(tmp_path / "lora" / "export")
+    exported = exported_params(tmp_path / "lora" / "export")
+    # train.py sample of the LoRA pair's checkpoint merges each expert's adapters into its own base
+    from fvfunc import sample
+
+    fam, _, pair, merged, _ = sample.load_model(configs.SampleRun(model=str(tmp_path / "lora" / "checkpoint-2")),
+                                                "cpu")
+    assert pair.names == NAMES and merged.keys() == teacher.params.keys()
+    for n in NAMES:
+        k = "blocks.0.attn1.to_q.weight"
+        assert rel(merged[f"{n}/{k}"].float(), exported[n][k].float()) < 1e-2  # (the run's base is bf16)
+        assert not torch.equal(merged[f"{n}/{k}"].float(), teacher.params[f"{n}/{k}"].float())
 
 
 def test_a_pair_without_boundary_is_one_error(a14b, world, tmp_path, capsys):
