@@ -441,3 +441,21 @@ def test_i2v_a14b_sampling_equals_wan_image_to_video_pipeline_with_transformer_2
     sampler = SamplerConfig(kind="unipc", num_steps=6, shift=3.0, guidance_scale=3.0, guidance_scale_2=2.0)
     got = generate(apply, params, text, (4, T, H, W), sampler, uncond=uncond, noise=noise, cond=cond, boundary=0.9)
     assert rel(got, ref) <= 1e-5, rel(got, ref)
+
+
+def test_a_second_cfg_weight_for_one_model_is_refused_before_models_load(a14b, world, tmp_path, capsys):
+    one = world["model"]
+    cases = [
+        (args_of("finetune", one, tmp_path / "a", world["data"], "--validation.sampler.guidance-scale-2", "2"),
+         "validation.sampler.guidance_scale_2 2 is the low-noise expert's CFG weight"),
+        (dmd2_args(one, one, one, tmp_path / "b", world["text"], "--method.real-score-guidance-scale-2", "2"),
+         "method.real_score_guidance_scale_2 is the low-noise expert's CFG weight of an expert-pair teacher"),
+        (["sample", "--model", str(one), "--prompts", str(world["text"]), "--sampler.guidance-scale-2", "2",
+          "--output-dir", str(tmp_path / "c")], "sampler.guidance_scale_2 2 is the low-noise expert's CFG weight"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    ok = dmd2_args(one, a14b, one, tmp_path / "d", world["text"], "--method.real-score-guidance-scale-2", "2",
+                   steps=1)
+    assert cli.main(ok) == 0

@@ -283,8 +283,15 @@ def check(run) -> None:
     if not 0 <= m.min_timestep_ratio < m.max_timestep_ratio <= 1:
         raise ValueError("method.min_timestep_ratio and max_timestep_ratio must satisfy 0 <= min < max <= 1, "
                          f"got {m.min_timestep_ratio:g} and {m.max_timestep_ratio:g}")
-    if m.real_score_guidance_scale_2 is not None and not math.isfinite(m.real_score_guidance_scale_2):
-        raise ValueError(f"method.real_score_guidance_scale_2 must be finite, got {m.real_score_guidance_scale_2}")
+    if m.real_score_guidance_scale_2 is not None:
+        from fvfunc.models import family
+
+        if not math.isfinite(m.real_score_guidance_scale_2):
+            raise ValueError(f"method.real_score_guidance_scale_2 must be finite, got {m.real_score_guidance_scale_2}")
+        teacher = run.roles.teacher
+        if teacher.path and family(teacher.family).experts(teacher.path) is None:
+            raise ValueError(f"method.real_score_guidance_scale_2 is the low-noise expert's CFG weight of an expert-"
+                             f"pair teacher, but roles.teacher.path {teacher.path} is one model")
     if not (math.isfinite(m.critic_lr) and m.critic_lr > 0):
         raise ValueError(f"method.critic_lr must be > 0, got {m.critic_lr:g}")
     if not all(0 <= b < 1 for b in m.critic_betas):
