@@ -17,7 +17,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -262,14 +261,15 @@ def _check_pair_guidance(scale_2, family_name: str, folder, where: str) -> None:
     """A second CFG weight (guidance_scale_2) is an expert pair's: refuse it for one model."""
     if scale_2 is None or not folder:
         return
+    from fvfunc import checkpoint
     from fvfunc.models import family
 
     folder = Path(folder)
-    if (folder / "meta.json").is_file():  # a checkpoint: its student's folder
-        folder = Path(json.loads((folder / "meta.json").read_text())["roles"]["student"])
     try:
+        if (folder / "meta.json").is_file():  # a checkpoint: its student's folder
+            folder = Path(checkpoint.read_meta(folder)["roles"]["student"])
         pair = family(family_name).experts(folder)
-    except ValueError as e:
+    except (ValueError, KeyError, checkpoint.CheckpointError) as e:
         raise ConfigError(f"{where}: {e}") from None
     _need(pair is not None, f"{where} {scale_2:g} is the low-noise expert's CFG weight of an expert pair (Wan2.2 "
           f"A14B), but {folder} is one model; drop it")
