@@ -11,6 +11,11 @@ its `params` are the adapters, `base` the frozen weights its `apply` closes over
 same folder, variant, dtype and frozen LoRA files without training its weights (a teacher, LoRA
 students and critics) share one copy of the base: a DMD2 run of a frozen teacher with a LoRA student
 and a LoRA critic holds the model once.
+
+A role whose folder is an expert pair (the family's `experts`: Wan2.2 A14B's transformer/ and
+transformer_2/) is built expert by expert as above (each expert shared, sharded or adapted on its own)
+and joined into one Role (`join`): its params one `<expert>/<param>` dict, its apply routing each
+sample by its timestep, `experts` naming the pair (fvfunc/experts.py).
 """
 
 from __future__ import annotations
@@ -196,9 +201,9 @@ def load_weights(name: str, cfg, fam: Family, device, rows=None, path=None) -> t
     rows of each tensor (a sharded role)."""
     mcfg, params = fam.load(path or cfg.path, dtype=DTYPES[cfg.dtype], device=device, rows=rows,
                             variant=cfg.variant)
-    for entry in cfg.lora.frozen:  # (roles.check refuses them for sharded roles)
-        path, strength = lora.parse_frozen(entry)
-        params = lora.merge_pairs(params, _read(fam, mcfg, path, f"roles.{name}.lora.frozen"), strength)
+    for entry in cfg.lora.frozen:  # (roles.check refuses them for sharded roles and expert pairs)
+        file, strength = lora.parse_frozen(entry)
+        params = lora.merge_pairs(params, _read(fam, mcfg, file, f"roles.{name}.lora.frozen"), strength)
     return mcfg, params
 
 
