@@ -45,8 +45,10 @@ class Experts(NamedTuple):
 
 
 def route(t: torch.Tensor, boundary: float) -> torch.Tensor:
-    """The expert index [B] (0: high noise, 1: low noise) of timesteps t [B], WanPipeline's rule."""
-    return (t < boundary * NUM_TRAIN_TIMESTEPS).long()
+    """The expert index [B] (0: high noise, 1: low noise) of timesteps t [B], WanPipeline's rule, compared
+    in float32 as torch compares its timestep tensor with the Python boundary (so every caller, whatever
+    t's dtype, routes a timestep alike)."""
+    return (t.to(torch.float32) < torch.tensor(boundary * NUM_TRAIN_TIMESTEPS, dtype=torch.float32)).long()
 
 
 def hit(t: torch.Tensor, experts: Experts) -> tuple[str, ...]:
