@@ -110,7 +110,8 @@ class SamplerConfig:
     """Classifier-free guidance w: v = v_uncond + w * (v_cond - v_uncond); 1 disables it."""
     guidance_scale_2: float | None = None
     """For an expert pair (Wan2.2 A14B): the w of the low-noise expert's steps (WanPipeline's
-    guidance_scale_2); None: guidance_scale for both."""
+    guidance_scale_2); None: guidance_scale for both. As in WanPipeline, guidance_scale 1 turns guidance
+    off for both experts."""
     seed: int = 0
     """Seed of the initial noise and of the SDE's noise."""
 

@@ -76,8 +76,9 @@ def join(trees: dict[str, dict]) -> dict:
 def guidance(scale: float, scale_2: float | None, boundary: float | None) -> float | Callable:
     """The CFG weight of a sampler: `scale`, or for a pair WanPipeline's per-step choice, a function
     t [B] -> w [B] giving `scale` at the high-noise expert's timesteps and `scale_2` (default `scale`)
-    at the low-noise one's."""
-    if boundary is None or scale_2 is None or scale_2 == scale:
+    at the low-noise one's. As WanPipeline, a `scale` of 1 turns guidance off for both experts (its CFG
+    runs only when guidance_scale > 1, whatever guidance_scale_2 is)."""
+    if boundary is None or scale_2 is None or scale_2 == scale or scale == 1:
         return scale
 
     def weight(t):

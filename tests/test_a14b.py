@@ -76,6 +76,7 @@ def test_route_is_wan_pipelines_rule():
     assert experts.hit(t, pair) == NAMES
     w = experts.guidance(4.0, 2.0, BOUNDARY)
     assert w(t).tolist() == [4.0, 4.0, 2.0, 2.0, 2.0] and experts.guidance(4.0, None, BOUNDARY) == 4.0
+    assert experts.guidance(1.0, 3.0, BOUNDARY) == 1.0  # WanPipeline: no CFG at all when guidance_scale is 1
 
 
 @pytest.mark.parametrize("together", [False, True])
