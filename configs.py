@@ -458,6 +458,12 @@ class SampleRun:
     noise: str = ""
     """A .safetensors file of the initial noise [N, C, T, H, W] (or [C, T, H, W] for every prompt),
     normalised latents at sigma = 1; sets the latent shape. Empty: drawn from sampler.seed."""
+    image: tuple[str, ...] = ()
+    """Image-to-video: the conditioning image files (PNG, JPEG, ...), one for every prompt or one per
+    prompt, e.g. --image cat.png. Each is resized to the video's size and encoded once with the
+    pipeline's own vae/ (Wan2.1 I2V: also its image_encoder/ CLIP with image_processor/), as
+    WanImageToVideoPipeline does. Without it, an image-to-video model takes the image condition of the
+    rows of a parquet folder of prompts (FastVideo's i2v schema); Wan2.2 TI2V samples text-to-video."""
     num_prompts: int = 0
     """How many prompts to sample, from the first; 0: every prompt given as text, in a .txt or tensor
     file, and the first 2 rows of a parquet folder."""

@@ -1,6 +1,6 @@
 """The toy benchmark, image-conditioned: the first frame given, the motion learnt (Wan2.1 I2V style).
 
-    python bench/toy_i2v.py             # the reduced profile recorded in bench/RESULTS.md (~15 min on 2 busy cores)
+    python bench/toy_i2v.py             # the reduced profile recorded in bench/RESULTS.md
     python bench/toy_i2v.py --tiny      # a smoke run of every stage (~1 min)
 
 The task is bench/toy.py's (`fvfunc/testing/toy.py`: a coloured blob moving in one of 4 directions, 16
@@ -46,33 +46,34 @@ from fvfunc.validation import generate  # noqa: E402
 
 @dataclass(frozen=True)
 class Profile:
-    """What the benchmark chooses. bench/toy.py's model and conventions, fewer steps (the machine is shared)."""
+    """What the benchmark chooses: bench/toy.py's model, task and hyperparameters, with about bench/toy.py
+    --fast's budget (600 teacher steps of 16 clips, 200 DMD2 steps of 8): the machine is shared."""
 
     heads: int = 2
     head_dim: int = 64
     layers: int = 3
     ffn: int = 384
     train_clips: int = 1024
-    teacher_steps: int = 1200
-    teacher_batch: int = 32
+    teacher_steps: int = 600
+    teacher_batch: int = 16
     teacher_lr: float = 2e-3
-    teacher_warmup: int = 60
-    teacher_ema: float = 0.99
+    teacher_warmup: int = 30
+    teacher_ema: float = 0.98
     teacher_shift: float = 3.0
     cfg_rate: float = 0.1
     sample_shift: float = 3.0
     guidance: float = 4.0
-    dmd_steps: int = 400
-    dmd_batch: int = 16
+    dmd_steps: int = 200
+    dmd_batch: int = 8
     student_lr: float = 2e-4
     critic_lr: float = 6e-4
     interval: int = 5
     dmd_guidance: float = 4.0
     dmd_shift: float = 3.0
     student_timesteps: tuple[int, ...] = (1000, 750, 500, 250)
-    dmd_checkpoint_every: int = 100
-    eval_clips: int = 128
-    curve_clips: int = 64
+    dmd_checkpoint_every: int = 50
+    eval_clips: int = 64
+    curve_clips: int = 32
 
 
 REDUCED = Profile()

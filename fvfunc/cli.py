@@ -255,6 +255,48 @@ def _check_sample(cfg: configs.SampleRun) -> None:
     else:
         _need(cfg.sampler.num_steps >= 1, f"sampler.num_steps must be >= 1, got {cfg.sampler.num_steps}")
         _need(cfg.sampler.shift > 0, f"sampler.shift must be > 0, got {cfg.sampler.shift:g}")
+    _check_images(cfg)
+
+
+def _check_images(cfg: configs.SampleRun) -> None:
+    """The conditioning images against the model: readable files, one for all prompts or one per prompt,
+    given to an image-to-video model only, and given (or in the parquet rows) where the model needs them."""
+    for p in map(Path, cfg.image):
+        _need(p.is_file(), f"image: {p} is not a file")
+        from PIL import Image
+
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many kinds for a file it cannot read
+            raise ConfigError(f"image: {p} is not an image file PIL can read ({e})") from None
+    n = len(cfg.prompt)
+    _need(not n or len(cfg.image) in (0, 1, n), f"image: {len(cfg.image)} images for {n} prompts (give one for "
+          "every prompt or one per prompt)")
+    fam, model_cfg = _sample_model(cfg)
+    takes = fam.conditions(model_cfg)
+    _need(not cfg.image or (bool(takes) and fam.encode_images is not None), f"image: {cfg.model} is a text-to-video "
+          "model (it takes no image condition); --image is for image-to-video models (Wan2.1 I2V, Wan2.2 TI2V)")
+    _need(not any(takes.values()) or bool(cfg.image) or Path(cfg.prompts).is_dir(), f"image: {cfg.model} is an "
+          "image-to-video model: give --image FILE (one for every prompt or one per prompt), or --prompts an i2v "
+          "parquet folder whose rows hold the image condition")
+
+
+def _sample_model(cfg: configs.SampleRun):
+    """(family, model config) of the sample command's model: its folder's, or a checkpoint's student's."""
+    import json
+
+    from fvfunc.models import ModelError, family
+
+    name, folder, meta = cfg.family, Path(cfg.model), Path(cfg.model) / "meta.json"
+    try:
+        if meta.is_file():
+            m = json.loads(meta.read_text())
+            folder, name = Path(m["roles"]["student"]), m["config"]["roles"]["student"].get("family", name)
+        fam = family(name)
+        return fam, fam.load_config(folder)
+    except (ModelError, KeyError, ValueError) as e:
+        raise ConfigError(f"model: {cfg.model}: {e}") from None
 
 
 def check(method: str, cfg) -> None:

@@ -324,3 +324,91 @@ def test_i2v_without_clip_feature_is_one_error_naming_the_column_and_file(i2v_wo
     with pytest.raises(ConfigError, match="data_chunk_0.parquet: no column clip_feature_bytes"):
         trainer.run("finetune", _cfg(i2v_world, "finetune", tmp_path / "o", data=i2v_world["noclip"]))
     assert not (tmp_path / "o").exists()
+
+
+# -------------------------------------------------------------- train.py sample from image files
+
+
+def _i2v_folder(root, kind):
+    """A tiny pipeline folder of an image-to-video model, with a VAE that compresses as its config says and,
+    for Wan2.1 I2V, a tiny CLIP vision model and processor."""
+    from fvfunc.testing import tiny
+
+    c = {k: v for k, v in (I2V if kind == "i2v" else TI2V).items()}
+    cfg = wan.config_from_dict({"patch_size": (1, 2, 2), **c, "expand_timesteps": kind == "ti2v"})
+    return tiny.write_pipeline(root / kind, cfg, seed=5, full_vae=True, image_encoder=kind == "i2v"), cfg
+
+
+def _png(path, seed, size=(40, 56)):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize("kind, per_prompt", [("i2v", False), ("i2v", True), ("ti2v", False)],
+                         ids=["i2v", "i2v-one-image-a-prompt", "ti2v"])
+def test_train_py_sample_from_image_files_equals_wan_image_to_video_pipeline(tmp_path, kind, per_prompt):
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from fvfunc import cli
+
+    folder, cfg = _i2v_folder(tmp_path, kind)
+    g = torch.Generator().manual_seed(6)
+    B, C, T, H, W = 2, cfg.out_channels, 3, 4, 6
+    text = torch.zeros(B, TEXT, 12)
+    text[:, :5] = torch.randn(B, 5, 12, generator=g)
+    negative = torch.zeros(1, TEXT, 12)
+    negative[:, :3] = torch.randn(1, 3, 12, generator=g)
+    noise = torch.randn(B, C, T, H, W, generator=g)
+    for name, t in (("text", text), ("negative", negative), ("noise", noise)):
+        save_file({name: t}, tmp_path / f"{name}.safetensors")
+    images = [_png(tmp_path / f"image{i}.png", i) for i in range(2 if per_prompt else 1)]
+    argv = ["sample", "--model", str(folder), "--prompts", str(tmp_path / "text.safetensors"),
+            "--negative-prompt-embedding", str(tmp_path / "negative.safetensors"), "--image", *map(str, images),
+            "--noise", str(tmp_path / "noise.safetensors"), "--sampler.kind", "unipc", "--sampler.num-steps", "4",
+            "--sampler.shift", "3", "--sampler.guidance-scale", "3", "--output-dir", str(tmp_path / "out"),
+            "--device", "cpu", "--precision", "float32"]
+    assert cli.main(argv) == 0
+    got = torch.stack([load_file(tmp_path / "out" / f"sample-{i}.safetensors")["latents"] for i in range(B)])
+
+    pipe = WanImageToVideoPipeline.from_pretrained(folder, tokenizer=None, text_encoder=None)
+    assert pipe.config.expand_timesteps == (kind == "ti2v")
+    pipe.set_progress_bar_config(disable=True)
+
+    def ref(image, rows):
+        return pipe(image=Image.open(image), prompt_embeds=text[rows], negative_prompt_embeds=negative.expand(
+            len(rows), -1, -1), latents=noise[rows].clone(), height=8 * H, width=8 * W, num_frames=4 * (T - 1) + 1,
+            num_inference_steps=4, guidance_scale=3.0, output_type="latent").frames
+
+    want = torch.cat([ref(images[i], [i]) for i in range(B)]) if per_prompt else ref(images[0], list(range(B)))
+    assert rel(got, want) <= 1e-5
+    assert (tmp_path / "out" / "sample-1.mp4").is_file()
+
+
+def test_sample_image_errors(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from fvfunc import cli
+    from fvfunc.testing import tiny
+
+    i2v, _ = _i2v_folder(tmp_path, "i2v")
+    t2v = tiny.write_pipeline(tmp_path / "t2v")
+    save_file({"text": torch.zeros(2, 4, 12)}, tmp_path / "text.safetensors")
+    (tmp_path / "not.png").write_text("not an image")
+    png = _png(tmp_path / "a.png", 0)
+    base = ["sample", "--prompts", str(tmp_path / "text.safetensors"), "--output-dir", str(tmp_path / "o")]
+    cases = [(["--model", str(i2v), "--image", str(tmp_path / "nope.png")], "image: " + str(tmp_path / "nope.png")
+              + " is not a file"),
+             (["--model", str(i2v), "--image", str(tmp_path / "not.png")], "is not an image file PIL can read"),
+             (["--model", str(t2v), "--image", str(png)], "is a text-to-video model (it takes no image condition)"),
+             (["--model", str(i2v)], "is an image-to-video model: give --image FILE")]
+    for args, message in cases:
+        assert cli.main([*base, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1, (args, err)
+    assert not (tmp_path / "o").exists()

@@ -759,9 +759,81 @@ def decode(vae, z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z.to(vae.dtype)).sample.float().clamp(-1, 1)
 
 
+# ------------------------------------------------------------------------------ image condition
+
+IMAGE_ENCODER, IMAGE_PROCESSOR = "image_encoder", "image_processor"
+"""A Wan2.1 I2V pipeline's CLIP vision model (transformers CLIPVisionModel) and its CLIPImageProcessor."""
+
+
+def _component(folder, name: str) -> Path | None:
+    """The pipeline's subfolder `name`, given the pipeline or one of its component folders."""
+    for cand in (Path(folder) / name, Path(folder).parent / name):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _pixels(image, height: int, width: int) -> torch.Tensor:
+    """[3, height, width] in [-1, 1] of an RGB PIL image, as diffusers' VaeImageProcessor prepares a PIL
+    image: resized to (width, height) with Lanczos, /255, then 2x - 1."""
+    import numpy as np
+    from PIL import Image
+
+    resized = image.convert("RGB").resize((width, height), resample=Image.LANCZOS)
+    x = torch.from_numpy(np.array(resized).astype(np.float32) / 255.0).permute(2, 0, 1)
+    return 2 * x - 1
+
+
+def clip_tokens(folder, images: list, device=None) -> torch.Tensor:
+    """The CLIP image tokens [N, L, image_dim] of RGB PIL images: the pipeline's image_processor/ and
+    image_encoder/, the penultimate hidden state, as WanImageToVideoPipeline.encode_image; in fp32."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    where = {n: _component(folder, n) for n in (IMAGE_ENCODER, IMAGE_PROCESSOR)}
+    missing = [n for n, p in where.items() if p is None]
+    if missing:
+        raise ModelError(f"{folder}: no {' and no '.join(f'{n}/' for n in missing)} (the CLIP vision model and its "
+                         "processor a Wan2.1 I2V pipeline ships) to encode the images with")
+    processor = CLIPImageProcessor.from_pretrained(where[IMAGE_PROCESSOR])
+    model = CLIPVisionModel.from_pretrained(where[IMAGE_ENCODER]).to(device).eval()
+    inputs = processor(images=list(images), return_tensors="pt").to(device)
+    with torch.no_grad():
+        return model(**inputs, output_hidden_states=True).hidden_states[-2].float()
+
+
+def encode_images(folder, cfg: WanConfig, images: list, shape, device=None) -> dict:
+    """The image condition of each RGB PIL image for latents of shape (T, H, W), as WanImageToVideoPipeline
+    makes it from `image`: the image resized to the video's size; Wan2.1 I2V: the VAE latent (its mode,
+    normalised) of the image followed by zero frames and the CLIP tokens of `clip_tokens`; TI2V: the
+    normalised latent of the image alone (its first frame). Encoders in fp32."""
+    if not conditions(cfg):
+        raise ModelError(f"{folder}: a text-to-video Wan (no image_dim, no expand_timesteps) takes no image")
+    if cfg.pos_embed_seq_len is not None:
+        raise ModelError(f"{folder}: FLF2V (pos_embed_seq_len) needs a first and a last image; from image files "
+                         "that is not supported yet (give the condition in an i2v parquet)")
+    vae = load_vae(folder, device)
+    if vae is None:
+        raise ModelError(f"{folder}: no vae/ to encode the image with")
+    facts = latents(cfg, folder)
+    T, H, W = shape
+    h, w = H * facts.spatial, W * facts.spatial
+    video = torch.stack([_pixels(im, h, w) for im in images])[:, :, None].to(device)  # [N, 3, 1, h, w]
+    if cfg.image_dim is not None:  # the first frame, then zeros for the rest of the video
+        frames = facts.temporal * (T - 1) + 1
+        video = torch.cat([video, video.new_zeros(len(images), 3, frames - 1, h, w)], dim=2)
+    with torch.no_grad():
+        z = vae.float().encode(video.float()).latent_dist.mode().float()
+    if facts.mean is not None:
+        z = (z - facts.mean.view(1, -1, 1, 1, 1).to(z.device)) / facts.std.view(1, -1, 1, 1, 1).to(z.device)
+    cond = {FIRST_FRAME: z}
+    if cfg.image_dim is not None:
+        cond[CLIP] = clip_tokens(folder, images, device)
+    return cond
+
+
 FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=init, param_shapes=param_shapes,
                 num_blocks=lambda cfg: cfg.num_layers, embed=embed, block=block, head=head, latents=latents,
                 load_vae=load_vae, decode=decode, pipeline=pipeline, components=COMPONENTS,
                 stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
                 weight_files=lambda path, variant="": weight_files(resolve_folder(path), variant),
-                original_names=original_names, conditions=conditions, impose=impose)
+                original_names=original_names, conditions=conditions, impose=impose, encode_images=encode_images)
