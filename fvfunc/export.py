@@ -1,9 +1,11 @@
 """The trained student as a diffusers pipeline folder (`output_dir/export`), written atomically.
 
-`export` writes a folder that the source's pipeline class (`diffusers.WanPipeline.from_pretrained`)
-loads as is: the source pipeline's model_index.json with `_diffusers_version` set to the diffusers
-installed here, the trained transformer in transformer/, and the source pipeline's other components
-(the family's `components`; Wan: vae, text_encoder, tokenizer, scheduler) carried over. Carrying
+`export` writes a folder that the source's pipeline class (`diffusers.WanPipeline.from_pretrained`,
+`WanImageToVideoPipeline.from_pretrained` for an image-to-video source) loads as is: the source
+pipeline's model_index.json with `_diffusers_version` set to the diffusers installed here, the trained
+transformer in transformer/, and the source pipeline's other components (the family's `components`;
+Wan: vae, text_encoder, tokenizer, scheduler; and every other one its model_index.json names, e.g.
+Wan2.1 I2V's image_encoder and image_processor) carried over. Carrying
 hard-links the large files when source and export share a filesystem and copies them otherwise; the
 small ones (the configs a user may edit in place) are always copied, and nothing is a symlink, so
 editing or deleting the source later never touches the export.
@@ -95,17 +97,27 @@ LORA = "lora"
 """The subfolder of a LoRA student's adapters."""
 
 
+def components(fam: Family, index: dict) -> list[str]:
+    """The folders an export carries over: the family's components and every other component the source's
+    model_index.json names (a `name: [library, class]` entry; e.g. a Wan2.1 I2V pipeline's image_encoder
+    and image_processor), the trained model's own folder excepted."""
+    named = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+             and all(isinstance(x, str) for x in v) and k != TRANSFORMER]
+    return list(dict.fromkeys([*fam.components, *named]))
+
+
 def _write(tmp: Path, fam: Family, cfg, params: dict, pipeline: Path | None, link_min_bytes: int) -> None:
     fam.save(tmp / TRANSFORMER, cfg, params)
     if pipeline is None:
         return
     index = json.loads((pipeline / "model_index.json").read_text())
     index["_diffusers_version"] = _diffusers_version(index.get("_diffusers_version"))
-    for name in fam.components:
+    names = components(fam, index)
+    for name in names:
         if (pipeline / name).is_dir():
             carry(pipeline / name, tmp / name, link_min_bytes)
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    absent = [n for n in fam.components if not (pipeline / n).is_dir()]
+    absent = [n for n in names if not (pipeline / n).is_dir()]
     if absent:
         log.warning("the student's pipeline %s has no %s: the export lacks them too (pass them to the "
                     "pipeline's from_pretrained)", pipeline, ", ".join(absent))

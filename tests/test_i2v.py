@@ -412,3 +412,44 @@ def test_sample_image_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("error:") == 1, (args, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_export_of_an_i2v_student_is_a_pipeline_wan_image_to_video_pipeline_loads(i2v_world, tmp_path):
+    import dataclasses
+    import json
+    import shutil
+
+    import diffusers
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+    from transformers import CLIPVisionModel
+
+    import configs
+    from fvfunc import checkpoint, trainer, tree
+    from fvfunc.testing import tiny
+
+    cfg = wan.load_config(i2v_world["model"])
+    source = tiny.write_pipeline(tmp_path / "source", cfg, full_vae=True, text_encoder=True, image_encoder=True)
+    run = _cfg(i2v_world, "finetune", tmp_path / "run", max_steps=2, export=True)
+    run = dataclasses.replace(run, roles=dataclasses.replace(run.roles, student=configs.RoleConfig(
+        path=str(source), trainable=True)))
+    out = trainer.run("finetune", run)
+    folder = out / "export"
+    assert sorted(p.name for p in folder.iterdir()) == ["image_encoder", "image_processor", "model_index.json",
+                                                         "scheduler", "text_encoder", "tokenizer", "transformer",
+                                                         "vae"]
+    index = json.loads((source / "model_index.json").read_text())
+    assert json.loads((folder / "model_index.json").read_text()) == {**index, "_diffusers_version":
+                                                                     diffusers.__version__}
+    trained, _ = checkpoint.load(out / "checkpoint-2")
+    assert tree.equal(wan.load(folder)[1], trained["student"])
+    shutil.rmtree(source)  # the export needs nothing of its source
+
+    pipe = WanImageToVideoPipeline.from_pretrained(folder)  # as is
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.image_encoder, CLIPVisionModel) and pipe.image_processor is not None
+    image = Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    text = torch.randn(1, TEXT, 32, generator=torch.Generator().manual_seed(1))  # (the pipeline's prompt cleaning
+    latents = pipe(image=image, prompt_embeds=text, negative_prompt_embeds=text * 0, height=32,  # needs ftfy)
+                   width=32, num_frames=5, num_inference_steps=2, output_type="latent").frames
+    assert latents.shape == (1, 16, 2, 4, 4) and torch.isfinite(latents).all()
