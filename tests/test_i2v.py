@@ -453,3 +453,64 @@ def test_export_of_an_i2v_student_is_a_pipeline_wan_image_to_video_pipeline_load
     latents = pipe(image=image, prompt_embeds=text, negative_prompt_embeds=text * 0, height=32,  # needs ftfy)
                    width=32, num_frames=5, num_inference_steps=2, output_type="latent").frames
     assert latents.shape == (1, 16, 2, 4, 4) and torch.isfinite(latents).all()
+
+
+# ------------------------------------------------------------------------------------------ kd
+
+
+def test_kd_generates_image_conditioned_trajectories_and_trains_on_them(i2v_world, tmp_path):
+    import dataclasses
+
+    import configs
+    from fvfunc import data, random, trainer
+    from fvfunc import samplers as S
+    from fvfunc.losses import kd
+    from fvfunc.losses.spec import CLIP_FEATURE, FIRST_FRAME_LATENT, TEXT
+
+    run = _cfg(i2v_world, "kd", tmp_path / "kd", max_steps=2)
+    run = dataclasses.replace(
+        run, method=dataclasses.replace(run.method, t_list=(1000, 500), latent_shape=(2, 4, 4), teacher_steps=3,
+                                        chunk=2, guidance_scale=2.0, seed=3),
+        roles=dataclasses.replace(run.roles, critic=configs.RoleConfig()),
+        validation=configs.ValidationConfig(every=2, num_prompts=2))
+    out = trainer.run("kd", run)
+    assert len(list((out / "videos").glob("*.mp4"))) == 2  # validation with the trajectories' image conditions
+    n = run.data.text_len
+    traj = data.ParquetDataset(out / "trajectories", (*kd.TRAJECTORIES, CLIP_FEATURE, FIRST_FRAME_LATENT), text_len=n)
+    source = data.ParquetDataset(i2v_world["data"], (TEXT, CLIP_FEATURE, FIRST_FRAME_LATENT), text_len=n)
+    assert len(traj) == len(source) == 4
+    got, rows = traj.batch([0, 1, 2, 3]), source.batch([0, 1, 2, 3])
+    for k in ("clip_feature", "first_frame_latent", "text"):  # each trajectory carries its source row's condition
+        assert torch.equal(got[k], rows[k]), k
+    # each trajectory is the teacher's UniPC run with its own row's condition (a plain loop here)
+    cfg, params = wan.load(i2v_world["model"])
+    sigmas, at = kd.teacher_sigmas(run.method)
+    for i in (0, 3):
+        cond = {k: rows[k][i:i + 1] for k in ("clip_feature", "first_frame_latent")}
+
+        def fn(x, t, c, cond=cond):
+            return wan.apply(params, cfg, x, t, c, {k: v.repeat(x.shape[0], *[1] * (v.ndim - 1))
+                                                    for k, v in cond.items()})
+
+        noise = random.normal(random.fold_in(random.key(3), i), (16, 2, 4, 4))[None]
+        with torch.no_grad():
+            end, states = S.sample(S.guided(fn, rows["text"][i:i + 1], None, 2.0), noise, sigmas.float(), "unipc",
+                                   states=True, timesteps=S.model_timesteps(sigmas, "unipc"))
+        want = torch.stack([states[j] for j in at] + [end], dim=1)[0]
+        assert torch.allclose(got["trajectory"][i], want, rtol=1e-5, atol=1e-5), i
+    other = {k: rows[k][1:2].repeat(2, *[1] * (rows[k].ndim - 1)) for k in ("clip_feature", "first_frame_latent")}
+    with torch.no_grad():
+        moved = S.sample(S.guided(lambda x, t, c: wan.apply(params, cfg, x, t, c, other), rows["text"][:1], None, 2.0),
+                         noise, sigmas.float(), "unipc", timesteps=S.model_timesteps(sigmas, "unipc"))
+    assert not torch.allclose(moved, got["trajectory"][3, -1], atol=1e-3)  # the condition matters
+    # and the cache trains a student without the teacher: the image columns are read with the trajectories
+    again = dataclasses.replace(run, roles=dataclasses.replace(run.roles, teacher=configs.RoleConfig()),
+                                data=configs.DataConfig(path=(str(out / "trajectories"),)),
+                                training=dataclasses.replace(run.training, output_dir=str(tmp_path / "kd2")),
+                                validation=configs.ValidationConfig())
+    start = wan.load(i2v_world["model"])[1]
+    from fvfunc import checkpoint
+
+    trained, _ = checkpoint.load(trainer.run("kd", again) / "checkpoint-2")
+    assert not torch.equal(trained["student"]["blocks.0.attn2.add_k_proj.weight"],
+                           start["blocks.0.attn2.add_k_proj.weight"])
