@@ -495,7 +495,8 @@ class PreprocessRun:
 
     model: str = ""
     """The diffusers pipeline folder whose vae/ (AutoencoderKLWan), text_encoder/ (umT5) and tokenizer/
-    encode the data (image-to-video folders and the Wan2.2 VAE are not supported yet)."""
+    encode the data; a Wan2.1 I2V folder's image_encoder/ and image_processor/ also give each clip FastVideo's i2v
+    columns (clip_feature, first_frame_latent) of its first frame (FLF2V and the Wan2.2 VAE are not supported yet)."""
     videos: str = ""
     """The folder of the clips (videos, or images as one-frame clips) the caption file names."""
     captions: str = ""

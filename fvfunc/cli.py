@@ -275,7 +275,7 @@ def _check_images(cfg: configs.SampleRun) -> None:
           "every prompt or one per prompt)")
     fam, model_cfg = _sample_model(cfg)
     takes = fam.conditions(model_cfg)
-    _need(not cfg.image or (bool(takes) and fam.encode_images is not None), f"image: {cfg.model} is a text-to-video "
+    _need(not cfg.image or (bool(takes) and fam.image_encoder is not None), f"image: {cfg.model} is a text-to-video "
           "model (it takes no image condition); --image is for image-to-video models (Wan2.1 I2V, Wan2.2 TI2V)")
     _need(not any(takes.values()) or bool(cfg.image) or Path(cfg.prompts).is_dir(), f"image: {cfg.model} is an "
           "image-to-video model: give --image FILE (one for every prompt or one per prompt), or --prompts an i2v "

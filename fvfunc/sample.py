@@ -109,7 +109,7 @@ def read_conditions(cfg, fam, model_cfg, folder, n: int, shape, device) -> dict:
         if len(images) not in (1, n):
             raise ValueError(f"image: {len(images)} images for {n} prompts (give one for every prompt or one per "
                              "prompt)")
-        cond = fam.encode_images(folder, model_cfg, images, shape, device)
+        cond = fam.image_encoder(folder, model_cfg, device)(images, shape)
         return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
     if Path(cfg.prompts).is_dir():
         present = data.columns_in(cfg.prompts)

@@ -514,3 +514,69 @@ def test_kd_generates_image_conditioned_trajectories_and_trains_on_them(i2v_worl
     trained, _ = checkpoint.load(trainer.run("kd", again) / "checkpoint-2")
     assert not torch.equal(trained["student"]["blocks.0.attn2.add_k_proj.weight"],
                            start["blocks.0.attn2.add_k_proj.weight"])
+
+
+# ---------------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_writes_the_i2v_columns_of_each_clips_first_frame_and_finetune_trains_on_them(tmp_path, capsys):
+    import json
+
+    import imageio.v2 as imageio
+    import numpy as np
+    import pyarrow.parquet as pq
+    from diffusers import AutoencoderKLWan
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    from fvfunc import cli, data
+    from fvfunc.losses.spec import CLIP_FEATURE, FIRST_FRAME_LATENT, LATENTS
+    from fvfunc.testing import tiny
+
+    cfg = tiny.tiny_config(in_channels=36, out_channels=16, image_dim=8, added_kv_proj_dim=32)
+    model = tiny.write_pipeline(tmp_path / "model", cfg, full_vae=True, text_encoder=True, image_encoder=True)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:16, 0:32]
+    for name in ("a", "b"):  # smooth moving gradients at the target size (no resizing), 5 frames at 4 fps
+        frames = [np.clip(np.stack([(x * 9 + t * 7) % 256, (y * 11 + t * 5) % 256, (x + y + 40 * t) % 256], -1)
+                          + rng.integers(0, 20, (16, 32, 3)), 0, 255).astype(np.uint8) for t in range(5)]
+        with imageio.get_writer(videos / f"{name}.mp4", fps=4, codec="libx264", macro_block_size=1) as w:
+            for f in frames:
+                w.append_data(f)
+    (tmp_path / "captions.json").write_text(json.dumps([{"path": "a.mp4", "cap": ["a cat"]},
+                                                         {"path": "b.mp4", "cap": ["a dog runs"]}]))
+    out = tmp_path / "data"
+    code = cli.main(["preprocess", "--model", str(model), "--videos", str(videos), "--captions",
+                     str(tmp_path / "captions.json"), "--output", str(out), "--height", "16", "--width", "32",
+                     "--num-frames", "5", "--fps", "4", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    names = pq.read_schema(next(out.glob("*.parquet"))).names
+    assert names[:10] == ["id", "vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype", "text_embedding_bytes",
+                          "text_embedding_shape", "text_embedding_dtype", "clip_feature_bytes", "clip_feature_shape",
+                          "clip_feature_dtype"]  # FastVideo's pyarrow_schema_i2v order
+    ds = data.ParquetDataset(out, (LATENTS, CLIP_FEATURE, FIRST_FRAME_LATENT))  # latents as stored
+    vae = AutoencoderKLWan.from_pretrained(model / "vae").eval()
+    mean = torch.tensor(vae.config.latents_mean).view(-1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(-1, 1, 1, 1)
+    processor = CLIPImageProcessor.from_pretrained(model / "image_processor")
+    clip = CLIPVisionModel.from_pretrained(model / "image_encoder").eval()
+    for i in range(len(ds)):
+        row = ds[i]
+        first = np.stack(imageio.mimread(videos / f"{row['id']}.mp4"))[0]  # the decoded first frame
+        pixels = torch.from_numpy(first).permute(2, 0, 1).float() / 255 * 2 - 1
+        video = torch.cat([pixels[:, None], torch.zeros(3, 4, 16, 32)], dim=1)[None]
+        with torch.no_grad():
+            want = (vae.encode(video).latent_dist.mode()[0] - mean) / std
+            tokens = clip(**processor(images=[Image.fromarray(first)], return_tensors="pt"),
+                          output_hidden_states=True).hidden_states[-2][0]
+        assert row["first_frame_latent"].shape == row["latents"].shape == (16, 2, 2, 4)
+        assert rel(row["first_frame_latent"], want) <= 1e-5
+        assert rel(row["clip_feature"], tokens) <= 1e-5
+    # and the I2V model trains on them
+    code = cli.main(["finetune", "--roles.student.path", str(model), "--data.path", str(out), "--training.output-dir",
+                     str(tmp_path / "run"), "--training.max-steps", "2", "--training.batch-size", "2",
+                     "--training.device", "cpu", "--training.precision", "float32",
+                     "--tracking.wandb-mode", "disabled"])
+    assert code == 0, capsys.readouterr().err

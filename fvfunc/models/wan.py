@@ -784,28 +784,36 @@ def _pixels(image, height: int, width: int) -> torch.Tensor:
     return 2 * x - 1
 
 
-def clip_tokens(folder, images: list, device=None) -> torch.Tensor:
+def clip_tokens(folder, images: list, device=None, loaded: dict | None = None, check_only: bool = False):
     """The CLIP image tokens [N, L, image_dim] of RGB PIL images: the pipeline's image_processor/ and
-    image_encoder/, the penultimate hidden state, as WanImageToVideoPipeline.encode_image; in fp32."""
-    from transformers import CLIPImageProcessor, CLIPVisionModel
-
+    image_encoder/, the penultimate hidden state, as WanImageToVideoPipeline.encode_image; in fp32.
+    `loaded` keeps the model and processor between calls; check_only: only check the folders are there."""
     where = {n: _component(folder, n) for n in (IMAGE_ENCODER, IMAGE_PROCESSOR)}
     missing = [n for n, p in where.items() if p is None]
     if missing:
         raise ModelError(f"{folder}: no {' and no '.join(f'{n}/' for n in missing)} (the CLIP vision model and its "
                          "processor a Wan2.1 I2V pipeline ships) to encode the images with")
-    processor = CLIPImageProcessor.from_pretrained(where[IMAGE_PROCESSOR])
-    model = CLIPVisionModel.from_pretrained(where[IMAGE_ENCODER]).to(device).eval()
-    inputs = processor(images=list(images), return_tensors="pt").to(device)
+    if check_only:
+        return None
+    loaded = {} if loaded is None else loaded
+    if not loaded:
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        loaded["processor"] = CLIPImageProcessor.from_pretrained(where[IMAGE_PROCESSOR])
+        loaded["model"] = CLIPVisionModel.from_pretrained(where[IMAGE_ENCODER]).to(device).eval()
+    inputs = loaded["processor"](images=list(images), return_tensors="pt").to(device)
     with torch.no_grad():
-        return model(**inputs, output_hidden_states=True).hidden_states[-2].float()
+        return loaded["model"](**inputs, output_hidden_states=True).hidden_states[-2].float()
 
 
-def encode_images(folder, cfg: WanConfig, images: list, shape, device=None) -> dict:
-    """The image condition of each RGB PIL image for latents of shape (T, H, W), as WanImageToVideoPipeline
-    makes it from `image`: the image resized to the video's size; Wan2.1 I2V: the VAE latent (its mode,
-    normalised) of the image followed by zero frames and the CLIP tokens of `clip_tokens`; TI2V: the
-    normalised latent of the image alone (its first frame). Encoders in fp32."""
+def image_encoder(folder, cfg: WanConfig, device=None):
+    """`encode(images, shape=None) -> cond`, the pipeline folder's encoders loaded once (fp32): the image
+    condition as WanImageToVideoPipeline makes it from `image`. images: RGB PIL images, resized to the
+    video of latents (T, H, W) = shape as diffusers' VaeImageProcessor resizes; or clips [N, 3, F, h, w] in
+    [-1, 1] whose first frame is the image (preprocessing; CLIP sees it as an 8-bit image, as FastVideo's
+    i2v preprocessing gives it). Wan2.1 I2V: `first_frame_latent`, the VAE mode of the image followed by
+    zero frames (F - 1 of them, F = temporal (T - 1) + 1 for images), normalised, and `clip_feature`, the
+    CLIP tokens of `clip_tokens`; TI2V: the normalised latent of the image alone (its first frame)."""
     if not conditions(cfg):
         raise ModelError(f"{folder}: a text-to-video Wan (no image_dim, no expand_timesteps) takes no image")
     if cfg.pos_embed_seq_len is not None:
@@ -814,21 +822,36 @@ def encode_images(folder, cfg: WanConfig, images: list, shape, device=None) -> d
     vae = load_vae(folder, device)
     if vae is None:
         raise ModelError(f"{folder}: no vae/ to encode the image with")
-    facts = latents(cfg, folder)
-    T, H, W = shape
-    h, w = H * facts.spatial, W * facts.spatial
-    video = torch.stack([_pixels(im, h, w) for im in images])[:, :, None].to(device)  # [N, 3, 1, h, w]
-    if cfg.image_dim is not None:  # the first frame, then zeros for the rest of the video
-        frames = facts.temporal * (T - 1) + 1
-        video = torch.cat([video, video.new_zeros(len(images), 3, frames - 1, h, w)], dim=2)
-    with torch.no_grad():
-        z = vae.float().encode(video.float()).latent_dist.mode().float()
-    if facts.mean is not None:
-        z = (z - facts.mean.view(1, -1, 1, 1, 1).to(z.device)) / facts.std.view(1, -1, 1, 1, 1).to(z.device)
-    cond = {FIRST_FRAME: z}
+    vae, facts = vae.float(), latents(cfg, folder)
     if cfg.image_dim is not None:
-        cond[CLIP] = clip_tokens(folder, images, device)
-    return cond
+        clip_tokens(folder, [], device, check_only=True)
+
+    def encode(images, shape=None) -> dict:
+        from PIL import Image
+
+        if isinstance(images, torch.Tensor):  # clips [N, 3, F, h, w] in [-1, 1]
+            first, frames = images[:, :, :1].float(), images.shape[2]
+            pictures = [Image.fromarray(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy())
+                        for x in first[:, :, 0]]
+        else:
+            T, H, W = shape
+            pictures = list(images)
+            first = torch.stack([_pixels(im, H * facts.spatial, W * facts.spatial) for im in pictures])[:, :, None]
+            frames = facts.temporal * (T - 1) + 1
+        video = first.to(device)
+        if cfg.image_dim is not None:  # the first frame, then zeros for the rest of the video
+            video = torch.cat([video, video.new_zeros(video.shape[0], 3, frames - 1, *video.shape[-2:])], dim=2)
+        with torch.no_grad():
+            z = vae.encode(video).latent_dist.mode().float()
+        if facts.mean is not None:
+            z = (z - facts.mean.view(1, -1, 1, 1, 1).to(z.device)) / facts.std.view(1, -1, 1, 1, 1).to(z.device)
+        cond = {FIRST_FRAME: z}
+        if cfg.image_dim is not None:
+            cond[CLIP] = clip_tokens(folder, pictures, device, loaded)
+        return cond
+
+    loaded = {}  # the CLIP model and processor, loaded at the first call
+    return encode
 
 
 FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=init, param_shapes=param_shapes,
@@ -836,4 +859,4 @@ FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=
                 load_vae=load_vae, decode=decode, pipeline=pipeline, components=COMPONENTS,
                 stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
                 weight_files=lambda path, variant="": weight_files(resolve_folder(path), variant),
-                original_names=original_names, conditions=conditions, impose=impose, encode_images=encode_images)
+                original_names=original_names, conditions=conditions, impose=impose, image_encoder=image_encoder)
