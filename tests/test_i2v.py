@@ -580,3 +580,26 @@ def test_preprocess_writes_the_i2v_columns_of_each_clips_first_frame_and_finetun
                      "--training.device", "cpu", "--training.precision", "float32",
                      "--tracking.wandb-mode", "disabled"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_toy_image_condition_and_i2v_dataset(tmp_path):
+    from fvfunc import data, random
+    from fvfunc.losses.spec import CLIP_FEATURE, FIRST_FRAME_LATENT, LATENTS
+    from fvfunc.testing import toy
+
+    task = toy.Task()
+    labels = toy.labels_for(8)
+    rgb = toy.render(random.key(0), labels, task)
+    cond = toy.image_condition(rgb, task)
+    # the latent decodes to the first frame followed by black frames; the tokens are the first frame's patches
+    video = toy.decode(cond["first_frame_latent"], task)
+    assert torch.allclose(video[:, :, 0], rgb[:, :, 0], atol=1e-5) and video[:, :, 1:].abs().max() < 1e-5
+    tokens = cond["clip_feature"]
+    assert tokens.shape == (8, (task.size // toy.IMAGE_PATCH) ** 2, toy.image_dim(task))
+    patch = (rgb[:, :, 0, :4, 4:8] - task.offset) / task.scale  # the second patch of the first row
+    assert torch.allclose(tokens[:, 1], patch.reshape(8, -1), atol=1e-6)
+    toy.write_i2v_dataset(tmp_path / "d", 8, random.key(0), task, rows_per_file=4)
+    ds = data.ParquetDataset(tmp_path / "d", (LATENTS, CLIP_FEATURE, FIRST_FRAME_LATENT))
+    b = ds.batch(list(range(8)))
+    assert torch.equal(b["first_frame_latent"], cond["first_frame_latent"])
+    assert torch.equal(b["clip_feature"], tokens) and torch.equal(b["latents"], toy.encode(rgb, task))
