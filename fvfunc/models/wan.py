@@ -1,4 +1,4 @@
-"""Wan2.1 text-to-video transformer as a params dict plus a pure `apply`.
+"""Wan transformers (Wan2.1 T2V / I2V / FLF2V, Wan2.2 TI2V) as a params dict plus a pure `apply`.
 
 Params are keyed exactly by diffusers' `WanTransformer3DModel` state-dict names, so a diffusers
 folder loads with safetensors alone and `save` writes a folder diffusers loads back. The forward
@@ -7,7 +7,9 @@ including where it computes in fp32: the time embedder, the modulation tables an
 
 A model folder is a transformer folder or a diffusers WanPipeline folder around one; its weights are
 read in any of diffusers' variants (`diffusion_pytorch_model.fp16.safetensors`, sharded or not). The
-Wan2.2 pipelines whose sampling differs, two-expert A14B and TI2V, are refused when a folder is read.
+two-expert Wan2.2 A14B pipelines are refused when a folder is read. The image condition of the
+image-to-video models is the `cond` dict of `embed`; `image_encoder` makes it from images with the
+pipeline's own VAE and CLIP, as WanImageToVideoPipeline does.
 """
 
 from __future__ import annotations
