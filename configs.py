@@ -470,6 +470,12 @@ class SampleRun:
     noise: str = ""
     """A .safetensors file of the initial noise [N, C, T, H, W] (or [C, T, H, W] for every prompt),
     normalised latents at sigma = 1; sets the latent shape. Empty: drawn from sampler.seed."""
+    image: tuple[str, ...] = ()
+    """Image-to-video: the conditioning image files (PNG, JPEG, ...), one for every prompt or one per
+    prompt, e.g. --image cat.png. Each is resized to the video's size and encoded once with the
+    pipeline's own vae/ (Wan2.1 I2V: also its image_encoder/ CLIP with image_processor/), as
+    WanImageToVideoPipeline does. Without it, an image-to-video model takes the image condition of the
+    rows of a parquet folder of prompts (FastVideo's i2v schema); Wan2.2 TI2V samples text-to-video."""
     num_prompts: int = 0
     """How many prompts to sample, from the first; 0: every prompt given as text, in a .txt or tensor
     file, and the first 2 rows of a parquet folder."""
@@ -501,7 +507,8 @@ class PreprocessRun:
 
     model: str = ""
     """The diffusers pipeline folder whose vae/ (AutoencoderKLWan), text_encoder/ (umT5) and tokenizer/
-    encode the data (image-to-video folders and the Wan2.2 VAE are not supported yet)."""
+    encode the data; a Wan2.1 I2V folder's image_encoder/ and image_processor/ also give each clip FastVideo's i2v
+    columns (clip_feature, first_frame_latent) of its first frame (FLF2V and the Wan2.2 VAE are not supported yet)."""
     videos: str = ""
     """The folder of the clips (videos, or images as one-frame clips) the caption file names."""
     captions: str = ""

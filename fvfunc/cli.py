@@ -255,6 +255,47 @@ def _check_sample(cfg: configs.SampleRun) -> None:
     else:
         _need(cfg.sampler.num_steps >= 1, f"sampler.num_steps must be >= 1, got {cfg.sampler.num_steps}")
         _need(cfg.sampler.shift > 0, f"sampler.shift must be > 0, got {cfg.sampler.shift:g}")
+    _check_images(cfg)
+
+
+def _check_images(cfg: configs.SampleRun) -> None:
+    """The conditioning images against the model: readable files, one for all prompts or one per prompt,
+    given to an image-to-video model only, and given (or in the parquet rows) where the model needs them."""
+    for p in map(Path, cfg.image):
+        _need(p.is_file(), f"image: {p} is not a file")
+        from PIL import Image
+
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many kinds for a file it cannot read
+            raise ConfigError(f"image: {p} is not an image file PIL can read ({e})") from None
+    n = len(cfg.prompt)
+    _need(not n or len(cfg.image) in (0, 1, n), f"image: {len(cfg.image)} images for {n} prompts (give one for "
+          "every prompt or one per prompt)")
+    fam, model_cfg = _sample_model(cfg)
+    takes = fam.conditions(model_cfg)
+    _need(not cfg.image or (bool(takes) and fam.image_encoder is not None), f"image: {cfg.model} is a text-to-video "
+          "model (it takes no image condition); --image is for image-to-video models (Wan2.1 I2V, Wan2.2 TI2V)")
+    _need(not any(takes.values()) or bool(cfg.image) or Path(cfg.prompts).is_dir(), f"image: {cfg.model} is an "
+          "image-to-video model: give --image FILE (one for every prompt or one per prompt), or --prompts an i2v "
+          "parquet folder whose rows hold the image condition")
+
+
+def _sample_model(cfg: configs.SampleRun):
+    """(family, model config) of the sample command's model: its folder's, or a checkpoint's student's."""
+    from fvfunc import checkpoint
+    from fvfunc.models import ModelError, family
+
+    name, folder = cfg.family, Path(cfg.model)
+    try:
+        if (folder / "meta.json").is_file():  # a checkpoint: its student's folder and family
+            m = checkpoint.read_meta(folder)
+            folder, name = Path(m["roles"]["student"]), m["config"]["roles"]["student"].get("family", name)
+        fam = family(name)
+        return fam, fam.load_config(folder)
+    except (ModelError, KeyError, ValueError, checkpoint.CheckpointError) as e:
+        raise ConfigError(f"model: {cfg.model}: {e}") from None
 
 
 def _check_pair_guidance(scale_2, family_name: str, folder, where: str) -> None:

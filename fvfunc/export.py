@@ -1,9 +1,11 @@
 """The trained student as a diffusers pipeline folder (`output_dir/export`), written atomically.
 
-`export` writes a folder that the source's pipeline class (`diffusers.WanPipeline.from_pretrained`)
-loads as is: the source pipeline's model_index.json with `_diffusers_version` set to the diffusers
-installed here, the trained transformer in transformer/, and the source pipeline's other components
-(the family's `components`; Wan: vae, text_encoder, tokenizer, scheduler) carried over. Carrying
+`export` writes a folder that the source's pipeline class (`diffusers.WanPipeline.from_pretrained`,
+`WanImageToVideoPipeline.from_pretrained` for an image-to-video source) loads as is: the source
+pipeline's model_index.json with `_diffusers_version` set to the diffusers installed here, the trained
+transformer in transformer/, and the source pipeline's other components (the family's `components`;
+Wan: vae, text_encoder, tokenizer, scheduler; and every other one its model_index.json names, e.g.
+Wan2.1 I2V's image_encoder and image_processor) carried over. Carrying
 hard-links the large files when source and export share a filesystem and copies them otherwise; the
 small ones (the configs a user may edit in place) are always copied, and nothing is a symlink, so
 editing or deleting the source later never touches the export.
@@ -95,6 +97,15 @@ LORA = "lora"
 """The subfolder of a LoRA student's adapters."""
 
 
+def components(fam: Family, index: dict) -> list[str]:
+    """The folders an export carries over: the family's components and every other component the source's
+    model_index.json names (a `name: [library, class]` entry; e.g. a Wan2.1 I2V pipeline's image_encoder
+    and image_processor), the trained model's own folders excepted."""
+    named = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+             and all(isinstance(x, str) for x in v) and k not in (TRANSFORMER, "transformer_2")]
+    return list(dict.fromkeys([*fam.components, *named]))
+
+
 def _write(tmp: Path, fam: Family, cfg, params: dict, pipeline: Path | None, link_min_bytes: int,
            pair: experts.Experts | None = None) -> None:
     if pair is None:
@@ -111,11 +122,12 @@ def _write(tmp: Path, fam: Family, cfg, params: dict, pipeline: Path | None, lin
         index.update(transformer_2=[None, None], boundary_ratio=None)
         log.warning("the student is one expert of the two-expert pipeline %s: the export is a one-model pipeline "
                     "(its model_index.json has no transformer_2)", pipeline)
-    for name in fam.components:
+    names = components(fam, index)
+    for name in names:
         if (pipeline / name).is_dir():
             carry(pipeline / name, tmp / name, link_min_bytes)
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    absent = [n for n in fam.components if not (pipeline / n).is_dir()]
+    absent = [n for n in names if not (pipeline / n).is_dir()]
     if absent:
         log.warning("the student's pipeline %s has no %s: the export lacks them too (pass them to the "
                     "pipeline's from_pretrained)", pipeline, ", ".join(absent))

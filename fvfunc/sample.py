@@ -3,7 +3,9 @@
 What WanPipeline does, step for step, so that the same folder, prompts and initial latents give the
 same latents: prompts as text are encoded with the pipeline's own umT5 (fvfunc/text.py); the
 uncond of guidance is the negative prompt's embedding ("" by default, as WanPipeline); the sampler
-walks `samplers.schedule(cfg.sampler)` (UniPC at diffusers' integer timesteps by default). Each
+walks `samplers.schedule(cfg.sampler)` (UniPC at diffusers' integer timesteps by default). An
+image-to-video model's condition comes from --image files, encoded once by the family with the
+pipeline's VAE (and CLIP) as WanImageToVideoPipeline does, or from the rows of an i2v parquet folder. Each
 sample is written three ways: an mp4 to watch, and losslessly its latents (safetensors) and its
 decoded frames (PNG).
 """
@@ -18,6 +20,7 @@ import torch
 
 import configs
 from fvfunc import checkpoint, data, experts, lora, roles, runner, text
+from fvfunc.losses.spec import CONDITIONS, condition
 from fvfunc.models import family
 from fvfunc.ops.linear import LORA_A
 from fvfunc.roles import DTYPES
@@ -78,6 +81,45 @@ def read_noise(cfg, n: int, channels: int) -> torch.Tensor | None:
         raise ValueError(f"noise: {cfg.noise} has shape {list(x.shape)}; expected [{n}, {channels}, T, H, W] "
                          f"({n} prompts, {channels} latent channels) or [{channels}, T, H, W]")
     return x
+
+
+def read_images(cfg) -> list:
+    """The conditioning images of cfg.image as RGB PIL images."""
+    from PIL import Image
+
+    images = []
+    for p in cfg.image:
+        try:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"image: {p} is not a readable image ({e})") from None
+    return images
+
+
+def read_conditions(cfg, fam, model_cfg, folder, n: int, shape, device) -> dict:
+    """The image condition ({name: [n, ...]}) of the n prompts for latents of shape (T, H, W): the --image
+    files encoded once by the family (one for every prompt or one per prompt), or the condition columns
+    of the first n rows of a parquet folder of prompts; {} for a model that takes none (or TI2V without)."""
+    takes = fam.conditions(model_cfg)
+    if not takes:
+        return {}
+    if cfg.image:
+        images = read_images(cfg)
+        if len(images) not in (1, n):
+            raise ValueError(f"image: {len(images)} images for {n} prompts (give one for every prompt or one per "
+                             "prompt)")
+        cond = fam.image_encoder(folder, model_cfg, device)(images, shape)
+        return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+    if Path(cfg.prompts).is_dir():
+        present = data.columns_in(cfg.prompts)
+        columns = tuple(CONDITIONS[k] for k, required in takes.items() if required or f"{k}_bytes" in present)
+        if columns:
+            ds = data.ParquetDataset(cfg.prompts, columns, text_len=cfg.text_len)
+            return {k: v.to(device) for k, v in condition(ds.batch(list(range(n)))).items()}
+    if any(takes.values()):
+        raise ValueError(f"image: {cfg.model} is an image-to-video model: give --image FILE")
+    return {}
 
 
 def write_sample(out: Path, i: int, latents: torch.Tensor, frames: np.ndarray, caption: str, fps: int) -> Path:
@@ -147,11 +189,13 @@ def sample_command(cfg) -> list[Path]:
     facts = fam.latents(mcfg, folder)
     noise = read_noise(cfg, len(captions), facts.channels)
     shape = tuple(noise.shape[1:]) if noise is not None else (facts.channels, *cfg.latent_shape)
+    cond = read_conditions(cfg, fam, mcfg, folder, len(captions), shape[1:], device)
     apply = roles.make_apply(fam, mcfg, pair, runner.Options(dtype=dtype))
     latents = generate(apply, params, prompts.to(device), shape, cfg.sampler,
                        uncond=None if uncond is None else uncond.to(device),
-                       noise=None if noise is None else noise.to(device),
+                       noise=None if noise is None else noise.to(device), cond=cond,
                        boundary=None if pair is None else pair.boundary)
+    latents = fam.impose(mcfg, latents, cond)
     frames = to_frames(latents, fam, fam.load_vae(folder, device), facts)
     out = Path(cfg.output_dir)
     paths = [write_sample(out, i, latents[i], clip, captions[i], cfg.fps) for i, clip in enumerate(frames)]

@@ -157,7 +157,8 @@ def data_io(run, process) -> DataIO:
 
     return DataIO(open=lambda path, columns: open_dataset(run, columns, path), write=data.write_atomic,
                   finished=data.ids_in, progress=progress, rank=process.rank, world_size=process.world_size,
-                  barrier=lambda: distributed.barrier(process), device=process.device, negative=negative)
+                  barrier=lambda: distributed.barrier(process), device=process.device, negative=negative,
+                  conditions=condition_columns(run))
 
 
 def _resolve(out: Path, resume: str, process: distributed.Process) -> Path | None:

@@ -351,3 +351,282 @@ def test_i2v_a14b_pair_trains_on_i2v_data_and_resumes_bitwise(i2v_world, tmp_pat
     cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, dmd_denoising_steps=(1000, 750)))
     trainer.run("dmd2", cfg)
     assert checkpoint.latest(tmp_path / "dmd2").name == "checkpoint-2"
+
+
+# -------------------------------------------------------------- train.py sample from image files
+
+
+def _i2v_folder(root, kind):
+    """A tiny pipeline folder of an image-to-video model, with a VAE that compresses as its config says and,
+    for Wan2.1 I2V, a tiny CLIP vision model and processor."""
+    from fvfunc.testing import tiny
+
+    c = {k: v for k, v in (I2V if kind == "i2v" else TI2V).items()}
+    cfg = wan.config_from_dict({"patch_size": (1, 2, 2), **c, "expand_timesteps": kind == "ti2v"})
+    return tiny.write_pipeline(root / kind, cfg, seed=5, full_vae=True, image_encoder=kind == "i2v"), cfg
+
+
+def _png(path, seed, size=(40, 56)):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize("kind, per_prompt", [("i2v", False), ("i2v", True), ("ti2v", False)],
+                         ids=["i2v", "i2v-one-image-a-prompt", "ti2v"])
+def test_train_py_sample_from_image_files_equals_wan_image_to_video_pipeline(tmp_path, kind, per_prompt):
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from fvfunc import cli
+
+    folder, cfg = _i2v_folder(tmp_path, kind)
+    g = torch.Generator().manual_seed(6)
+    B, C, T, H, W = 2, cfg.out_channels, 3, 4, 6
+    text = torch.zeros(B, TEXT, 12)
+    text[:, :5] = torch.randn(B, 5, 12, generator=g)
+    negative = torch.zeros(1, TEXT, 12)
+    negative[:, :3] = torch.randn(1, 3, 12, generator=g)
+    noise = torch.randn(B, C, T, H, W, generator=g)
+    for name, t in (("text", text), ("negative", negative), ("noise", noise)):
+        save_file({name: t}, tmp_path / f"{name}.safetensors")
+    images = [_png(tmp_path / f"image{i}.png", i) for i in range(2 if per_prompt else 1)]
+    argv = ["sample", "--model", str(folder), "--prompts", str(tmp_path / "text.safetensors"),
+            "--negative-prompt-embedding", str(tmp_path / "negative.safetensors"), "--image", *map(str, images),
+            "--noise", str(tmp_path / "noise.safetensors"), "--sampler.kind", "unipc", "--sampler.num-steps", "4",
+            "--sampler.shift", "3", "--sampler.guidance-scale", "3", "--output-dir", str(tmp_path / "out"),
+            "--device", "cpu", "--precision", "float32"]
+    assert cli.main(argv) == 0
+    got = torch.stack([load_file(tmp_path / "out" / f"sample-{i}.safetensors")["latents"] for i in range(B)])
+
+    pipe = WanImageToVideoPipeline.from_pretrained(folder, tokenizer=None, text_encoder=None)
+    assert pipe.config.expand_timesteps == (kind == "ti2v")
+    pipe.set_progress_bar_config(disable=True)
+
+    def ref(image, rows):
+        return pipe(image=Image.open(image), prompt_embeds=text[rows], negative_prompt_embeds=negative.expand(
+            len(rows), -1, -1), latents=noise[rows].clone(), height=8 * H, width=8 * W, num_frames=4 * (T - 1) + 1,
+            num_inference_steps=4, guidance_scale=3.0, output_type="latent").frames
+
+    want = torch.cat([ref(images[i], [i]) for i in range(B)]) if per_prompt else ref(images[0], list(range(B)))
+    assert rel(got, want) <= 1e-5
+    assert (tmp_path / "out" / "sample-1.mp4").is_file()
+
+
+def test_sample_image_errors(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from fvfunc import cli
+    from fvfunc.testing import tiny
+
+    i2v, _ = _i2v_folder(tmp_path, "i2v")
+    t2v = tiny.write_pipeline(tmp_path / "t2v")
+    save_file({"text": torch.zeros(2, 4, 12)}, tmp_path / "text.safetensors")
+    (tmp_path / "not.png").write_text("not an image")
+    png = _png(tmp_path / "a.png", 0)
+    base = ["sample", "--prompts", str(tmp_path / "text.safetensors"), "--output-dir", str(tmp_path / "o")]
+    cases = [(["--model", str(i2v), "--image", str(tmp_path / "nope.png")], "image: " + str(tmp_path / "nope.png")
+              + " is not a file"),
+             (["--model", str(i2v), "--image", str(tmp_path / "not.png")], "is not an image file PIL can read"),
+             (["--model", str(t2v), "--image", str(png)], "is a text-to-video model (it takes no image condition)"),
+             (["--model", str(i2v)], "is an image-to-video model: give --image FILE")]
+    for args, message in cases:
+        assert cli.main([*base, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1, (args, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_of_an_i2v_student_is_a_pipeline_wan_image_to_video_pipeline_loads(i2v_world, tmp_path):
+    import dataclasses
+    import json
+    import shutil
+
+    import diffusers
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+    from transformers import CLIPVisionModel
+
+    import configs
+    from fvfunc import checkpoint, trainer, tree
+    from fvfunc.testing import tiny
+
+    cfg = wan.load_config(i2v_world["model"])
+    source = tiny.write_pipeline(tmp_path / "source", cfg, full_vae=True, text_encoder=True, image_encoder=True)
+    run = _cfg(i2v_world, "finetune", tmp_path / "run", max_steps=2, export=True)
+    run = dataclasses.replace(run, roles=dataclasses.replace(run.roles, student=configs.RoleConfig(
+        path=str(source), trainable=True)))
+    out = trainer.run("finetune", run)
+    folder = out / "export"
+    assert sorted(p.name for p in folder.iterdir()) == ["image_encoder", "image_processor", "model_index.json",
+                                                         "scheduler", "text_encoder", "tokenizer", "transformer",
+                                                         "vae"]
+    index = json.loads((source / "model_index.json").read_text())
+    assert json.loads((folder / "model_index.json").read_text()) == {**index, "_diffusers_version":
+                                                                     diffusers.__version__}
+    trained, _ = checkpoint.load(out / "checkpoint-2")
+    assert tree.equal(wan.load(folder)[1], trained["student"])
+    shutil.rmtree(source)  # the export needs nothing of its source
+
+    pipe = WanImageToVideoPipeline.from_pretrained(folder)  # as is
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.image_encoder, CLIPVisionModel) and pipe.image_processor is not None
+    image = Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    text = torch.randn(1, TEXT, 32, generator=torch.Generator().manual_seed(1))  # (the pipeline's prompt cleaning
+    latents = pipe(image=image, prompt_embeds=text, negative_prompt_embeds=text * 0, height=32,  # needs ftfy)
+                   width=32, num_frames=5, num_inference_steps=2, output_type="latent").frames
+    assert latents.shape == (1, 16, 2, 4, 4) and torch.isfinite(latents).all()
+
+
+# ------------------------------------------------------------------------------------------ kd
+
+
+def test_kd_generates_image_conditioned_trajectories_and_trains_on_them(i2v_world, tmp_path):
+    import dataclasses
+
+    import configs
+    from fvfunc import data, random, trainer
+    from fvfunc import samplers as S
+    from fvfunc.losses import kd
+    from fvfunc.losses.spec import CLIP_FEATURE, FIRST_FRAME_LATENT, TEXT
+
+    run = _cfg(i2v_world, "kd", tmp_path / "kd", max_steps=2)
+    run = dataclasses.replace(
+        run, method=dataclasses.replace(run.method, t_list=(1000, 500), latent_shape=(2, 4, 4), teacher_steps=3,
+                                        chunk=2, guidance_scale=2.0, seed=3),
+        roles=dataclasses.replace(run.roles, critic=configs.RoleConfig()),
+        validation=configs.ValidationConfig(every=2, num_prompts=2))
+    out = trainer.run("kd", run)
+    assert len(list((out / "videos").glob("*.mp4"))) == 2  # validation with the trajectories' image conditions
+    n = run.data.text_len
+    traj = data.ParquetDataset(out / "trajectories", (*kd.TRAJECTORIES, CLIP_FEATURE, FIRST_FRAME_LATENT), text_len=n)
+    source = data.ParquetDataset(i2v_world["data"], (TEXT, CLIP_FEATURE, FIRST_FRAME_LATENT), text_len=n)
+    assert len(traj) == len(source) == 4
+    got, rows = traj.batch([0, 1, 2, 3]), source.batch([0, 1, 2, 3])
+    for k in ("clip_feature", "first_frame_latent", "text"):  # each trajectory carries its source row's condition
+        assert torch.equal(got[k], rows[k]), k
+    # each trajectory is the teacher's UniPC run with its own row's condition (a plain loop here)
+    cfg, params = wan.load(i2v_world["model"])
+    sigmas, at = kd.teacher_sigmas(run.method)
+    for i in (0, 3):
+        cond = {k: rows[k][i:i + 1] for k in ("clip_feature", "first_frame_latent")}
+
+        def fn(x, t, c, cond=cond):
+            return wan.apply(params, cfg, x, t, c, {k: v.repeat(x.shape[0], *[1] * (v.ndim - 1))
+                                                    for k, v in cond.items()})
+
+        noise = random.normal(random.fold_in(random.key(3), i), (16, 2, 4, 4))[None]
+        with torch.no_grad():
+            end, states = S.sample(S.guided(fn, rows["text"][i:i + 1], None, 2.0), noise, sigmas.float(), "unipc",
+                                   states=True, timesteps=S.model_timesteps(sigmas, "unipc"))
+        want = torch.stack([states[j] for j in at] + [end], dim=1)[0]
+        assert torch.allclose(got["trajectory"][i], want, rtol=1e-5, atol=1e-5), i
+    other = {k: rows[k][1:2].repeat(2, *[1] * (rows[k].ndim - 1)) for k in ("clip_feature", "first_frame_latent")}
+    with torch.no_grad():
+        moved = S.sample(S.guided(lambda x, t, c: wan.apply(params, cfg, x, t, c, other), rows["text"][:1], None, 2.0),
+                         noise, sigmas.float(), "unipc", timesteps=S.model_timesteps(sigmas, "unipc"))
+    assert not torch.allclose(moved, got["trajectory"][3, -1], atol=1e-3)  # the condition matters
+    # and the cache trains a student without the teacher: the image columns are read with the trajectories
+    again = dataclasses.replace(run, roles=dataclasses.replace(run.roles, teacher=configs.RoleConfig()),
+                                data=configs.DataConfig(path=(str(out / "trajectories"),)),
+                                training=dataclasses.replace(run.training, output_dir=str(tmp_path / "kd2")),
+                                validation=configs.ValidationConfig())
+    start = wan.load(i2v_world["model"])[1]
+    from fvfunc import checkpoint
+
+    trained, _ = checkpoint.load(trainer.run("kd", again) / "checkpoint-2")
+    assert not torch.equal(trained["student"]["blocks.0.attn2.add_k_proj.weight"],
+                           start["blocks.0.attn2.add_k_proj.weight"])
+
+
+# ---------------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_writes_the_i2v_columns_of_each_clips_first_frame_and_finetune_trains_on_them(tmp_path, capsys):
+    import json
+
+    import imageio.v2 as imageio
+    import numpy as np
+    import pyarrow.parquet as pq
+    from diffusers import AutoencoderKLWan
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    from fvfunc import cli, data
+    from fvfunc.losses.spec import CLIP_FEATURE, FIRST_FRAME_LATENT, LATENTS
+    from fvfunc.testing import tiny
+
+    cfg = tiny.tiny_config(in_channels=36, out_channels=16, image_dim=8, added_kv_proj_dim=32)
+    model = tiny.write_pipeline(tmp_path / "model", cfg, full_vae=True, text_encoder=True, image_encoder=True)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:16, 0:32]
+    for name in ("a", "b"):  # smooth moving gradients at the target size (no resizing), 5 frames at 4 fps
+        frames = [np.clip(np.stack([(x * 9 + t * 7) % 256, (y * 11 + t * 5) % 256, (x + y + 40 * t) % 256], -1)
+                          + rng.integers(0, 20, (16, 32, 3)), 0, 255).astype(np.uint8) for t in range(5)]
+        with imageio.get_writer(videos / f"{name}.mp4", fps=4, codec="libx264", macro_block_size=1) as w:
+            for f in frames:
+                w.append_data(f)
+    (tmp_path / "captions.json").write_text(json.dumps([{"path": "a.mp4", "cap": ["a cat"]},
+                                                         {"path": "b.mp4", "cap": ["a dog runs"]}]))
+    out = tmp_path / "data"
+    code = cli.main(["preprocess", "--model", str(model), "--videos", str(videos), "--captions",
+                     str(tmp_path / "captions.json"), "--output", str(out), "--height", "16", "--width", "32",
+                     "--num-frames", "5", "--fps", "4", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    names = pq.read_schema(next(out.glob("*.parquet"))).names
+    assert names[:10] == ["id", "vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype", "text_embedding_bytes",
+                          "text_embedding_shape", "text_embedding_dtype", "clip_feature_bytes", "clip_feature_shape",
+                          "clip_feature_dtype"]  # FastVideo's pyarrow_schema_i2v order
+    ds = data.ParquetDataset(out, (LATENTS, CLIP_FEATURE, FIRST_FRAME_LATENT))  # latents as stored
+    vae = AutoencoderKLWan.from_pretrained(model / "vae").eval()
+    mean = torch.tensor(vae.config.latents_mean).view(-1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(-1, 1, 1, 1)
+    processor = CLIPImageProcessor.from_pretrained(model / "image_processor")
+    clip = CLIPVisionModel.from_pretrained(model / "image_encoder").eval()
+    for i in range(len(ds)):
+        row = ds[i]
+        first = np.stack(imageio.mimread(videos / f"{row['id']}.mp4"))[0]  # the decoded first frame
+        pixels = torch.from_numpy(first).permute(2, 0, 1).float() / 255 * 2 - 1
+        video = torch.cat([pixels[:, None], torch.zeros(3, 4, 16, 32)], dim=1)[None]
+        with torch.no_grad():
+            want = (vae.encode(video).latent_dist.mode()[0] - mean) / std
+            tokens = clip(**processor(images=[Image.fromarray(first)], return_tensors="pt"),
+                          output_hidden_states=True).hidden_states[-2][0]
+        assert row["first_frame_latent"].shape == row["latents"].shape == (16, 2, 2, 4)
+        assert rel(row["first_frame_latent"], want) <= 1e-5
+        assert rel(row["clip_feature"], tokens) <= 1e-5
+    # and the I2V model trains on them
+    code = cli.main(["finetune", "--roles.student.path", str(model), "--data.path", str(out), "--training.output-dir",
+                     str(tmp_path / "run"), "--training.max-steps", "2", "--training.batch-size", "2",
+                     "--training.device", "cpu", "--training.precision", "float32",
+                     "--tracking.wandb-mode", "disabled"])
+    assert code == 0, capsys.readouterr().err
+
+
+def test_toy_image_condition_and_i2v_dataset(tmp_path):
+    from fvfunc import data, random
+    from fvfunc.losses.spec import CLIP_FEATURE, FIRST_FRAME_LATENT, LATENTS
+    from fvfunc.testing import toy
+
+    task = toy.Task()
+    labels = toy.labels_for(8)
+    rgb = toy.render(random.key(0), labels, task)
+    cond = toy.image_condition(rgb, task)
+    # the latent decodes to the first frame followed by black frames; the tokens are the first frame's patches
+    video = toy.decode(cond["first_frame_latent"], task)
+    assert torch.allclose(video[:, :, 0], rgb[:, :, 0], atol=1e-5) and video[:, :, 1:].abs().max() < 1e-5
+    tokens = cond["clip_feature"]
+    assert tokens.shape == (8, (task.size // toy.IMAGE_PATCH) ** 2, toy.image_dim(task))
+    patch = (rgb[:, :, 0, :4, 4:8] - task.offset) / task.scale  # the second patch of the first row
+    assert torch.allclose(tokens[:, 1], patch.reshape(8, -1), atol=1e-6)
+    toy.write_i2v_dataset(tmp_path / "d", 8, random.key(0), task, rows_per_file=4)
+    ds = data.ParquetDataset(tmp_path / "d", (LATENTS, CLIP_FEATURE, FIRST_FRAME_LATENT))
+    b = ds.batch(list(range(8)))
+    assert torch.equal(b["first_frame_latent"], cond["first_frame_latent"])
+    assert torch.equal(b["clip_feature"], tokens) and torch.equal(b["latents"], toy.encode(rgb, task))

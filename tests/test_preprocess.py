@@ -282,9 +282,10 @@ def _bad(world, tmp_path, case):
         elif case == "no text encoder":
             shutil.rmtree(m / "text_encoder")
             why = "has no text_encoder/"
-        elif case == "i2v":
-            (m / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoPipeline"}))
-            why = "image-to-video pipeline; preprocessing its I2V columns .* not supported yet"
+        elif case == "i2v":  # a Wan2.1 I2V transformer without the CLIP its i2v columns need
+            c = json.loads((m / "transformer" / "config.json").read_text())
+            (m / "transformer" / "config.json").write_text(json.dumps({**c, "image_dim": 8}))
+            why = "has no image_encoder/ and no image_processor/"
         else:
             c = json.loads((m / "vae" / "config.json").read_text())
             (m / "vae" / "config.json").write_text(json.dumps({**c, "z_dim": 48, "is_residual": True}))

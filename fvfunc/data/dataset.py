@@ -138,7 +138,7 @@ class ParquetDataset:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
         asked = {c.name for c in self.spec}
         unread = [c for c in CONDITIONS if f"{c}_bytes" in names and c not in asked]
-        if unread and file_index == 0:
+        if unread and file_index == 0 and not asked & set(CONDITIONS):
             logger.warning("%s holds image-to-video columns (%s) that this run does not read: the model trains "
                            "text-to-video on its latents and captions (an image-to-video family reads them)",
                            path, ", ".join(unread))

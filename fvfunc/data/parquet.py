@@ -20,7 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fvfunc.losses.spec import LATENTS, TEXT, TRAJECTORY, TRAJECTORY_TIMESTEPS, Column
+from fvfunc.losses.spec import (
+    CLIP_FEATURE,
+    FIRST_FRAME_LATENT,
+    LATENTS,
+    TEXT,
+    TRAJECTORY,
+    TRAJECTORY_TIMESTEPS,
+    Column,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "int64": torch.int64, "int32": torch.int32}
@@ -33,7 +41,8 @@ T2V = (TEXT, LATENTS)
 TEXT_ONLY = (TEXT,)
 ODE_TRAJECTORY_TEXT_ONLY = (TEXT, TRAJECTORY, TRAJECTORY_TIMESTEPS)
 ROW_KEYS = {"text_embedding": TEXT, "latent": LATENTS, "trajectory_latents": TRAJECTORY,
-            "trajectory_timesteps": TRAJECTORY_TIMESTEPS}
+            "trajectory_timesteps": TRAJECTORY_TIMESTEPS, "clip_feature": CLIP_FEATURE,
+            "first_frame_latent": FIRST_FRAME_LATENT}
 """The key of each tensor in a row given to `write_parquet` -> its column."""
 
 
@@ -110,8 +119,9 @@ def copy_into(out: torch.Tensor, c: Cell) -> None:
 def schema(columns: tuple[Column, ...]) -> pa.Schema:
     """FastVideo's schema for a column set, in its column order: id, the tensor triplets, metadata
     (t2v: every metadata column; text-only: caption; ode_trajectory_text_only: file_name, caption,
-    media_type), as its pyarrow_schema_t2v, _text_only and _ode_trajectory_text_only."""
-    order = [LATENTS, TEXT, TRAJECTORY, TRAJECTORY_TIMESTEPS]
+    media_type), as its pyarrow_schema_t2v, _text_only and _ode_trajectory_text_only; the i2v columns
+    (clip_feature, first_frame_latent) after the others, as its pyarrow_schema_i2v orders them."""
+    order = [LATENTS, TEXT, TRAJECTORY, TRAJECTORY_TIMESTEPS, CLIP_FEATURE, FIRST_FRAME_LATENT]
     fields = [pa.field("id", pa.string())]
     for c in sorted(columns, key=order.index):
         b, s, d = triplet(c)
@@ -133,7 +143,8 @@ def write_parquet(path, rows: Iterable[dict], rows_per_group: int = 1, compressi
     """Write samples in FastVideo's schema and return the file written.
 
     rows: dicts with `id`, tensors under the keys of ROW_KEYS (`text_embedding` [L, D], `latent`
-      [C, T, H, W], `trajectory_latents` [S, C, T, H, W], `trajectory_timesteps` [S]), optionally
+      [C, T, H, W], `trajectory_latents` [S, C, T, H, W], `trajectory_timesteps` [S], the i2v
+      `clip_feature` [L, D] and `first_frame_latent` [C, T, H, W]), optionally
       `caption` and the other metadata columns (missing ones are null). The first row's tensors pick
       the schema (T2V, text-only, ode_trajectory_text_only); every row must have the same ones. Each
       tensor keeps its own dtype. Rows are consumed lazily, one row group at a time.

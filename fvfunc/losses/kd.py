@@ -15,6 +15,12 @@ with Euler ("ode") over t_list, each step re-noises its x0 along the predicted n
 deterministic step of such a student. FastVideo draws k once a batch; here each sample draws its own
 (a batch covers several k, and the draws do not depend on micro-batching or ranks).
 
+An image-to-video student (Wan2.1 I2V, Wan2.2 TI2V) is given each trajectory's image condition: the
+trajectory dataset then also holds the i2v schema's `clip_feature` / `first_frame_latent` columns
+(FastVideo's own ode_trajectory schema has only an `image_condition_latents` column, without CLIP
+tokens, so fvfunc keeps the i2v columns as they are), and the teacher samples each trajectory with its
+source row's condition.
+
 Trajectories come from a FastVideo `ode_trajectory_text_only` dataset (`trajectory_latents` [S, C, T,
 H, W], maybe with a leading 1, `trajectory_timesteps` [S]), or, when the run names a teacher, from the
 teacher itself: `prepare` samples each prompt of data.path once with UniPC (method.teacher_steps,
@@ -42,6 +48,8 @@ from fvfunc.losses.spec import (
     Method,
     MethodSpec,
     Prepared,
+    condition,
+    conditioned,
 )
 from fvfunc.samplers import (
     NUM_TRAIN_TIMESTEPS,
@@ -84,7 +92,7 @@ def kd_loss(params, batch, apply):
     b = torch.arange(trajectory.shape[0], device=trajectory.device)
     x, target = trajectory[b, batch["state"]], trajectory[:, -1]
     sigma = (t / NUM_TRAIN_TIMESTEPS).view(-1, *([1] * (x.ndim - 1)))
-    x0 = x - sigma * apply(params, x, t, batch["text"]).float()
+    x0 = x - sigma * apply(params, x, t, batch["text"], *conditioned(condition(batch))).float()
     return 0.5 * torch.mean((x0 - target.float()) ** 2), {}
 
 
@@ -139,14 +147,24 @@ def teacher_sigmas(cfg) -> tuple[torch.Tensor, list[int]]:
 
 
 def trajectories(teacher, params, text: torch.Tensor, noise: torch.Tensor, cfg,
-                 uncond: torch.Tensor | None = None) -> torch.Tensor:
+                 uncond: torch.Tensor | None = None, cond: dict | None = None) -> torch.Tensor:
     """[B, K + 1, C, T, H, W]: the teacher's UniPC run from `noise`, its states at the t_list
-    timesteps and its end; guided with `uncond` (the negative prompt's embedding [1, L, D]; None: zeros)."""
+    timesteps and its end; guided with `uncond` (the negative prompt's embedding [1, L, D]; None: zeros).
+    cond: the image condition ({name: [B, ...]}), given with the cond and the uncond text; the end gets
+    the condition's given part set (the family's `impose`), as the pipeline ends its sampling."""
     sigmas, at = teacher_sigmas(cfg)
-    denoise = guided(lambda x, t, c: teacher.apply(params, x, t, c).float(), text, uncond, cfg.guidance_scale)
+
+    def fn(x, t, c):  # guidance batches [cond, uncond]: the image condition goes with both
+        n = x.shape[0] // text.shape[0]
+        return teacher.apply(params, x, t, c, *conditioned({k: v.repeat(n, *[1] * (v.ndim - 1))
+                                                           for k, v in (cond or {}).items()})).float()
+
+    denoise = guided(fn, text, uncond, cfg.guidance_scale)
     with torch.no_grad():
         end, states = sample(denoise, noise, sigmas.float(), "unipc", states=True,
                              timesteps=model_timesteps(sigmas, "unipc"))
+    if cond:
+        end = teacher.family.impose(teacher.config, end, cond)
     return torch.stack([states[i] for i in at] + [end], dim=1)
 
 
@@ -177,7 +195,7 @@ def prepare(run, roles, io):
         raise ValueError(f"{folder}: a trajectory cache made with other settings ({', '.join(diff)}: "
                          f"{[saved.get(k) for k in diff]} there, {[meta.get(k) for k in diff]} here); "
                          "set method.cache to another folder or delete this one")
-    source = io.open(run.data.path, (TEXT,))
+    source = io.open(run.data.path, (TEXT, *io.conditions))  # the rows' image conditions go with their trajectories
     n, chunk = len(source), cfg.chunk
     done = io.finished(folder)
     todo = [c for c in range(0, n, chunk) if not all(f"{i:08d}" in done for i in range(c, min(c + chunk, n)))]
@@ -192,19 +210,20 @@ def prepare(run, roles, io):
         index = list(range(start, min(start + chunk, n)))
         b = source.batch(index)
         noise = torch.stack([random.normal(random.fold_in(key, i), (channels, *cfg.latent_shape)) for i in index])
+        cond = condition(b)
         traj = trajectories(teacher, teacher.params, b["text"].to(io.device), noise.to(io.device), cfg,
-                            negative).cpu()
+                            negative, {k: v.to(io.device) for k, v in cond.items()}).cpu()
         stamps = torch.tensor([*student_timesteps(cfg), 0], dtype=torch.float32)
         rows = [{"id": f"{i:08d}", "caption": caption, "text_embedding": b["text"][j, : b["text_len"][j]],
                  "trajectory_latents": traj[j], "trajectory_timesteps": stamps, "media_type": "text",
-                 "file_name": sid} for j, (i, sid, caption) in enumerate(zip(index, b["ids"], b["captions"],
-                                                                              strict=True))]
+                 "file_name": sid, **{k: v[j].contiguous() for k, v in cond.items()}}
+                for j, (i, sid, caption) in enumerate(zip(index, b["ids"], b["captions"], strict=True))]
         if io.rank == 0 or not teacher.sharded:
             io.write(folder / f"part-{start:08d}.parquet", rows, rows_per_group=1)
         bar.update(len(index))
     bar.close()
     io.barrier()
-    return Prepared((str(folder),), TRAJECTORIES, release=("teacher",))
+    return Prepared((str(folder),), TRAJECTORIES + tuple(io.conditions), release=("teacher",))
 
 
 # ------------------------------------------------------------------------------------ the spec

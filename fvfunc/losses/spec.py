@@ -155,3 +155,6 @@ class DataIO(NamedTuple):
     """negative(prompt, embedding_file, folder, field) -> the negative prompt's embedding [1, L, D] on
     `device` (the file's, or the prompt encoded with the umT5 of the role folder `folder`), or None
     for zero text (with a warning); errors name `field` ("method.negative_prompt")."""
+    conditions: DataSpec = ()
+    """The image-condition columns of the run's data that its student's family takes (CLIP_FEATURE,
+    FIRST_FRAME_LATENT; none for a text-to-video student): what a generated dataset must carry too."""

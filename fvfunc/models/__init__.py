@@ -112,7 +112,12 @@ class Family(NamedTuple):
     impose: Callable[[Any, torch.Tensor, Any], torch.Tensor] = lambda cfg, x, cond: x
     """impose(cfg, latents, cond) -> the sampled latents with the part the condition gives set (Wan2.2
     TI2V's first frame), as a pipeline ends its sampling; a sampler's caller applies it."""
-
+    image_encoder: Callable[..., Callable[..., dict]] | None = None
+    """image_encoder(folder, cfg, device=None) -> encode(images, shape=None) -> cond: the pipeline folder's
+    own encoders, loaded once, making the image condition ({name: [N, ...]}, the names of `conditions`)
+    as the family's image-to-video pipeline does, of N RGB PIL images for latents of shape (T, H, W), or
+    of the first frames of clips [N, 3, F, h, w] in [-1, 1] (preprocessing). None: the family takes no
+    images. ModelError for a model or folder that cannot (a text-to-video model, a missing encoder)."""
 
 BLOCKS = "blocks."
 """Every family keeps its repeated blocks' params under `blocks.{i}.`."""

@@ -1,4 +1,4 @@
-"""Wan2.1 text-to-video transformer as a params dict plus a pure `apply`.
+"""Wan transformers (Wan2.1 T2V / I2V / FLF2V, Wan2.2 TI2V) as a params dict plus a pure `apply`.
 
 Params are keyed exactly by diffusers' `WanTransformer3DModel` state-dict names, so a diffusers
 folder loads with safetensors alone and `save` writes a folder diffusers loads back. The forward
@@ -9,7 +9,9 @@ A model folder is a transformer folder or a diffusers WanPipeline folder around 
 read in any of diffusers' variants (`diffusion_pytorch_model.fp16.safetensors`, sharded or not). A
 Wan2.2 A14B pipeline folder is an expert pair (`experts`: transformer/ and transformer_2/ with
 model_index.json's boundary_ratio; fvfunc/experts.py routes them); its transformer/ or transformer_2/
-folder alone is one model.
+folder alone is one model. The image condition of the image-to-video models is the `cond` dict of
+`embed`; `image_encoder` makes it from images with the pipeline's own VAE and CLIP, as
+WanImageToVideoPipeline does.
 """
 
 from __future__ import annotations
@@ -797,9 +799,104 @@ def decode(vae, z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z.to(vae.dtype)).sample.float().clamp(-1, 1)
 
 
+# ------------------------------------------------------------------------------ image condition
+
+IMAGE_ENCODER, IMAGE_PROCESSOR = "image_encoder", "image_processor"
+"""A Wan2.1 I2V pipeline's CLIP vision model (transformers CLIPVisionModel) and its CLIPImageProcessor."""
+
+
+def _component(folder, name: str) -> Path | None:
+    """The pipeline's subfolder `name`, given the pipeline or one of its component folders."""
+    for cand in (Path(folder) / name, Path(folder).parent / name):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _pixels(image, height: int, width: int) -> torch.Tensor:
+    """[3, height, width] in [-1, 1] of an RGB PIL image, as diffusers' VaeImageProcessor prepares a PIL
+    image: resized to (width, height) with Lanczos, /255, then 2x - 1."""
+    import numpy as np
+    from PIL import Image
+
+    resized = image.convert("RGB").resize((width, height), resample=Image.LANCZOS)
+    x = torch.from_numpy(np.array(resized).astype(np.float32) / 255.0).permute(2, 0, 1)
+    return 2 * x - 1
+
+
+def clip_tokens(folder, images: list, device=None, loaded: dict | None = None, check_only: bool = False):
+    """The CLIP image tokens [N, L, image_dim] of RGB PIL images: the pipeline's image_processor/ and
+    image_encoder/, the penultimate hidden state, as WanImageToVideoPipeline.encode_image; in fp32.
+    `loaded` keeps the model and processor between calls; check_only: only check the folders are there."""
+    where = {n: _component(folder, n) for n in (IMAGE_ENCODER, IMAGE_PROCESSOR)}
+    missing = [n for n, p in where.items() if p is None]
+    if missing:
+        raise ModelError(f"{folder}: no {' and no '.join(f'{n}/' for n in missing)} (the CLIP vision model and its "
+                         "processor a Wan2.1 I2V pipeline ships) to encode the images with")
+    if check_only:
+        return None
+    loaded = {} if loaded is None else loaded
+    if not loaded:
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        loaded["processor"] = CLIPImageProcessor.from_pretrained(where[IMAGE_PROCESSOR])
+        loaded["model"] = CLIPVisionModel.from_pretrained(where[IMAGE_ENCODER]).to(device).eval()
+    inputs = loaded["processor"](images=list(images), return_tensors="pt").to(device)
+    with torch.no_grad():
+        return loaded["model"](**inputs, output_hidden_states=True).hidden_states[-2].float()
+
+
+def image_encoder(folder, cfg: WanConfig, device=None):
+    """`encode(images, shape=None) -> cond`, the pipeline folder's encoders loaded once (fp32): the image
+    condition as WanImageToVideoPipeline makes it from `image`. images: RGB PIL images, resized to the
+    video of latents (T, H, W) = shape as diffusers' VaeImageProcessor resizes; or clips [N, 3, F, h, w] in
+    [-1, 1] whose first frame is the image (preprocessing; CLIP sees it as an 8-bit image, as FastVideo's
+    i2v preprocessing gives it). Wan2.1 I2V: `first_frame_latent`, the VAE mode of the image followed by
+    zero frames (F - 1 of them, F = temporal (T - 1) + 1 for images), normalised, and `clip_feature`, the
+    CLIP tokens of `clip_tokens`; TI2V: the normalised latent of the image alone (its first frame)."""
+    if not conditions(cfg):
+        raise ModelError(f"{folder}: a text-to-video Wan (no image_dim, no expand_timesteps) takes no image")
+    if cfg.pos_embed_seq_len is not None:
+        raise ModelError(f"{folder}: FLF2V (pos_embed_seq_len) needs a first and a last image; from image files "
+                         "that is not supported yet (give the condition in an i2v parquet)")
+    vae = load_vae(folder, device)
+    if vae is None:
+        raise ModelError(f"{folder}: no vae/ to encode the image with")
+    vae, facts = vae.float(), latents(cfg, folder)
+    if cfg.image_dim is not None:
+        clip_tokens(folder, [], device, check_only=True)
+
+    def encode(images, shape=None) -> dict:
+        from PIL import Image
+
+        if isinstance(images, torch.Tensor):  # clips [N, 3, F, h, w] in [-1, 1]
+            first, frames = images[:, :, :1].float(), images.shape[2]
+            pictures = [Image.fromarray(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy())
+                        for x in first[:, :, 0]]
+        else:
+            T, H, W = shape
+            pictures = list(images)
+            first = torch.stack([_pixels(im, H * facts.spatial, W * facts.spatial) for im in pictures])[:, :, None]
+            frames = facts.temporal * (T - 1) + 1
+        video = first.to(device)
+        if cfg.image_dim is not None:  # the first frame, then zeros for the rest of the video
+            video = torch.cat([video, video.new_zeros(video.shape[0], 3, frames - 1, *video.shape[-2:])], dim=2)
+        with torch.no_grad():
+            z = vae.encode(video).latent_dist.mode().float()
+        if facts.mean is not None:
+            z = (z - facts.mean.view(1, -1, 1, 1, 1).to(z.device)) / facts.std.view(1, -1, 1, 1, 1).to(z.device)
+        cond = {FIRST_FRAME: z}
+        if cfg.image_dim is not None:
+            cond[CLIP] = clip_tokens(folder, pictures, device, loaded)
+        return cond
+
+    loaded = {}  # the CLIP model and processor, loaded at the first call
+    return encode
+
+
 FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=init, param_shapes=param_shapes,
                 num_blocks=lambda cfg: cfg.num_layers, embed=embed, block=block, head=head, latents=latents,
                 load_vae=load_vae, decode=decode, pipeline=pipeline, components=COMPONENTS,
                 stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
-                weight_files=pair_weight_files, experts=experts,
-                original_names=original_names, conditions=conditions, impose=impose)
+                weight_files=pair_weight_files, experts=experts, original_names=original_names,
+                conditions=conditions, impose=impose, image_encoder=image_encoder)

@@ -192,11 +192,16 @@ def _check_model(cfg, need_vae: bool) -> None:
     _need(bool(cfg.model), "model: give the pipeline folder whose vae/, text_encoder/ and tokenizer/ encode the "
           "data (--model DIR)")
     _need(model.is_dir(), f"model: {model} is not a folder")
-    index = _json(model / "model_index.json") if (model / "model_index.json").is_file() else {}
-    _need("ImageToVideo" not in str(index.get("_class_name", "")) and not (model / "image_encoder").is_dir(),
-          f"model: {model} is an image-to-video pipeline; preprocessing its I2V columns (clip_feature, "
-          "first_frame_latent, pil_image) is not supported yet (fvfunc has no I2V family)")
-    missing = [d for d in (("vae",) if need_vae else ()) + ("text_encoder", "tokenizer") if not (model / d).is_dir()]
+    if (model / "model_index.json").is_file():
+        _json(model / "model_index.json")  # readable
+    transformer = _json(model / "transformer" / "config.json") if (model / "transformer" / "config.json").is_file() \
+        else {}
+    i2v = transformer.get("image_dim") is not None  # Wan2.1 I2V: its clips get the i2v columns too
+    _need(transformer.get("pos_embed_seq_len") is None, f"model: {model} is an FLF2V pipeline (pos_embed_seq_len); "
+          "preprocessing its first-and-last-frame condition is not supported yet")
+    parts = (("vae",) if need_vae else ()) + ("text_encoder", "tokenizer") + (
+        ("image_encoder", "image_processor") if i2v and need_vae else ())
+    missing = [d for d in parts if not (model / d).is_dir()]
     _need(not missing, f"model: {model} has no {' and no '.join(f'{d}/' for d in missing)}")
     if need_vae:
         vae = _json(model / "vae" / "config.json")

@@ -3,7 +3,12 @@
 What a row holds is what FastVideo's preprocessing stores (its `pyarrow_schema_t2v` /
 `pyarrow_schema_text_only`, fvfunc/data/parquet.py): the VAE's posterior mean of the [-1, 1] pixels,
 raw (training normalises it with the VAE's latents_mean / latents_std, as for FastVideo's files), and
-the umT5 embedding cut to the prompt's own tokens (fvfunc/text.py, as WanPipeline encodes). The
+the umT5 embedding cut to the prompt's own tokens (fvfunc/text.py, as WanPipeline encodes). A Wan2.1
+I2V pipeline's clips also get the i2v columns of their first frame, as the family's image encoder
+makes them (the condition WanImageToVideoPipeline gives the model): `first_frame_latent`, the
+normalised VAE latent of the first frame followed by zero frames, and `clip_feature`, its CLIP tokens
+(the penultimate hidden state, as diffusers' pipeline; FastVideo's preprocessing keeps its own CLIP
+encoder's last state). The
 metadata follows FastVideo's record: `num_frames` is the latent's frame count, `fps` and `duration_sec`
 the source clip's, `width` / `height` the encoded size; `file_name` is the path inside --videos.
 
@@ -47,10 +52,12 @@ TILE_ABOVE = 480 * 832
 
 
 class Encoders(NamedTuple):
-    """The pipeline's VAE (None for text only) and umT5 + tokenizer, on one device in one dtype."""
+    """The pipeline's VAE (None for text only) and umT5 + tokenizer, on one device in one dtype; and for an
+    image-to-video model, its image condition encoder (the family's `image_encoder`, fp32)."""
 
     vae: Any
     text: text.Encoder
+    image: Any = None
 
 
 class Summary(NamedTuple):
@@ -69,16 +76,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_encoders(model, device, precision: str, vae: bool, tiling: bool = False) -> Encoders:
-    """The VAE (diffusers AutoencoderKLWan, eval; tiled encoding when `tiling`) and umT5 of `model`."""
+    """The VAE (diffusers AutoencoderKLWan, eval; tiled encoding when `tiling`) and umT5 of `model`; with
+    the VAE, for an image-to-video model (Wan2.1 I2V) also its image condition encoder."""
+    from fvfunc.models import wan
+
     dtype = DTYPES[precision]
-    module = None
+    module, image = None, None
     if vae:
         from diffusers import AutoencoderKLWan
 
         module = AutoencoderKLWan.from_pretrained(Path(model) / "vae", torch_dtype=dtype).to(device).eval()
         if tiling:
             module.enable_tiling()
-    return Encoders(module, text.load_encoder(model, device, dtype))
+        model_cfg = wan.load_config(model) if (Path(model) / "transformer").is_dir() else None
+        if model_cfg is not None and wan.conditions(model_cfg):
+            image = wan.FAMILY.image_encoder(model, model_cfg, device)
+    return Encoders(module, text.load_encoder(model, device, dtype), image)
 
 
 def encode_video(vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -124,7 +137,9 @@ def video_rows(items: Iterable[Item], enc: Encoders, cfg, skip: Callable[[Item, 
         clip, pixels = got
         latent = encode_video(enc.vae, pixels)
         emb = text.encode_trimmed(enc.text, [item.caption])[0]
-        yield dict(id=item.id, latent=latent.to(dtype), text_embedding=emb.to(dtype), file_name=item.file,
+        # an image-to-video model's condition of the clip's first frame (FastVideo's i2v columns)
+        cond = {} if enc.image is None else {k: v[0].to(dtype) for k, v in enc.image(pixels[None]).items()}
+        yield dict(id=item.id, latent=latent.to(dtype), text_embedding=emb.to(dtype), **cond, file_name=item.file,
                    caption=item.caption, media_type=item.media_type, width=cfg.width, height=cfg.height,
                    num_frames=latent.shape[1], duration_sec=clip.duration, fps=clip.fps)
 

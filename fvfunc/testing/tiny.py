@@ -27,21 +27,47 @@ def tiny_config(**overrides) -> wan.WanConfig:
     return wan.WanConfig(**base)
 
 
-def write_vae(folder: Path, z_dim: int = 16, seed: int = 0) -> Path:
-    """A tiny random diffusers AutoencoderKLWan in folder/vae (latents_mean/std included)."""
+def write_vae(folder: Path, z_dim: int = 16, seed: int = 0, full: bool = False) -> Path:
+    """A tiny random diffusers AutoencoderKLWan in folder/vae (latents_mean/std included). Its config says
+    8x spatial and 4x temporal compression (diffusers' defaults); `full` builds it so (three spatial, two
+    temporal downsamplings, as Wan2.1's VAE: what an image-to-video pipeline's resizing needs), else it
+    compresses 2x spatially and not in time (cheaper, for decoding previews)."""
     from diffusers import AutoencoderKLWan
 
+    layout = dict(dim_mult=[1, 1, 1, 1], temperal_downsample=[False, True, True]) if full else \
+        dict(dim_mult=[1, 1], temperal_downsample=[False])
     state = torch.get_rng_state()  # diffusers modules initialise from the global RNG: restore it after
     try:
         torch.manual_seed(seed)
-        vae = AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 1], num_res_blocks=1,
-                               attn_scales=[], temperal_downsample=[False],
+        vae = AutoencoderKLWan(base_dim=8, z_dim=z_dim, num_res_blocks=1, attn_scales=[], **layout,
                                latents_mean=[0.1 * (i % 5) - 0.2 for i in range(z_dim)],
                                latents_std=[1.0 + 0.1 * (i % 3) for i in range(z_dim)])
     finally:
         torch.set_rng_state(state)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     return folder / "vae"
+
+
+def write_image_encoder(folder: Path, hidden: int, seed: int = 0, image_size: int = 32, patch: int = 8) -> Path:
+    """A tiny random transformers CLIPVisionModel in folder/image_encoder (width `hidden`, the I2V model's
+    image_dim; (image_size / patch)^2 + 1 tokens) and a CLIPImageProcessor in folder/image_processor
+    (shortest edge resized to image_size, centre crop, CLIP's mean / std), as Wan2.1 I2V pipelines ship
+    them: both load with `from_pretrained`, so WanImageToVideoPipeline loads the folder."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=patch, projection_dim=hidden)
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = CLIPVisionModel(cfg).eval()
+    finally:
+        torch.set_rng_state(state)
+    model.save_pretrained(folder / "image_encoder")
+    crop = {"height": image_size, "width": image_size}
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop)
+    processor.save_pretrained(folder / "image_processor")
+    return folder / "image_encoder"
 
 
 WORDS = ("a an the of in on at with and under over near by cat cats dog dogs bird fish horse man woman child "
@@ -92,24 +118,37 @@ def write_text_encoder(folder: Path, d_model: int = 32, seed: int = 0, vocab: tu
 
 
 def write_pipeline(folder, cfg: wan.WanConfig | None = None, seed: int = 0, vae: bool = False,
-                   params: dict | None = None, text_encoder: bool = False) -> Path:
+                   params: dict | None = None, text_encoder: bool = False, full_vae: bool = False,
+                   image_encoder: bool = False) -> Path:
     """folder/transformer (random init from `seed`, or `params`), folder/scheduler (Wan2.1's), optionally
-    folder/vae and folder/text_encoder + folder/tokenizer (a umT5 of d_model = the model's text_dim)."""
+    folder/vae (`full_vae`: compressing as its config says, `write_vae`), folder/text_encoder +
+    folder/tokenizer (a umT5 of d_model = the model's text_dim) and, for a Wan2.1 I2V config,
+    folder/image_encoder + folder/image_processor (a CLIP vision model of width image_dim). The
+    model_index.json is a WanImageToVideoPipeline's for an I2V config, and holds expand_timesteps (TI2V)."""
     folder = Path(folder)
     cfg = cfg or tiny_config()
     params = params if params is not None else wan.init(cfg, random.key(seed))
     wan.save(folder / "transformer", cfg, params)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(WAN21_SCHEDULER, indent=2))
-    index = {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+    index = {"_class_name": "WanPipeline" if cfg.image_dim is None else "WanImageToVideoPipeline",
+             "transformer": ["diffusers", "WanTransformer3DModel"],
              "scheduler": ["diffusers", "UniPCMultistepScheduler"]}
-    if vae:
-        write_vae(folder, z_dim=cfg.in_channels, seed=seed)
+    if cfg.expand_timesteps:
+        index["expand_timesteps"] = True
+    if vae or full_vae:
+        write_vae(folder, z_dim=cfg.out_channels, seed=seed, full=full_vae)
         index["vae"] = ["diffusers", "AutoencoderKLWan"]
     if text_encoder:
         write_text_encoder(folder, d_model=cfg.text_dim, seed=seed)
         index.update(text_encoder=["transformers", "UMT5EncoderModel"],
                      tokenizer=["transformers", "PreTrainedTokenizerFast"])
+    if image_encoder:
+        if cfg.image_dim is None:
+            raise ValueError("image_encoder: only a Wan2.1 I2V config (image_dim set) takes CLIP image tokens")
+        write_image_encoder(folder, cfg.image_dim, seed=seed)
+        index.update(image_encoder=["transformers", "CLIPVisionModel"],
+                     image_processor=["transformers", "CLIPImageProcessor"])
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 

@@ -231,6 +231,47 @@ def write_prompts(folder, task: Task) -> Path:
     return data.write_parquet(folder, rows, rows_per_group=len(CLASSES))
 
 
+# ------------------------------------------------------------------------------ image-to-video
+
+IMAGE_PATCH = 4
+"""px: the toy image encoder (standing in for CLIP) makes one token of each 4 x 4 patch of the first frame."""
+
+
+def image_dim(task: Task) -> int:
+    """Width of a toy image token (the I2V model's image_dim): a patch's RGB."""
+    del task
+    return 3 * IMAGE_PATCH ** 2
+
+
+def image_condition(rgb: torch.Tensor, task: Task) -> dict[str, torch.Tensor]:
+    """The image condition of clips [N, 3, frames, H, W] given their first frame, in FastVideo's i2v columns
+    as Wan2.1 I2V takes it: `first_frame_latent`, the first frame followed by black frames, encoded
+    (WanImageToVideoPipeline's "first frame + zeros"), [N, channels, latent_frames, H, W]; and
+    `clip_feature`, the first frame's image tokens [N, (H / 4) (W / 4), image_dim] (each 4 x 4 patch's
+    RGB, centred and scaled as `encode` does: a fixed exact encoder in CLIP's place)."""
+    first = rgb[:, :, :1]
+    latent = encode(torch.cat([first, torch.zeros_like(rgb[:, :, 1:])], dim=2), task)
+    x = (first[:, :, 0] - task.offset) / task.scale  # [N, 3, H, W]
+    p = IMAGE_PATCH
+    tokens = x.unfold(2, p, p).unfold(3, p, p)  # [N, 3, H / p, W / p, p, p]
+    tokens = tokens.permute(0, 2, 3, 1, 4, 5).reshape(len(rgb), -1, image_dim(task))
+    return {"clip_feature": tokens.contiguous(), "first_frame_latent": latent.contiguous()}
+
+
+def write_i2v_dataset(folder, n: int, key: torch.Tensor, task: Task, rows_per_file: int = 32) -> Path:
+    """n real clips as a FastVideo i2v parquet dataset (latents, prompt embeddings and each clip's image
+    condition, `image_condition`), `rows_per_file` rows a file in one row group."""
+    labels = labels_for(n)
+    rgb = render(key, labels, task)
+    latents, cond = encode(rgb, task), image_condition(rgb, task)
+    rows = [{"id": f"toy-{i:06d}", "latent": latents[i].contiguous(), "caption": caption(label),
+             "text_embedding": prompt_embedding(label, task), **{k: v[i] for k, v in cond.items()},
+             "file_name": f"toy-{i:06d}.mp4", **_metadata(task)} for i, label in enumerate(labels.tolist())]
+    for start in range(0, n, rows_per_file):
+        data.write_parquet(folder, rows[start:start + rows_per_file], rows_per_group=rows_per_file)
+    return Path(folder)
+
+
 # ------------------------------------------------------------------------------------ measures
 
 
@@ -349,5 +390,6 @@ def grid(columns: list[torch.Tensor], scale: int = 4, gap: int = 6, headers: lis
 
 
 __all__ = ["CLASSES", "COLOURS", "DIRECTIONS", "FEATURES", "Task", "adherence", "caption", "classify", "decode",
-           "encode", "features", "frechet_distance", "grid", "labels_for", "projection", "prompt_embedding",
-           "prompts", "real_latents", "render", "to_image", "track", "write_dataset", "write_prompts"]
+           "encode", "features", "frechet_distance", "grid", "image_condition", "image_dim", "labels_for", "projection",
+           "prompt_embedding", "prompts", "real_latents", "render", "to_image", "track", "write_dataset",
+           "write_i2v_dataset", "write_prompts"]
