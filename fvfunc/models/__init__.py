@@ -107,6 +107,14 @@ class Family(NamedTuple):
     impose: Callable[[Any, torch.Tensor, Any], torch.Tensor] = lambda cfg, x, cond: x
     """impose(cfg, latents, cond) -> the sampled latents with the part the condition gives set (Wan2.2
     TI2V's first frame), as a pipeline ends its sampling; a sampler's caller applies it."""
+    # what sequence parallelism needs (fvfunc/runner.py runs the blocks on token shards)
+    split: Callable[[Any, Any, int, int], Any] | None = None
+    """split(cfg, inputs, start, stop) -> the blocks' `inputs` for the tokens [start, stop) of `embed`'s
+    sequence alone (e.g. their rows of the RoPE tables), for blocks that see only those tokens between
+    the all-to-alls around self-attention; None: the family cannot run sequence-parallel."""
+    heads: Callable[[Any], int | None] = lambda cfg: None
+    """heads(cfg) -> the self-attention heads of a block (sequence parallelism splits them over its
+    ranks), checked before any model loads; None: not known from the config."""
 
 
 BLOCKS = "blocks."
