@@ -360,7 +360,8 @@ class _Fetch:
         self.work = _all_gather(self.out, flat, group=layout.group, async_op=True)
 
     def wait(self) -> torch.Tensor:
-        self.work.wait()
+        with torch.profiler.record_function("fvfunc::wait"):  # (a name for bench/multi_gpu.py's profile)
+            self.work.wait()
         return self.out
 
 
