@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_distributed import assert_metrics_close, assert_trees_close, final, make_cfg, metrics, spawn
-from test_distributed import teacher  # noqa: F401 (a fixture)
 from torch.distributed.tensor import DTensor
 
 from fvfunc import distributed, random, runner, trainer, tree
@@ -83,6 +82,12 @@ def test_runner_sequence_parallel_equals_one_process():
 
 
 # ------------------------------------------------------------------------------------ the trainer
+
+
+@pytest.fixture(scope="module")
+def teacher(world):
+    """A teacher unlike the student and critic (as test_distributed's)."""
+    return tiny.write_pipeline(world["root"] / "teacher-sp", seed=1)
 
 
 def _runs(runs):
