@@ -141,3 +141,26 @@ def test_trainer_sequence_parallel_equals_one_process_and_resumes(world, teacher
     a, b = final(tmp_path / "dmd2-sharded"), final(half)
     assert all(tree.equal(a[n], b[n]) for n in a)
     assert_metrics_close(metrics(half), metrics(tmp_path / "dmd2-sharded"), 0.0)
+
+
+def test_sequence_parallel_refusals(world, tmp_path):
+    from fvfunc import cli, roles
+    from fvfunc.config_file import ConfigError
+    from fvfunc.losses import METHODS
+
+    def cfg(**training):
+        return make_cfg(world, "finetune", tmp_path / "o", **training)
+
+    with pytest.raises(ConfigError, match=r"training.sp_size 2 must divide the number of processes \(1"):
+        trainer.run("finetune", cfg(sp_size=2))
+    with pytest.raises(ConfigError, match="training.sp_size 2 needs training.grad_transform 'autograd'"):
+        cli._check_training(cfg(sp_size=2, grad_transform="func").training)
+    # the tiny model has 2 heads
+    with pytest.raises(roles.RoleError, match=r"training.sp_size 4 must divide the attention heads of "
+                                              r"roles.student's model \(2\)"):
+        roles.check(cfg(sp_size=4), METHODS["finetune"], world_size=4)
+    # 2 x 4 x 4 latents are 8 tokens (patch 1 x 2 x 2)
+    run = cfg(sp_size=16)
+    dataset = trainer.open_dataset(run, METHODS["finetune"].data(run))
+    with pytest.raises(ConfigError, match=r"training.sp_size 16 must divide the tokens of a sample: .* 8 tokens"):
+        trainer._check_fit(METHODS["finetune"], run, dataset)
