@@ -164,3 +164,43 @@ def test_sequence_parallel_refusals(world, tmp_path):
     dataset = trainer.open_dataset(run, METHODS["finetune"].data(run))
     with pytest.raises(ConfigError, match=r"training.sp_size 16 must divide the tokens of a sample: .* 8 tokens"):
         trainer._check_fit(METHODS["finetune"], run, dataset)
+
+
+def test_overlapped_gathers_prefetch_the_block_that_runs_next():
+    """The runner's schedule of a sharded role's gathers, with stand-ins that log what they are asked:
+    in the forward pass block i + 1's gather starts before block i runs; when remat recomputes block i
+    in the backward pass, block i - 1's starts first; each block uses its own prefetched gather once."""
+    # (stand-ins: the real prefetch / gather are tested on gloo above and in test_distributed.py)
+    cfg = tiny.tiny_config(num_layers=3)
+    params = wan.init(cfg, random.key(0))
+    outer_key = "proj_out.weight"
+    names = {params[outer_key].data_ptr(): "outer",
+             **{params[f"blocks.{i}.ffn.net.2.weight"].data_ptr(): f"b{i}" for i in range(3)}}
+    log = []
+
+    def which(tree_):
+        return names[(tree_.get(outer_key) if outer_key in tree_ else tree_["ffn.net.2.weight"]).data_ptr()]
+
+    def prefetch(tree_):
+        log.append(f"start {which(tree_)}")
+        return which(tree_)
+
+    def gather(tree_, fetched=None):
+        assert fetched in (None, which(tree_)), "a block got another block's prefetched weights"
+        log.append(f"use {which(tree_)}" + (" (prefetched)" if fetched else ""))
+        return tree_
+
+    x, t, ctx = torch.randn(1, 16, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 32)
+    options = runner.Options(remat="full", gather=gather, prefetch=prefetch)
+    v_ref, g_ref = _grads(runner.Options(), params, cfg, x, t, ctx)
+    v, g = _grads(options, params, cfg, x, t, ctx)
+    assert torch.equal(v, v_ref) and tree.equal(g, g_ref)
+    assert log == ["start b0", "use outer",  # forward: b0 arrives while the embeddings compute
+                   "start b1", "use b0 (prefetched)", "start b2", "use b1 (prefetched)", "use b2 (prefetched)",
+                   # backward: b2's recompute starts b1's gather, then gathers its own; b1's starts b0's
+                   "start b1", "use b2", "start b0", "use b1 (prefetched)", "use b0 (prefetched)"]
+    log.clear()
+    with torch.no_grad():  # no backward: nothing is recomputed, nothing prefetched for it
+        runner.forward(wan.FAMILY, params, cfg, x, t, ctx, options)
+    assert log == ["start b0", "use outer", "start b1", "use b0 (prefetched)", "start b2", "use b1 (prefetched)",
+                   "use b2 (prefetched)"]
