@@ -26,8 +26,10 @@ all-gather without waiting for it, and `gather(unit, fetched)` waits for it when
 runner starts block i + 1's gather before block i computes, and, when a block is recomputed in the
 backward pass, the gather of the block recomputed next (fvfunc/runner.py). The backward's
 reduce-scatter returns at once: its result is an AsyncCollectiveTensor (torch's functional collectives)
-that waits the first time anything reads it, so the reduce-scatter of block i runs while block i - 1's
-backward computes, and whatever reads a gradient (the engine's accumulation, `make_reduce`, the clip) waits.
+that waits the first time anything reads it (the engine's accumulation, `make_reduce`, the clip), so the
+reduce-scatter of block i runs while block i - 1's backward computes; block i - 1's reduce-scatter first
+waits for block i's (one in flight, so one block's whole gradient is alive beside the one computing),
+and the last one is waited for as the backward pass ends.
 
 Sequence parallelism (Ulysses; Jacobs et al. 2023, "DeepSpeed Ulysses", arXiv:2309.14509). With
 training.sp_size = S the W ranks are a 2-D mesh (W / S data-parallel groups) x (S sequence ranks): the
@@ -365,6 +367,18 @@ class _Fetch:
         return self.out
 
 
+_IN_FLIGHT: list[torch.Tensor] = []
+"""The overlapped reduce-scatter still running, at most one: until it is waited for, its input (the unit's
+whole gradient) stays alive, so letting every block's run on to the end of the backward pass would hold
+the whole model's gradients at once."""
+
+
+def _drain() -> None:
+    while _IN_FLIGHT:
+        t = _IN_FLIGHT.pop()
+        t.trigger_wait() if isinstance(t, fcol.AsyncCollectiveTensor) else fcol.wait_tensor(t)
+
+
 class _Gather(torch.autograd.Function):
     """Whole tensors from the local pieces of a unit (one all-gather, or one started earlier: `fetched`);
     backward: one reduce-scatter (sum)."""
@@ -397,7 +411,10 @@ class _Gather(torch.autograd.Function):
             parts.append(_pad(g, layout.world * n).view(layout.world, n))
         flat = torch.cat(parts, dim=1)
         if layout.overlap:  # returns at once; whatever first reads a piece waits (views do not)
+            _drain()  # the unit before's, which ran while this unit's backward computed
             out = _reduce_scatter_async(flat.view(-1), "sum", 0, layout.group)
+            _IN_FLIGHT.append(out)
+            torch.autograd.Variable._execution_engine.queue_callback(_drain)  # the last one, as the backward ends
         else:
             out = flat.new_empty(flat.shape[1])
             _reduce_scatter(out, flat.view(-1), group=layout.group)
