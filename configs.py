@@ -108,6 +108,10 @@ class SamplerConfig:
     student (floats allowed, e.g. a FlowMatchEuler pipeline's). Overrides num_steps, shift, schedule."""
     guidance_scale: float = 1.0
     """Classifier-free guidance w: v = v_uncond + w * (v_cond - v_uncond); 1 disables it."""
+    guidance_scale_2: float | None = None
+    """For an expert pair (Wan2.2 A14B): the w of the low-noise expert's steps (WanPipeline's
+    guidance_scale_2); None: guidance_scale for both. As in WanPipeline, guidance_scale 1 turns guidance
+    off for both experts."""
     seed: int = 0
     """Seed of the initial noise and of the SDE's noise."""
 
@@ -313,6 +317,11 @@ class FinetuneConfig:
     """Compare x0 predictions (x_t - sigma*v vs x0) instead of flow predictions."""
     cfg_rate: float = 0.1
     """Probability of replacing a sample's text embedding with zeros (for classifier-free guidance)."""
+    expert: str = ""
+    """For an expert-pair student (a Wan2.2 A14B pipeline folder): train only this expert ('transformer',
+    the high-noise one, or 'transformer_2'), every sample's noise level drawn from the scheme within its
+    range; the other stays frozen (and gets no optimizer state). Empty: each sample trains the expert its
+    noise level routes to."""
 
 
 @dataclass(frozen=True)
@@ -329,6 +338,9 @@ class DMD2Config:
     real_score_guidance_scale: float = 4.5
     """Teacher CFG w in the standard form uncond + w*(cond - uncond) (FastVideo's older
     cond + w*(cond - uncond) with 3.5 equals 4.5 here)."""
+    real_score_guidance_scale_2: float | None = None
+    """For an expert-pair teacher (Wan2.2 A14B): the w at its low-noise expert's timesteps (as
+    WanPipeline's guidance_scale_2, standard form); None: real_score_guidance_scale for both."""
     flow_shift: float = 8.0
     """Shift of the score sigmas (teacher / critic noise levels)."""
     min_timestep_ratio: float = 0.02

@@ -260,12 +260,31 @@ def _check_sample(cfg: configs.SampleRun) -> None:
         _need(cfg.sampler.shift > 0, f"sampler.shift must be > 0, got {cfg.sampler.shift:g}")
 
 
+def _check_pair_guidance(scale_2, family_name: str, folder, where: str) -> None:
+    """A second CFG weight (guidance_scale_2) is an expert pair's: refuse it for one model."""
+    if scale_2 is None or not folder:
+        return
+    from fvfunc import checkpoint
+    from fvfunc.models import family
+
+    folder = Path(folder)
+    try:
+        if (folder / "meta.json").is_file():  # a checkpoint: its student's folder
+            folder = Path(checkpoint.read_meta(folder)["roles"]["student"])
+        pair = family(family_name).experts(folder)
+    except (ValueError, KeyError, checkpoint.CheckpointError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    _need(pair is not None, f"{where} {scale_2:g} is the low-noise expert's CFG weight of an expert pair (Wan2.2 "
+          f"A14B), but {folder} is one model; drop it")
+
+
 def check(method: str, cfg) -> None:
     """Refuse a run that cannot work, before any model loads: raises one ConfigError whose message
     names the field (`roles.teacher.path`, `training.batch_size`, ...). Reads only config files
     (config.json, model_index.json) and safetensors headers."""
     if method == "sample":
         _check_sample(cfg)
+        _check_pair_guidance(cfg.sampler.guidance_scale_2, cfg.family, cfg.model, "sampler.guidance_scale_2")
         return
     if method == "preprocess":
         importlib.import_module("fvfunc.preprocess.inputs").check(cfg)
@@ -282,6 +301,8 @@ def check(method: str, cfg) -> None:
         raise ConfigError(str(e)) from None
     _check_data(method, cfg, spec.data(cfg))
     _check_roles(method, spec.roles(cfg), spec.trainable, cfg.roles)
+    _check_pair_guidance(cfg.validation.sampler.guidance_scale_2, cfg.roles.student.family, cfg.roles.student.path,
+                         "validation.sampler.guidance_scale_2")
 
 
 # ------------------------------------------------------------------------------------------- main

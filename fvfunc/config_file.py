@@ -57,6 +57,8 @@ The FastVideo keys every method shares, and the fvfunc field each sets (same mea
     pipeline_config.flow_shift                   method.flow_shift (when the method has one), and
                                                    validation.sampler.shift unless the file sets it
     pipeline_config.sampler_kind: ode | sde      validation.sampler.kind
+    pipeline_config.boundary_ratio               checked: an expert-pair role's folder must switch there
+                                                   (fvfunc routes by the folder's model_index.json)
     method_config.attn_kind                      dense only (no sparse attention in fvfunc)
     roles.<role>.disable_custom_init_weights     unused: fvfunc loads weights as stored
 
@@ -139,7 +141,7 @@ _FASTVIDEO_TRAINING: dict[str, Any] = {
     "preprocessed_data_type": str, "moba_config": dict,
 }
 _FASTVIDEO_METHOD: dict[str, Any] = {"attn_kind": str}
-_FASTVIDEO_PIPELINE: dict[str, Any] = {"flow_shift": float, "sampler_kind": str}
+_FASTVIDEO_PIPELINE: dict[str, Any] = {"flow_shift": float, "sampler_kind": str, "boundary_ratio": float}
 _FASTVIDEO_ROLE: dict[str, Any] = {"disable_custom_init_weights": bool}
 
 
@@ -491,6 +493,26 @@ def _from_pipeline(p: dict, method: str, out: _Assignments) -> None:
         if kind not in kinds:
             raise ConfigError(f"pipeline_config.sampler_kind: expected ode or sde, got {kind!r}")
         _put(out, "validation.sampler.kind", kinds[kind], "pipeline_config.sampler_kind")
+    if "boundary_ratio" in p:  # Wan2.2 A14B: fvfunc routes each pair by its folder's model_index.json
+        _check_boundary(p["boundary_ratio"], out)
+
+
+def _check_boundary(b, out: _Assignments) -> None:
+    """pipeline_config.boundary_ratio must be what the file's expert-pair roles switch at (their folders'
+    model_index.json, which fvfunc routes by); ConfigError naming the role otherwise."""
+    from fvfunc.models import FAMILIES  # (lazily, as from_dict imports it)
+
+    for name in ROLE_NAMES:
+        path = out.get(f"roles.{name}.path", ("",))[0]
+        if not path:
+            continue
+        try:
+            pair = FAMILIES[out.get(f"roles.{name}.family", ("wan",))[0]].experts(path)
+        except (KeyError, ValueError):
+            continue  # an unknown family or a broken folder: the config check names it
+        if pair is not None and abs(pair[1] - float(b)) > 1e-9:
+            raise ConfigError(f"pipeline_config.boundary_ratio {b}: roles.{name}.path {path} switches experts at "
+                              f"{pair[1]} (its model_index.json's boundary_ratio, which fvfunc routes by)")
 
 
 def _fastvideo_defaults(out: _Assignments) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from fvfunc import checkpoint, lora
+from fvfunc import checkpoint, experts, lora
 from fvfunc.models import Family
 from fvfunc.roles import DTYPES
 
@@ -95,12 +95,22 @@ LORA = "lora"
 """The subfolder of a LoRA student's adapters."""
 
 
-def _write(tmp: Path, fam: Family, cfg, params: dict, pipeline: Path | None, link_min_bytes: int) -> None:
-    fam.save(tmp / TRANSFORMER, cfg, params)
+def _write(tmp: Path, fam: Family, cfg, params: dict, pipeline: Path | None, link_min_bytes: int,
+           pair: experts.Experts | None = None) -> None:
+    if pair is None:
+        fam.save(tmp / TRANSFORMER, cfg, params)
+    else:  # each expert in its own folder, as the pipeline names them
+        for (name, part), c in zip(experts.split(params, pair.names).items(), pair.configs, strict=True):
+            fam.save(tmp / name, c, part)
     if pipeline is None:
         return
     index = json.loads((pipeline / "model_index.json").read_text())
     index["_diffusers_version"] = _diffusers_version(index.get("_diffusers_version"))
+    if pair is None and isinstance(index.get("transformer_2"), list) and any(index["transformer_2"]):
+        # one expert of a pair trained alone: the export is a one-model pipeline of it
+        index.update(transformer_2=[None, None], boundary_ratio=None)
+        log.warning("the student is one expert of the two-expert pipeline %s: the export is a one-model pipeline "
+                    "(its model_index.json has no transformer_2)", pipeline)
     for name in fam.components:
         if (pipeline / name).is_dir():
             carry(pipeline / name, tmp / name, link_min_bytes)
@@ -119,25 +129,45 @@ def _write_lora(folder: Path, fam: Family, cfg, adapters: dict, scale: float, dt
 
 
 def export(dest, fam: Family, cfg, params: dict, source, dtype: str = "source", variant: str = "",
-           link_min_bytes: int = LINK_MIN_BYTES, adapters: dict | None = None, lora_scale: float = 1.0) -> Path:
+           link_min_bytes: int = LINK_MIN_BYTES, adapters: dict | None = None, lora_scale: float = 1.0,
+           pair: experts.Experts | None = None) -> Path:
     """Write `params` (a model of `fam` with config `cfg`, trained from the folder `source`) as the
     pipeline folder `dest`, replacing any export there; tensors in `dtype` ('source', 'float32',
     'bfloat16'; `variant` is the source's weight variant, to read its dtypes). With `adapters` (a LoRA
     student's, of scale `lora_scale`), `params` is its base: the transformer is the merged model and
-    the adapters are written to `dest/lora/` as well."""
+    the adapters are written to `dest/lora/` as well. With `pair` (fvfunc/experts.py), `params` are an
+    expert pair's `<expert>/<param>` dict and `source` the pair's pipeline folder: each expert is written
+    to its own folder (transformer/, transformer_2/), in its source folder's dtypes, a LoRA pair's
+    adapters to `dest/lora/<expert>/`."""
     dest = Path(dest)
     pipeline = fam.pipeline(source)
-    if adapters is not None:
-        params = lora.merge(params, adapters, lora_scale)
-    types = dtypes(fam, params, source, dtype, variant)
+    if pair is not None:
+        if pipeline is None:
+            raise ValueError(f"{source}: an expert pair is exported into its pipeline, and this folder has none")
+        parts = experts.split(params, pair.names)
+        ads = experts.split(adapters, pair.names) if adapters is not None else {}
+        types = {}
+        for n in pair.names:
+            if adapters is not None:
+                parts[n] = lora.merge(parts[n], ads[n], lora_scale)
+            types.update({f"{n}{experts.SEP}{k}": v
+                          for k, v in dtypes(fam, parts[n], Path(source) / n, dtype, variant).items()})
+        params = experts.join(parts)
+    else:
+        if adapters is not None:
+            params = lora.merge(params, adapters, lora_scale)
+        types = dtypes(fam, params, source, dtype, variant)
     params = {k: v.to(types[k]) for k, v in params.items()}
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     if tmp.exists():  # left behind by a killed export
         shutil.rmtree(tmp)
-    _write(tmp, fam, cfg, params, pipeline, link_min_bytes)
-    if adapters is not None:
+    _write(tmp, fam, cfg, params, pipeline, link_min_bytes, pair)
+    if adapters is not None and pair is None:
         _write_lora(tmp / LORA, fam, cfg, adapters, lora_scale, dtype)
+    elif adapters is not None:
+        for (n, part), c in zip(experts.split(adapters, pair.names).items(), pair.configs, strict=True):
+            _write_lora(tmp / LORA / n, fam, c, part, lora_scale, dtype)
     _fsync_tree(tmp)
     if dest.exists():
         checkpoint.swap_in(tmp, dest)

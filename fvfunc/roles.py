@@ -11,17 +11,23 @@ its `params` are the adapters, `base` the frozen weights its `apply` closes over
 same folder, variant, dtype and frozen LoRA files without training its weights (a teacher, LoRA
 students and critics) share one copy of the base: a DMD2 run of a frozen teacher with a LoRA student
 and a LoRA critic holds the model once.
+
+A role whose folder is an expert pair (the family's `experts`: Wan2.2 A14B's transformer/ and
+transformer_2/) is built expert by expert as above (each expert shared, sharded or adapted on its own)
+and joined into one Role (`join`): its params one `<expert>/<param>` dict, its apply routing each
+sample by its timestep, `experts` naming the pair (fvfunc/experts.py).
 """
 
 from __future__ import annotations
 
 import functools
 import zlib
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from fvfunc import distributed, lora, random, runner
+from fvfunc import distributed, experts, lora, random, runner
 from fvfunc.models import Family, Latents, family
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -47,6 +53,9 @@ class Role(NamedTuple):
     None for a role whose params are the whole model."""
     lora_scale: float = 0.0
     """A LoRA role's alpha / rank (its adapters' B is scaled by it in the forward)."""
+    experts: experts.Experts | None = None
+    """An expert pair's names, boundary and configs (fvfunc/experts.py): `params` (and `base`) then hold
+    `<expert>/<param>` keys and `apply` routes each sample; None for one model."""
 
 
 class RoleError(RuntimeError):
@@ -66,31 +75,64 @@ def build(run, spec, process: distributed.Process) -> dict[str, Role]:
     """Every role `spec` needs for `run`, loaded through its family and placed on this process: whole
     on process.device, or, for a sharded role of a multi-rank run, only this rank's rows of each tensor
     read from the folder (never the whole model) and made DTensors, with an apply that gathers. Frozen
-    weights read by several roles are loaded once (see the module docstring)."""
+    weights read by several roles are loaded once (see the module docstring); an expert pair's folder
+    (the family's `experts`) is built expert by expert the same way and joined (fvfunc/experts.py)."""
     check(run, spec, process.world_size)
     roles, bases = {}, {}
     for name in spec.roles(run):
         cfg = getattr(run.roles, name)
         fam = family(cfg.family)
-        trainable = name in spec.trainable
-        adapted = cfg.lora.rank > 0
-        sharded = cfg.sharding == "sharded" and process.world_size > 1
-        shared = not trainable or adapted  # weights nobody updates may be shared
-        key = (cfg.family, cfg.path, cfg.variant, cfg.dtype, cfg.lora.frozen, sharded)
-        if shared and key in bases:
-            role = bases[key]._replace(name=name, trainable=trainable, ema_decay=cfg.ema_decay)
-        else:
-            mcfg, params = load_weights(name, cfg, fam, "cpu" if sharded else process.device,
-                                        distributed.rows_of(process) if sharded else None)
-            role = place(name, fam, mcfg, params, run.training, process, sharded, trainable, cfg.ema_decay,
-                         cfg.path)
-            if shared:
-                bases[key] = role
-        if adapted:
-            key = random.fold_in(random.key(run.training.seed), zlib.crc32(f"lora:{name}".encode()))
-            role = adapt(role, cfg.lora, f"roles.{name}.lora", key, process.device)
-        roles[name] = role
+        pair = fam.experts(cfg.path)
+        if pair is None:
+            roles[name] = _build_one(name, cfg, cfg.path, f"lora:{name}", run, spec, process, bases)
+            continue
+        names, boundary = pair
+        parts = [_build_one(name, cfg, str(Path(cfg.path) / n), f"lora:{name}/{n}", run, spec, process, bases)
+                 for n in names]
+        roles[name] = join(name, parts, names, boundary, cfg.path)
     return roles
+
+
+def _build_one(name, cfg, path: str, lora_name: str, run, spec, process, bases: dict) -> Role:
+    """Role `name` of one model folder `path` (a whole role, or one expert of a pair)."""
+    fam = family(cfg.family)
+    trainable = name in spec.trainable
+    adapted = cfg.lora.rank > 0
+    sharded = cfg.sharding == "sharded" and process.world_size > 1
+    shared = not trainable or adapted  # weights nobody updates may be shared
+    key = (cfg.family, path, cfg.variant, cfg.dtype, cfg.lora.frozen, sharded)
+    if shared and key in bases:
+        role = bases[key]._replace(name=name, trainable=trainable, ema_decay=cfg.ema_decay)
+    else:
+        mcfg, params = load_weights(name, cfg, fam, "cpu" if sharded else process.device,
+                                    distributed.rows_of(process) if sharded else None, path)
+        role = place(name, fam, mcfg, params, run.training, process, sharded, trainable, cfg.ema_decay, path)
+        if shared:
+            bases[key] = role
+    if adapted:
+        key = random.fold_in(random.key(run.training.seed), zlib.crc32(lora_name.encode()))
+        role = adapt(role, cfg.lora, f"roles.{name}.lora", key, process.device)
+    return role
+
+
+def join(name: str, parts: list[Role], names, boundary: float, folder) -> Role:
+    """One role of an expert pair from its experts' roles (in `names`' order, high noise first): its
+    params (and a LoRA role's base) one flat dict of `<expert>/<param>`, its apply routing each sample
+    by its timestep (fvfunc/experts.py; sharded experts all run on every call, so every rank gathers
+    alike). Its config and latent facts are the first expert's."""
+    first = parts[0]
+    for n, p in zip(names, parts, strict=True):
+        if p.latents.channels != first.latents.channels or p.family.text_width(p.config) != first.family.text_width(
+                first.config):
+            raise RoleError(f"roles.{name}.path: the experts {names[0]}/ and {n}/ of {folder} take different "
+                            "latents or text widths")
+    pair = experts.Experts(tuple(names), boundary, tuple(p.config for p in parts))
+    base = None if first.base is None else experts.join({n: p.base for n, p in zip(names, parts, strict=True)})
+    apply = experts.make_apply([p.apply for p in parts], pair, together=first.sharded)
+    return first._replace(folder=str(folder or ""), params=experts.join({n: p.params for n, p in zip(names, parts,
+                                                                                               strict=True)}),
+                          apply=apply, latents=first.family.latents(first.config, folder), base=base,
+                          experts=pair)
 
 
 def place(name: str, fam: Family, mcfg, params: dict, training, process: distributed.Process, sharded: bool,
@@ -140,6 +182,9 @@ def check(run, spec, world_size: int = 1) -> None:
         if not (adapted or cfg.lora.frozen or cfg.lora.rank < 0):
             continue
         fam = family(cfg.family)
+        if (cfg.lora.frozen or cfg.lora.init != "zeros") and cfg.path and fam.experts(cfg.path) is not None:
+            raise RoleError(f"roles.{name}.lora: {cfg.path} is an expert pair, and a LoRA file is one model's; "
+                            "LoRA files (lora.init, lora.frozen) for expert pairs are not supported yet")
         mcfg = fam.load_config(cfg.path)
         shapes = fam.param_shapes(mcfg)
         for entry in cfg.lora.frozen:
@@ -164,13 +209,15 @@ def _read(fam: Family, mcfg, path, field: str) -> dict:
         raise RoleError(f"{field}: {e}") from None
 
 
-def load_weights(name: str, cfg, fam: Family, device, rows=None) -> tuple[Any, dict]:
-    """(model config, params) of the folder of role `name` (its configs.RoleConfig `cfg`) with its
-    frozen LoRA files merged in; rows: only this rank's rows of each tensor (a sharded role)."""
-    mcfg, params = fam.load(cfg.path, dtype=DTYPES[cfg.dtype], device=device, rows=rows, variant=cfg.variant)
-    for entry in cfg.lora.frozen:  # (roles.check refuses them for sharded roles)
-        path, strength = lora.parse_frozen(entry)
-        params = lora.merge_pairs(params, _read(fam, mcfg, path, f"roles.{name}.lora.frozen"), strength)
+def load_weights(name: str, cfg, fam: Family, device, rows=None, path=None) -> tuple[Any, dict]:
+    """(model config, params) of the folder of role `name` (its configs.RoleConfig `cfg`; `path`: one
+    expert's folder instead of cfg.path) with its frozen LoRA files merged in; rows: only this rank's
+    rows of each tensor (a sharded role)."""
+    mcfg, params = fam.load(path or cfg.path, dtype=DTYPES[cfg.dtype], device=device, rows=rows,
+                            variant=cfg.variant)
+    for entry in cfg.lora.frozen:  # (roles.check refuses them for sharded roles and expert pairs)
+        file, strength = lora.parse_frozen(entry)
+        params = lora.merge_pairs(params, _read(fam, mcfg, file, f"roles.{name}.lora.frozen"), strength)
     return mcfg, params
 
 
@@ -190,7 +237,27 @@ def adapt(role: Role, cfg, field: str, key, device) -> Role:
                          apply=lora.make_apply(role.apply, role.params, scale))
 
 
+def make_apply(fam: Family, mcfg, pair: experts.Experts | None, opts: runner.Options) -> runner.Apply:
+    """The apply of whole params of one model (mcfg) or of an expert pair (pair, routing its experts)."""
+    if pair is None:
+        return runner.make_apply(fam, mcfg, opts)
+    return experts.make_apply([runner.make_apply(fam, c, opts) for c in pair.configs], pair)
+
+
 def unsharded(role: Role, training) -> Role:
     """The role with an apply for whole params on this rank alone (for rank 0 to sample from whole weights,
     every token here: no sequence parallelism either)."""
-    return role._replace(apply=runner.make_apply(role.family, role.config, options(training)))
+    return role._replace(apply=make_apply(role.family, role.config, role.experts, options(training)))
+
+
+def load_model(fam: Family, path, dtype=None, device=None, variant: str = "") -> tuple[Any, experts.Experts | None,
+                                                                                      dict]:
+    """(model config, expert pair or None, params) of a model folder, a pair's params joined."""
+    pair = fam.experts(path)
+    if pair is None:
+        mcfg, params = fam.load(path, dtype=dtype, device=device, variant=variant)
+        return mcfg, None, params
+    names, boundary = pair
+    loaded = [fam.load(Path(path) / n, dtype=dtype, device=device, variant=variant) for n in names]
+    return (loaded[0][0], experts.Experts(tuple(names), boundary, tuple(c for c, _ in loaded)),
+            experts.join({n: p for n, (_, p) in zip(names, loaded, strict=True)}))

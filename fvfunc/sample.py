@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import configs
-from fvfunc import checkpoint, data, lora, roles, runner, text
+from fvfunc import checkpoint, data, experts, lora, roles, runner, text
 from fvfunc.models import family
 from fvfunc.ops.linear import LORA_A
 from fvfunc.roles import DTYPES
@@ -95,49 +95,63 @@ def write_sample(out: Path, i: int, latents: torch.Tensor, frames: np.ndarray, c
 
 
 def load_model(cfg, device):
-    """(family, model config, params, pipeline folder) of a model folder or a run's checkpoint (its
-    student, or the student's EMA, on its folder's config; a LoRA student's adapters merged into its
-    base, frozen LoRA files included, as the run had them)."""
+    """(family, model config, expert pair or None, params, pipeline folder) of a model folder or a run's
+    checkpoint (its student, or the student's EMA, on its folder's config; a LoRA student's adapters
+    merged into its base, frozen LoRA files included, as the run had them; an expert pair's experts
+    each)."""
     model = Path(cfg.model)
     if not (model / "meta.json").is_file():
         fam = family(cfg.family)
-        mcfg, params = fam.load(model, device=device)
-        return fam, mcfg, params, model
+        mcfg, pair, params = roles.load_model(fam, model, device=device)
+        return fam, mcfg, pair, params, model
     trees, meta = checkpoint.load(model)
     folder = meta["roles"]["student"]
     fam = family(meta["config"]["roles"]["student"].get("family", cfg.family))
     ema = trees.get("student.ema")
     params = ema if (cfg.use_ema and ema is not None) else trees["student"]
     params = {k: v.to(device) for k, v in params.items()}
+    found = fam.experts(folder)
+    pair = None
+    if found is not None:
+        pair = experts.Experts(found[0], found[1], tuple(fam.load_config(Path(folder) / n) for n in found[0]))
+    mcfg = fam.load_config(folder)
     if not any(k.endswith(LORA_A) for k in params):
-        return fam, fam.load_config(folder), params, Path(folder)
+        return fam, mcfg, pair, params, Path(folder)
     run = meta.get("run", {})
     field = "roles.student."
-    role = configs.RoleConfig(family=fam.name, path=folder, variant=run.get(field + "variant", ""),
-                              lora=configs.LoraConfig(frozen=tuple(run.get(field + "lora.frozen", ()))))
-    mcfg, base = roles.load_weights("student", role, fam, device)
     scale = lora.scale_of(run.get(field + "lora.rank", 1), run.get(field + "lora.alpha", 0.0))
-    return fam, mcfg, lora.merge(base, params, scale), Path(folder)
+    frozen = tuple(run.get(field + "lora.frozen", ()))
+    role = configs.RoleConfig(family=fam.name, path=folder, variant=run.get(field + "variant", ""),
+                              lora=configs.LoraConfig(frozen=frozen))
+    if pair is None:
+        mcfg, base = roles.load_weights("student", role, fam, device)
+        return fam, mcfg, None, lora.merge(base, params, scale), Path(folder)
+    adapters, merged = experts.split(params, pair.names), {}
+    for n in pair.names:
+        _, base = roles.load_weights("student", role, fam, device, path=str(Path(folder) / n))
+        merged[n] = lora.merge(base, adapters[n], scale)
+    return fam, mcfg, pair, experts.join(merged), Path(folder)
 
 
 def sample_command(cfg) -> list[Path]:
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.precision]
-    guided = cfg.sampler.guidance_scale != 1
+    guided = cfg.sampler.guidance_scale != 1 or cfg.sampler.guidance_scale_2 not in (None, 1)
     as_text = bool(cfg.prompt) or Path(cfg.prompts).suffix == ".txt" or (guided and not cfg.negative_prompt_embedding)
     where = text.find_encoder(cfg.model) if as_text else None
     encoder = text.load_encoder(where, device, dtype) if where is not None else None
     prompts, captions = read_prompts(cfg, encoder)
     uncond = read_uncond(cfg, encoder, len(captions)) if guided else None
     del encoder  # the umT5 is done: free its memory before the transformer loads
-    fam, mcfg, params, folder = load_model(cfg, device)
+    fam, mcfg, pair, params, folder = load_model(cfg, device)
     facts = fam.latents(mcfg, folder)
     noise = read_noise(cfg, len(captions), facts.channels)
     shape = tuple(noise.shape[1:]) if noise is not None else (facts.channels, *cfg.latent_shape)
-    apply = runner.make_apply(fam, mcfg, runner.Options(dtype=dtype))
+    apply = roles.make_apply(fam, mcfg, pair, runner.Options(dtype=dtype))
     latents = generate(apply, params, prompts.to(device), shape, cfg.sampler,
                        uncond=None if uncond is None else uncond.to(device),
-                       noise=None if noise is None else noise.to(device))
+                       noise=None if noise is None else noise.to(device),
+                       boundary=None if pair is None else pair.boundary)
     frames = to_frames(latents, fam, fam.load_vae(folder, device), facts)
     out = Path(cfg.output_dir)
     paths = [write_sample(out, i, latents[i], clip, captions[i], cfg.fps) for i, clip in enumerate(frames)]

@@ -463,7 +463,7 @@ def export_student(folder: Path, student: roles.Role, state: TrainState, run) ->
     if student.base is not None:
         params, adapters = student.base, params
     export.export(folder, student.family, student.config, params, student.folder, run.training.export_dtype,
-                  run.roles.student.variant, adapters=adapters, lora_scale=student.lora_scale)
+                  run.roles.student.variant, adapters=adapters, lora_scale=student.lora_scale, pair=student.experts)
     log.info("exported the student%s%s to %s", " (EMA)" if "student" in state.ema else "",
              " (merged, and its LoRA in lora/)" if adapters is not None else "", folder)
     return folder

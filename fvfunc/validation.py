@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fvfunc import data, random
+from fvfunc import data, experts, random
 from fvfunc.losses.spec import condition, conditioned
 from fvfunc.samplers import guided, sample, schedule
 
@@ -24,12 +24,14 @@ log = logging.getLogger("fvfunc")
 
 
 def generate(apply, params, text: torch.Tensor, shape, sampler_cfg, key=None, uncond: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None, cond: dict | None = None) -> torch.Tensor:
+             noise: torch.Tensor | None = None, cond: dict | None = None, boundary: float | None = None
+             ) -> torch.Tensor:
     """Latents [B, *shape] sampled from `apply(params, x, t, context)` for text [B, L, D].
 
     uncond: the negative prompt's embedding ([B or 1, L, D]; None: zeros), used when guiding.
     noise: the initial noise [B, *shape] (None: drawn from the key; the sde's noise comes from the key
-    either way). cond: the image condition ({name: [B, ...]}), given with the cond and the uncond text."""
+    either way). cond: the image condition ({name: [B, ...]}), given with the cond and the uncond text.
+    boundary: an expert pair's (fvfunc/experts.py), for sampler_cfg.guidance_scale_2 at its low-noise steps."""
     key = random.key(sampler_cfg.seed) if key is None else key
     k_init, k_steps = random.split(key, 2)
     x = random.normal(k_init, (text.shape[0], *shape), device=text.device) if noise is None else noise
@@ -38,7 +40,8 @@ def generate(apply, params, text: torch.Tensor, shape, sampler_cfg, key=None, un
         return apply(params, x, t, c, *conditioned({k: v.repeat(n, *[1] * (v.ndim - 1))
                                                     for k, v in (cond or {}).items()})).float()
 
-    denoise = guided(fn, text, uncond, sampler_cfg.guidance_scale)
+    denoise = guided(fn, text, uncond, experts.guidance(sampler_cfg.guidance_scale, sampler_cfg.guidance_scale_2,
+                                                       boundary))
     with torch.no_grad():
         walk = schedule(sampler_cfg)
         return sample(denoise, x, walk.sigmas, sampler_cfg.kind, k_steps, timesteps=walk.timesteps)
@@ -145,7 +148,7 @@ class Validator:
         self.cond = {k: v.to(device) for k, v in cond.items()}
         v = run.validation
         self.uncond = None
-        if sampler_cfg.guidance_scale != 1:  # the negative prompt, encoded once
+        if sampler_cfg.guidance_scale != 1 or sampler_cfg.guidance_scale_2 not in (None, 1):  # encoded once
             from fvfunc import text
 
             self.uncond = text.negative_embedding(v.negative_prompt, v.negative_prompt_embedding, student.folder,
@@ -160,8 +163,9 @@ class Validator:
     def __call__(self, state, tracker) -> list[Path]:
         v = self.run.validation
         params = state.ema["student"] if (v.use_ema and "student" in state.ema) else state.params["student"]
+        pair = self.student.experts
         latents = generate(self.student.apply, params, self.text, self.shape, self.sampler, uncond=self.uncond,
-                           cond=self.cond)
+                           cond=self.cond, boundary=None if pair is None else pair.boundary)
         latents = self.student.family.impose(self.student.config, latents, self.cond)
         frames = to_frames(latents, self.student.family, self.vae, self.facts)
         paths = []

@@ -324,3 +324,30 @@ def test_i2v_without_clip_feature_is_one_error_naming_the_column_and_file(i2v_wo
     with pytest.raises(ConfigError, match="data_chunk_0.parquet: no column clip_feature_bytes"):
         trainer.run("finetune", _cfg(i2v_world, "finetune", tmp_path / "o", data=i2v_world["noclip"]))
     assert not (tmp_path / "o").exists()
+
+
+def test_i2v_a14b_pair_trains_on_i2v_data_and_resumes_bitwise(i2v_world, tmp_path):
+    """A Wan2.2 I2V-A14B-like pair (experts of 36 input channels, no CLIP, boundary 0.9) trains on FastVideo's
+    i2v rows (their first_frame_latent), both experts, and resumes bitwise; DMD2 of pairs runs on them."""
+    import dataclasses
+
+    from fvfunc import checkpoint, trainer, tree
+    from fvfunc.testing import tiny
+
+    pair = tiny.write_pair(tmp_path / "i2v_a14b", tiny.tiny_config(in_channels=36, out_channels=16), boundary=0.9)
+    world = dict(i2v_world, model=pair)
+    full = trainer.run("finetune", _cfg(world, "finetune", tmp_path / "full", max_steps=4))
+    half = tmp_path / "half"
+    trainer.run("finetune", _cfg(world, "finetune", half, max_steps=2))
+    trainer.run("finetune", _cfg(world, "finetune", half, max_steps=4, resume="latest"))
+    a, _ = checkpoint.load(full / "checkpoint-4")
+    b, _ = checkpoint.load(half / "checkpoint-4")
+    assert all(tree.equal(a[n], b[n]) for n in a)
+    start = {n: wan.load(pair / n)[1] for n in ("transformer", "transformer_2")}
+    moved = [n for n in start if not torch.equal(a["student"][f"{n}/patch_embedding.weight"],
+                                                 start[n]["patch_embedding.weight"])]
+    assert moved == ["transformer", "transformer_2"], moved  # both experts trained
+    cfg = _cfg(world, "dmd2", tmp_path / "dmd2", max_steps=2)
+    cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, dmd_denoising_steps=(1000, 750)))
+    trainer.run("dmd2", cfg)
+    assert checkpoint.latest(tmp_path / "dmd2").name == "checkpoint-2"

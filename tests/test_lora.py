@@ -180,7 +180,7 @@ def test_lora_finetune_equals_diffusers_load_lora_weights_and_the_merged_export(
     from fvfunc import sample
 
     sample_cfg = configs.SampleRun(model=str(out / "checkpoint-3"))
-    fam, _, params, _ = sample.load_model(sample_cfg, "cpu")
+    fam, _, _, params, _ = sample.load_model(sample_cfg, "cpu")
     assert rel(wan.apply(params, cfg, x, t, ctx), ref) < 1e-5
 
 

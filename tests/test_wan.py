@@ -339,23 +339,32 @@ def _check_student(root, tmp_path, variant=""):
         data=configs.DataConfig(path=(str(tmp_path / "data"),))))
 
 
-def test_two_expert_wan22_is_refused_at_load_and_at_the_config_check(tmp_path, capsys):
+def test_two_expert_wan22_needs_a_boundary_at_load_and_at_the_config_check(tmp_path, capsys):
     from fvfunc import cli
 
     root = _pipeline(tmp_path / "a14b", transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.875)
     from fvfunc.testing import tiny
     wan.save(root / "transformer_2", tiny.tiny_config(), wan.init(tiny.tiny_config(), random.key(1)))
-    why = "a two-expert pipeline \\(transformer_2\\); two-expert Wan2.2 A14B is not supported yet"
-    for path in (root, root / "transformer", root / "transformer_2"):
-        with pytest.raises(ModelError, match=f"{root}: {why}"):
-            wan.load(path)
-    with pytest.raises(cli.ConfigError, match=f"roles.student.path: {root}: {why}"):
-        _check_student(root / "transformer", tmp_path)
+    assert wan.experts(root) == (("transformer", "transformer_2"), 0.875)
+    assert wan.experts(root / "transformer") is None and wan.experts(root / "transformer_2") is None  # one expert
+    assert len(wan.pair_weight_files(root)) == 2
+    _check_student(root, tmp_path)
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps(dict(index, boundary_ratio=None)))
+    why = "a two-expert pipeline \\(transformer_2\\) needs boundary_ratio"
+    for load in (wan.load_config, wan.load):
+        with pytest.raises(ModelError, match=f"{root / 'model_index.json'}: {why}"):
+            load(root)
+    with pytest.raises(cli.ConfigError, match=f"roles.student.path: {root / 'model_index.json'}: {why}"):
+        _check_student(root, tmp_path)
     out = tmp_path / "run"
     code = cli.main(["finetune", "--roles.student.path", str(root), "--data.path", str(tmp_path / "data"),
                      "--training.output-dir", str(out)])
-    assert code == 2 and "two-expert Wan2.2 A14B is not supported yet" in capsys.readouterr().err
+    assert code == 2 and "needs boundary_ratio" in capsys.readouterr().err
     assert not out.exists()
+    (root / "model_index.json").write_text(json.dumps(dict(index, boundary_ratio=1.5)))
+    with pytest.raises(ModelError, match="boundary_ratio must be a number in \\(0, 1\\), got 1.5"):
+        wan.experts(root)
 
 
 def test_ti2v_expand_timesteps_is_read_from_the_transformer_or_the_pipeline_config(tmp_path):

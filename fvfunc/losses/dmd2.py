@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import configs
-from fvfunc import optim, random
+from fvfunc import experts, optim, random
 from fvfunc.autodiff import accumulate
 from fvfunc.losses.flow_matching import flow_matching_loss
 from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec, Prepared, condition, conditioned
@@ -89,15 +89,26 @@ def x0_prediction(apply, params, x, sigma, context, cond=None) -> torch.Tensor:
     return x0_from_v(x, apply(params, x, sigma * 1000, context, *conditioned(cond)).float(), sigma)
 
 
-def real_score(teacher, params, x_t, sigma, context, uncond, guidance: float, cond=None) -> torch.Tensor:
+def real_score(teacher, params, x_t, sigma, context, uncond, guidance, cond=None) -> torch.Tensor:
     """Teacher x0 with standard CFG; cond and uncond (the negative prompt's embedding, or zeros when
-    None) in one batched call; the image condition `cond` goes with both."""
+    None) in one batched call; the image condition `cond` goes with both. guidance: w, or a function
+    of the timesteps [B] -> w [B] (an expert-pair teacher's per-expert weights, experts.guidance)."""
     uncond = torch.zeros_like(context) if uncond is None else uncond.to(context.dtype)
     both = teacher.apply(params, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]) * 1000,
                          torch.cat([context, uncond]),
                          *conditioned({k: torch.cat([v, v]) for k, v in (cond or {}).items()})).float()
     v_cond, v_uncond = both.chunk(2)
+    if callable(guidance):
+        guidance = guidance(sigma * 1000).to(v_cond).view(-1, *[1] * (v_cond.ndim - 1))
     return x0_from_v(x_t, v_uncond + guidance * (v_cond - v_uncond), sigma)
+
+
+def teacher_guidance(cfg, teacher):
+    """The teacher's CFG weight: real_score_guidance_scale, and for an expert-pair teacher
+    real_score_guidance_scale_2 at its low-noise expert's timesteps (when set)."""
+    pair = teacher.experts
+    return experts.guidance(cfg.real_score_guidance_scale, cfg.real_score_guidance_scale_2,
+                            None if pair is None else pair.boundary)
 
 
 def generator_loss(student_params, batch, models, params, cfg):
@@ -111,7 +122,7 @@ def generator_loss(student_params, batch, models, params, cfg):
         fake = x0_prediction(models["critic"].apply, params["critic"], x_t, batch["score_sigma"], batch["text"],
                              cond)
         real = real_score(models["teacher"], params["teacher"], x_t, batch["score_sigma"], batch["text"],
-                          batch.get("negative_text"), cfg.real_score_guidance_scale, cond)
+                          batch.get("negative_text"), teacher_guidance(cfg, models["teacher"]), cond)
     return distribution_matching_loss(x0_gen, real, fake), {}
 
 
@@ -146,6 +157,13 @@ def draw(key, sample_index, shape, num_steps, device):
 def step_indices(key, sample_index, num_steps: int) -> torch.Tensor:
     """Each sample's few-step index k [B] in [0, num_steps), from its own key (the 4th of `draw`'s)."""
     return torch.cat([random.randint(random.split(k, 4)[3], (1,), 0, num_steps)
+                      for k in random.per_sample(key, sample_index)])
+
+
+def score_timesteps(key, sample_index) -> torch.Tensor:
+    """The score's integer t0 [B] that `draw` gives the samples `sample_index` (the 3rd of its keys),
+    without their noise: the whole global batch's, for every rank to agree on a pair's experts."""
+    return torch.cat([random.randint(random.split(k, 4)[2], (1,), 0, NUM_TRAIN_TIMESTEPS)
                       for k in random.per_sample(key, sample_index)])
 
 
@@ -191,9 +209,12 @@ def make(run, roles, reduce=None) -> Method:
     student, channels = roles["student"], roles["student"].latents.channels
     decays = {r: roles[r].ema_decay for r in SPEC.trainable if roles[r].ema_decay > 0}
 
+    everyone = range(training.batch_size)  # the global batch: what every rank's expert steps are decided on
+
     def init(params, key):
         ema = {r: optim.ema_init(params[r]) for r in decays}
-        opt = {"student": opt_s.init(params["student"]), "critic": opt_c.init(params["critic"])}
+        opt = {"student": experts.opt_init(opt_s, params["student"], student.experts),
+               "critic": experts.opt_init(opt_c, params["critic"], roles["critic"].experts)}
         return TrainState(0, key, dict(params), opt, ema)
 
     def prepare(key, batch, student_params):
@@ -212,27 +233,33 @@ def make(run, roles, reduce=None) -> Method:
         params, opt, ema = dict(state.params), dict(state.opt), dict(state.ema)
         metrics = {}
         if state.step % interval == 0:
-            gen_batch = prepare(random.fold_in(key, 0), batch, params["student"])
+            gen_key = random.fold_in(key, 0)
+            gen_batch = prepare(gen_key, batch, params["student"])
             grads, value = accumulate(generator_loss, training.grad_transform, params["student"], gen_batch,
                                       training.micro_batches, roles, params, cfg)
-            params["student"], opt["student"], norm = optim.apply_gradients(
-                opt_s, params["student"], grads, opt["student"], training.max_grad_norm, reduce)
-            metrics.update(generator_loss=value, student_grad_norm=norm,
-                           student_lr=sched_s(int(opt["student"].step) - 1))
+            # a student pair steps the experts that the global batch's step sigmas were routed to
+            t_gen = sigmas[step_indices(gen_key, everyone, num_steps)] * 1000
+            params["student"], opt["student"], norm = experts.apply_gradients(
+                opt_s, params["student"], grads, opt["student"], training.max_grad_norm, reduce, student.experts,
+                t_gen)
+            metrics.update(generator_loss=value, student_grad_norm=norm, student_lr=sched_s(state.step // interval))
         # the critic learns the current student's distribution: a fresh rollout, no grad to the student
-        critic_batch = prepare(random.fold_in(key, 1), batch, params["student"])
+        critic_key = random.fold_in(key, 1)
+        critic_batch = prepare(critic_key, batch, params["student"])
         with torch.no_grad():
             critic_batch["x0_fake"] = x0_prediction(student.apply, params["student"], critic_batch["x_k"],
                                                     critic_batch["sigma_k"], critic_batch["text"],
                                                     condition(critic_batch))
         grads, value = accumulate(critic_loss, training.grad_transform, params["critic"], critic_batch,
                                   training.micro_batches, roles)
-        params["critic"], opt["critic"], norm = optim.apply_gradients(
-            opt_c, params["critic"], grads, opt["critic"], training.max_grad_norm, reduce)
+        t_critic = score_sigmas(score_timesteps(critic_key, everyone), cfg) * 1000
+        params["critic"], opt["critic"], norm = experts.apply_gradients(
+            opt_c, params["critic"], grads, opt["critic"], training.max_grad_norm, reduce, roles["critic"].experts,
+            t_critic)
         for r, decay in decays.items():
             if r == "critic" or state.step % interval == 0:  # an EMA moves when its role does
                 ema[r] = optim.ema_update(ema[r], params[r], decay)
-        metrics.update(critic_loss=value, critic_grad_norm=norm, critic_lr=sched_c(int(opt["critic"].step) - 1),
+        metrics.update(critic_loss=value, critic_grad_norm=norm, critic_lr=sched_c(state.step),
                        student_updated=float(state.step % interval == 0))
         return TrainState(state.step + 1, state.key, params, opt, ema), metrics
 
@@ -256,6 +283,15 @@ def check(run) -> None:
     if not 0 <= m.min_timestep_ratio < m.max_timestep_ratio <= 1:
         raise ValueError("method.min_timestep_ratio and max_timestep_ratio must satisfy 0 <= min < max <= 1, "
                          f"got {m.min_timestep_ratio:g} and {m.max_timestep_ratio:g}")
+    if m.real_score_guidance_scale_2 is not None:
+        from fvfunc.models import family
+
+        if not math.isfinite(m.real_score_guidance_scale_2):
+            raise ValueError(f"method.real_score_guidance_scale_2 must be finite, got {m.real_score_guidance_scale_2}")
+        teacher = run.roles.teacher
+        if teacher.path and family(teacher.family).experts(teacher.path) is None:
+            raise ValueError(f"method.real_score_guidance_scale_2 is the low-noise expert's CFG weight of an expert-"
+                             f"pair teacher, but roles.teacher.path {teacher.path} is one model")
     if not (math.isfinite(m.critic_lr) and m.critic_lr > 0):
         raise ValueError(f"method.critic_lr must be > 0, got {m.critic_lr:g}")
     if not all(0 <= b < 1 for b in m.critic_betas):

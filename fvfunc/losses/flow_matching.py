@@ -19,7 +19,7 @@ import math
 import torch
 
 import configs
-from fvfunc import optim, random
+from fvfunc import experts, optim, random
 from fvfunc.autodiff import accumulate
 from fvfunc.losses.spec import LATENTS, TEXT, FastVideoKeys, Method, MethodSpec, condition, conditioned
 from fvfunc.samplers import add_noise, shift
@@ -38,15 +38,42 @@ def sample_u(key: torch.Tensor, n: int, cfg, device=None) -> torch.Tensor:
     raise ValueError(f"unknown weighting_scheme {cfg.weighting_scheme!r}")
 
 
-def draw(key: torch.Tensor, sample_index, shape, cfg, device=None):
-    """Per-sample (noise [B, *shape], sigma [B], keep_text [B]) from the step key."""
+MAX_TRIES = 10_000
+"""Draws of one sample's sigma before `within` gives up (an expert's range of almost no probability)."""
+
+
+def sigma_of(key: torch.Tensor, cfg, device=None, within=None) -> torch.Tensor:
+    """One sample's sigma [1]: shift(u) of the weighting scheme. within (expert index, experts.Experts):
+    the scheme's sigma conditioned on being routed to that expert (drawn again from fold_in(key, j)
+    until it is), so one chosen expert trains on its own noise range with the run's distribution."""
+    sigma = shift(sample_u(key, 1, cfg, device), cfg.flow_shift)
+    if within is None:
+        return sigma
+    index, pair = within
+    for j in range(MAX_TRIES):
+        if int(experts.route(sigma * 1000, pair.boundary)) == index:
+            return sigma
+        sigma = shift(sample_u(random.fold_in(key, j + 1), 1, cfg, device), cfg.flow_shift)
+    raise ValueError(f"method.expert {pair.names[index]!r}: no sigma of the weighting scheme fell in its range "
+                     f"in {MAX_TRIES} draws")
+
+
+def draw(key: torch.Tensor, sample_index, shape, cfg, device=None, within=None):
+    """Per-sample (noise [B, *shape], sigma [B], keep_text [B]) from the step key (`within`: see sigma_of)."""
     noises, sigmas, keeps = [], [], []
     for k in random.per_sample(key, sample_index):
         k_noise, k_sigma, k_drop = random.split(k, 3)
         noises.append(random.normal(k_noise, shape, device=device))
-        sigmas.append(shift(sample_u(k_sigma, 1, cfg, device), cfg.flow_shift))
+        sigmas.append(sigma_of(k_sigma, cfg, device, within))
         keeps.append(random.uniform(k_drop, (1,), device=device) >= cfg.cfg_rate)
     return torch.stack(noises), torch.cat(sigmas), torch.cat(keeps)
+
+
+def sigmas_of(key: torch.Tensor, sample_index, cfg, device=None, within=None) -> torch.Tensor:
+    """The sigma [B] that `draw` on `device` gives the samples `sample_index` (without their noise): the
+    whole global batch's, for every rank to agree on which experts of a pair this step trains."""
+    return torch.cat([sigma_of(random.split(k, 3)[1], cfg, device, within)
+                      for k in random.per_sample(key, sample_index)])
 
 
 def flow_matching_loss(v_pred, x0, noise, sigma, precondition: bool = False) -> torch.Tensor:
@@ -68,28 +95,54 @@ def loss(params, batch, apply, cfg):
     return flow_matching_loss(v, x0, noise, sigma, cfg.precondition_outputs), {}
 
 
+def _with_frozen(trained, batch, frozen, apply, cfg):
+    """`loss` of params made of trained and frozen parts (one chosen expert of a pair trains)."""
+    return loss({**frozen, **trained}, batch, apply, cfg)
+
+
 def make(run, roles, reduce=None) -> Method:
     """The finetune (init, step) pair of a FinetuneRun over its roles ({"student": Role}); `reduce`
     averages gradients over data-parallel ranks (None: one process)."""
     cfg, training, student = run.method, run.training, roles["student"]
     opt, schedule = optim.for_role(training, training.lr, training.betas, training.weight_decay, training.max_steps)
+    within = None  # method.expert: every sample's noise level in that expert's range, so only it trains
+    if cfg.expert:
+        if student.experts is None or cfg.expert not in student.experts.names:
+            have = "one model" if student.experts is None else f"the experts {list(student.experts.names)}"
+            raise ValueError(f"method.expert {cfg.expert!r}: roles.student.path holds {have}")
+        within = (student.experts.names.index(cfg.expert), student.experts)
+    chosen = f"{cfg.expert}{experts.SEP}"
 
     def init(params, key):
+        if cfg.expert:  # the other expert is frozen: held in the compute precision (bfloat16 halves it)
+            low = getattr(torch, training.precision)
+            params = dict(params, student={k: v if k.startswith(chosen) else v.to(low)
+                                           for k, v in params["student"].items()})
         ema = {"student": optim.ema_init(params["student"])} if student.ema_decay > 0 else {}
-        return TrainState(0, key, dict(params), {"student": opt.init(params["student"])}, ema)
+        opt_state = experts.opt_init(opt, params["student"], student.experts, (cfg.expert,) if cfg.expert else None)
+        return TrainState(0, key, dict(params), {"student": opt_state}, ema)
 
     def step(state: TrainState, batch: dict):
         key = random.fold_in(state.key, state.step)
         x0 = batch["latents"]
-        noise, sigma, keep = draw(key, batch["sample_index"], x0.shape[1:], cfg, x0.device)
+        noise, sigma, keep = draw(key, batch["sample_index"], x0.shape[1:], cfg, x0.device, within)
         batch = dict(batch, noise=noise.to(x0.dtype), sigma=sigma, keep_text=keep)
         params = state.params["student"]
-        grads, value = accumulate(loss, training.grad_transform, params, batch, training.micro_batches,
-                                  student.apply, cfg)
-        params, opt_state, norm = optim.apply_gradients(opt, params, grads, state.opt["student"],
-                                                        training.max_grad_norm, reduce)
+        if cfg.expert:  # gradients of the chosen expert only (none made for the frozen one)
+            frozen = {k: v for k, v in params.items() if not k.startswith(chosen)}
+            grads, value = accumulate(_with_frozen, training.grad_transform,
+                                      {k: v for k, v in params.items() if k.startswith(chosen)}, batch,
+                                      training.micro_batches, frozen, student.apply, cfg)
+        else:
+            grads, value = accumulate(loss, training.grad_transform, params, batch, training.micro_batches,
+                                      student.apply, cfg)
+        # an expert pair steps the experts the global batch's noise levels were routed to
+        t_all = None if student.experts is None else 1000 * sigmas_of(key, range(training.batch_size), cfg,
+                                                                      x0.device, within)
+        params, opt_state, norm = experts.apply_gradients(opt, params, grads, state.opt["student"],
+                                                          training.max_grad_norm, reduce, student.experts, t_all)
         ema = {r: optim.ema_update(e, params, student.ema_decay) for r, e in state.ema.items()}
-        metrics = {"loss": value, "grad_norm": norm, "lr": schedule(int(opt_state.step) - 1)}
+        metrics = {"loss": value, "grad_norm": norm, "lr": schedule(state.step)}
         return TrainState(state.step + 1, state.key, dict(state.params, student=params), {"student": opt_state},
                           ema), metrics
 
@@ -107,6 +160,14 @@ def check(run) -> None:
         raise ValueError(f"method.cfg_rate must be in [0, 1], got {m.cfg_rate:g}")
     if not m.logit_std > 0:
         raise ValueError(f"method.logit_std must be > 0, got {m.logit_std:g}")
+    if m.expert:
+        from fvfunc.models import family
+
+        student = run.roles.student
+        pair = family(student.family).experts(student.path) if student.path else None
+        if pair is None or m.expert not in pair[0]:
+            have = "one model" if pair is None else f"the experts {list(pair[0])}"
+            raise ValueError(f"method.expert {m.expert!r}: roles.student.path {student.path} holds {have}")
 
 
 def read_fastvideo(sections: dict, put, facts) -> None:

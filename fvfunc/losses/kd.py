@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import configs
-from fvfunc import optim, random
+from fvfunc import experts, optim, random
 from fvfunc.autodiff import accumulate
 from fvfunc.losses.spec import (
     TEXT,
@@ -96,7 +96,8 @@ def make(run, roles, reduce=None) -> Method:
 
     def init(params, key):
         ema = {"student": optim.ema_init(params["student"])} if student.ema_decay > 0 else {}
-        return TrainState(0, key, {"student": params["student"]}, {"student": opt.init(params["student"])}, ema)
+        return TrainState(0, key, {"student": params["student"]},
+                          {"student": experts.opt_init(opt, params["student"], student.experts)}, ema)
 
     def step(state: TrainState, batch: dict):
         states, stamps = batch["trajectory"].shape[1], batch["trajectory_timesteps"].shape[1]
@@ -113,10 +114,12 @@ def make(run, roles, reduce=None) -> Method:
         params = state.params["student"]
         grads, value = accumulate(kd_loss, training.grad_transform, params, batch, training.micro_batches,
                                   student.apply)
-        params, opt_state, norm = optim.apply_gradients(opt, params, grads, state.opt["student"],
-                                                        training.max_grad_norm, reduce)
+        t_all = None if student.experts is None else timesteps[draw_steps(key, range(training.batch_size),
+                                                                          len(timesteps))]
+        params, opt_state, norm = experts.apply_gradients(opt, params, grads, state.opt["student"],
+                                                          training.max_grad_norm, reduce, student.experts, t_all)
         ema = {r: optim.ema_update(e, params, student.ema_decay) for r, e in state.ema.items()}
-        metrics = {"loss": value, "grad_norm": norm, "lr": schedule(int(opt_state.step) - 1), "timestep_gap": gap}
+        metrics = {"loss": value, "grad_norm": norm, "lr": schedule(state.step), "timestep_gap": gap}
         return TrainState(state.step + 1, state.key, dict(state.params, student=params), {"student": opt_state},
                           ema), metrics
 

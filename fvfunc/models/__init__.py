@@ -104,6 +104,11 @@ class Family(NamedTuple):
     """conditions(cfg) -> {name: required}: the conditions (FastVideo's i2v column names, e.g.
     "clip_feature") the model takes besides the text, in `embed`'s `cond` dict; a family that takes none
     is never given `cond` (its embed keeps the six arguments)."""
+    experts: Callable[[Any], tuple[tuple[str, ...], float] | None] = lambda folder: None
+    """experts(folder) -> (names, boundary) when the folder is an expert pair (Wan2.2 A14B: ("transformer",
+    "transformer_2"), model_index.json's boundary_ratio): its experts are the subfolders `names`, high
+    noise first, and timesteps t >= boundary * 1000 go to the first (fvfunc/experts.py); None for one
+    model. ModelError for a pair that cannot be routed (no boundary)."""
     impose: Callable[[Any, torch.Tensor, Any], torch.Tensor] = lambda cfg, x, cond: x
     """impose(cfg, latents, cond) -> the sampled latents with the part the condition gives set (Wan2.2
     TI2V's first frame), as a pipeline ends its sampling; a sampler's caller applies it."""

@@ -6,8 +6,10 @@ follows diffusers' module step by step (it is the numerical reference, see tests
 including where it computes in fp32: the time embedder, the modulation tables and the LayerNorms.
 
 A model folder is a transformer folder or a diffusers WanPipeline folder around one; its weights are
-read in any of diffusers' variants (`diffusion_pytorch_model.fp16.safetensors`, sharded or not). The
-Wan2.2 pipelines whose sampling differs, two-expert A14B and TI2V, are refused when a folder is read.
+read in any of diffusers' variants (`diffusion_pytorch_model.fp16.safetensors`, sharded or not). A
+Wan2.2 A14B pipeline folder is an expert pair (`experts`: transformer/ and transformer_2/ with
+model_index.json's boundary_ratio; fvfunc/experts.py routes them); its transformer/ or transformer_2/
+folder alone is one model.
 """
 
 from __future__ import annotations
@@ -373,7 +375,15 @@ def conditions(cfg: WanConfig) -> dict[str, bool]:
         return {CLIP: True, FIRST_FRAME: True}
     if cfg.expand_timesteps:
         return {FIRST_FRAME: False}
+    if _frame_channels(cfg):  # Wan2.2 I2V-A14B: the frame mask and latent, no CLIP tokens
+        return {FIRST_FRAME: True}
     return {}
+
+
+def _frame_channels(cfg: WanConfig) -> bool:
+    """Whether the model takes the frame mask and the first-frame latent as extra input channels
+    (Wan2.1 I2V, and Wan2.2 I2V-A14B, whose experts take no CLIP tokens): in = 2 x out + 4."""
+    return not cfg.expand_timesteps and cfg.in_channels == 2 * cfg.out_channels + 4
 
 
 def frame_mask(B: int, T: int, H: int, W: int, temporal: int = 4, last: bool = False, device=None) -> torch.Tensor:
@@ -408,7 +418,8 @@ def embed(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
 
     cond: the image condition ({} or None: text only). Wan2.1 I2V takes "clip_feature" [B, L, image_dim]
     and "first_frame_latent" [B, C, T', H, W] (T' >= T; normalised, the VAE latent of the first frame
-    followed by zero frames), concatenated after the frame mask to x as diffusers' pipeline does. TI2V
+    followed by zero frames), concatenated after the frame mask to x as diffusers' pipeline does (Wan2.2
+    I2V-A14B's experts the same, without CLIP tokens). TI2V
     takes "first_frame_latent" (its first frame) and holds it as x's first frame at t = 0."""
     cond = cond or {}
     B, _, T, H, W = x.shape
@@ -420,7 +431,7 @@ def embed(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
     if missing:
         raise ValueError(f"this image-to-video Wan needs the condition {missing[0]!r}, not given")
     x_in, given, times = x, None, t[:, None]
-    if cfg.image_dim is not None:
+    if cfg.image_dim is not None or _frame_channels(cfg):
         y = cond[FIRST_FRAME]
         if tuple(y.shape[-2:]) != (H, W) or y.shape[-3] < T or y.shape[0] != B:
             raise ValueError(f"first_frame_latent {list(y.shape)} does not fit the latents {list(x.shape)}")
@@ -607,24 +618,49 @@ def pipeline(path) -> Path | None:
     return None
 
 
-def _refuse_unsupported(folder: Path, d: dict) -> None:
-    """ModelError for the Wan variants fvfunc does not train yet, seen in the transformer's config or
-    in its pipeline's model_index.json (Wan2.2 A14B's two experts)."""
-    root = pipeline(folder)
-    if root is None:
-        return
-    index = _read_json(root / "model_index.json")
+EXPERTS = ("transformer", "transformer_2")
+"""Wan2.2 A14B's experts, as its pipelines name their folders: high noise first."""
+
+
+def experts(path) -> tuple[tuple[str, ...], float] | None:
+    """(EXPERTS, boundary_ratio) when `path` is a pipeline folder of two experts (Wan2.2 A14B: a
+    `transformer_2` in model_index.json or a transformer_2/ folder), None otherwise (a one-model
+    pipeline, or one expert's own folder, which trains as a single model). A pair without a
+    boundary_ratio in (0, 1) is refused: it could not be routed."""
+    p = Path(path)
+    if not (p / "model_index.json").is_file():
+        return None
+    index = _read_json(p / "model_index.json")
     second = index.get("transformer_2")
-    if (isinstance(second, list) and any(second)) or (root / "transformer_2" / "config.json").is_file():
-        raise ModelError(f"{root}: a two-expert pipeline (transformer_2); two-expert Wan2.2 A14B is not "
-                         "supported yet")
+    if not ((isinstance(second, list) and any(second)) or (p / "transformer_2" / "config.json").is_file()):
+        return None
+    where = p / "model_index.json"
+    boundary = index.get("boundary_ratio")
+    if boundary is None:
+        raise ModelError(f"{where}: a two-expert pipeline (transformer_2) needs boundary_ratio, the share of the "
+                         "1000 timesteps above which transformer/ denoises (Wan2.2 A14B: 0.875 T2V, 0.9 I2V); "
+                         "it has none")
+    if isinstance(boundary, bool) or not isinstance(boundary, int | float) or not 0 < boundary < 1:
+        raise ModelError(f"{where}: boundary_ratio must be a number in (0, 1), got {boundary!r}")
+    for name in EXPERTS:
+        if not (p / name / "config.json").is_file():
+            raise ModelError(f"{p / name}: the two-expert pipeline's {name}/ folder (config.json) is missing")
+    return EXPERTS, float(boundary)
+
+
+def pair_weight_files(path, variant: str = "") -> list[Path]:
+    """The weight files of a model folder; for a pair, both experts'."""
+    pair = experts(path)
+    if pair is None:
+        return weight_files(resolve_folder(path), variant)
+    return [f for name in pair[0] for f in weight_files(resolve_folder(Path(path) / name), variant)]
 
 
 def load_config(path) -> WanConfig:
     """The WanConfig of a transformer or pipeline folder; ModelError for a folder fvfunc cannot train."""
+    experts(path)  # a pair that cannot be routed is refused here, before any weight is read
     folder = resolve_folder(path)
     d = _read_json(folder / "config.json")
-    _refuse_unsupported(folder, d)
     root = pipeline(folder)
     expand = bool(d.pop("expand_timesteps", False))  # TI2V: model_index.json's, or (rarely) config.json's
     if root is not None:
@@ -664,7 +700,9 @@ def load(path, dtype: torch.dtype | None = None, device=None, rows=None, variant
     "" the plain files, "fp16" `diffusion_pytorch_model.fp16.safetensors` or its shards). dtype None
     keeps the stored dtype. rows: `n -> (start, stop)`, to read only those rows of each tensor's dim 0
     (one rank's piece of a sharded role: fvfunc.distributed.rows_of), never the whole tensor; shapes
-    are checked against the config all the same."""
+    are checked against the config all the same. A pair's pipeline folder loads its transformer/ (the
+    roles load each expert, fvfunc/roles.py), once its routing is known to be sound."""
+    experts(path)
     folder = resolve_folder(path)
     cfg = load_config(folder)
     params, shapes = {}, {}
@@ -777,6 +815,6 @@ FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=
                 num_blocks=lambda cfg: cfg.num_layers, embed=embed, block=block, head=head, latents=latents,
                 load_vae=load_vae, decode=decode, pipeline=pipeline, components=COMPONENTS,
                 stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
-                weight_files=lambda path, variant="": weight_files(resolve_folder(path), variant),
+                weight_files=pair_weight_files, experts=experts,
                 original_names=original_names, conditions=conditions, impose=impose, split=split,
                 heads=lambda cfg: cfg.num_attention_heads)

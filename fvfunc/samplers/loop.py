@@ -90,14 +90,15 @@ def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor | Sequence[fl
 
 
 def guided(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], context: torch.Tensor,
-           uncond_context: torch.Tensor | None, scale: float) -> Denoise:
-    """`denoise(x, t)` for `fn(x, t, context) -> v` with classifier-free guidance of weight `scale`.
+           uncond_context: torch.Tensor | None, scale: float | Callable[[torch.Tensor], torch.Tensor]) -> Denoise:
+    """`denoise(x, t)` for `fn(x, t, context) -> v` with classifier-free guidance of weight `scale`
+    (a number, or a function of the timesteps t [B] -> w [B]: an expert pair's per-expert weights).
 
     uncond_context: the negative prompt's embedding ([B, L, D] or one [1, L, D] for the batch), or
     None for zeros (Wan's "no text"). Each call of the result makes one call of fn on a batch of 2B.
     The guided combination is formed in at least fp32 (a bf16 model's v is upcast first).
     """
-    if scale == 1:
+    if not callable(scale) and scale == 1:
         def conditional(x, t):
             return fn(x, t, context)
         return conditional
@@ -109,7 +110,8 @@ def guided(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
     def denoise(x, t):
         v = fn(torch.cat([x, x]), torch.cat([t, t]), contexts)
         v_cond, v_uncond = v.to(torch.promote_types(v.dtype, torch.float32)).chunk(2)
-        return v_uncond + scale * (v_cond - v_uncond)
+        w = scale(t).to(v_cond).view(-1, *[1] * (v_cond.ndim - 1)) if callable(scale) else scale
+        return v_uncond + w * (v_cond - v_uncond)
     return denoise
 
 

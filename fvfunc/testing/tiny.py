@@ -114,6 +114,18 @@ def write_pipeline(folder, cfg: wan.WanConfig | None = None, seed: int = 0, vae:
     return folder
 
 
+def write_pair(folder, cfg: wan.WanConfig | None = None, seeds=(0, 1), boundary: float = 0.875, **pipeline) -> Path:
+    """A tiny Wan2.2-A14B-like pipeline folder: write_pipeline's (transformer/ from seeds[0]) plus a second
+    random expert in transformer_2/ and model_index.json's transformer_2 and boundary_ratio."""
+    folder = write_pipeline(folder, cfg, seed=seeds[0], **pipeline)
+    cfg = cfg or tiny_config()
+    wan.save(folder / "transformer_2", cfg, wan.init(cfg, random.key(seeds[1])))
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=boundary)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def role(apply, channels: int = 16, name: str = "student", ema_decay: float = 0.0, trainable: bool = True):
     """A fvfunc.roles.Role around a bare apply (no folder, no params), for calling a method's `make`
     directly on plain functions."""
