@@ -205,7 +205,9 @@ def _buckets(keys: list[str], tensors: Params, limit: int) -> list[list[str]]:
 def make_reduce(process: Process, bucket_bytes: int = BUCKET_BYTES) -> Callable[[Params], Params] | None:
     """The mean of a gradient tree over ranks (None in a lone process). Replicated leaves: flat bucketed
     all-reduces (sum, then / W). Sharded leaves (DTensors): `gather`'s backward already summed them over
-    ranks with its reduce-scatter, so they are only divided by W."""
+    ranks with its reduce-scatter, so they are only divided by W. Under sequence parallelism the S ranks
+    of a group sum to S times their sample's gradient (module docstring), so the same sum / W is the
+    data-parallel mean."""
     if process.world_size == 1:
         return None
     world = process.world_size
