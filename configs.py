@@ -170,6 +170,15 @@ class TrainingConfig:
     Below 1 it buys speed with spare memory (like FastVideo's selective checkpointing ratio)."""
     compile: bool = False
     """torch.compile each role's apply (GPU runs; slow to start, faster steps)."""
+    sp_size: int = 1
+    """Sequence parallelism (Ulysses): ranks in groups of this many share each sample, each holding 1/N of
+    its tokens through the transformer blocks, with two all-to-alls around self-attention (every token,
+    1/N of the heads); for videos whose activations do not fit one GPU (720p). It must divide the number
+    of processes (the rest is data parallel: W / N groups read different samples), every role's attention
+    heads and the tokens of a sample. It changes no result beyond rounding."""
+    overlap_comm: bool = True
+    """Overlap a sharded role's communication with compute: prefetch the next block's weights while a
+    block computes, and let each block's gradient reduce-scatter run during the next block's backward."""
     donate: bool = False
     """Let each step write the new params and optimizer moments into the old ones' buffers (like
     jax.jit's donate_argnums): a step's input state must not be used after the step. Halves the
@@ -186,7 +195,7 @@ class TrainingConfig:
     allow_changes: tuple[str, ...] = ()
     """Fields (e.g. training.lr data.path) a resumed run may change although the change alters the
     results; `all` allows every change. max_steps, logging, checkpointing, validation, tracking and
-    speed settings (device, attention, compile, remat, sharding) may always change; moved model or data
+    speed settings (device, attention, compile, remat, sharding, sp_size) may always change; moved model or data
     folders with the same content pass too."""
     log_every: int = 1
     """Write metrics every N steps."""
@@ -204,6 +213,7 @@ RESUME_FREE = (
     "training.allow_changes", "training.log_every", "training.export", "training.export_dtype",
     "training.output_dir", "training.device", "training.attention", "training.grad_transform", "training.remat",
     "training.remat_fraction", "training.compile", "training.donate", "training.micro_batches", "data.num_workers",
+    "training.sp_size", "training.overlap_comm",
     "validation.", "tracking.", "roles.student.sharding", "roles.teacher.sharding", "roles.critic.sharding",
 )
 """Fields a resumed run may change without changing what it computes (a trailing '.': a whole section):

@@ -1,8 +1,20 @@
-"""Multi-GPU step time and memory: data parallel and sharded roles, through the trainer's own pieces.
+"""Multi-GPU step time and memory: data parallel, sharded roles and sequence parallelism, through the
+trainer's own pieces.
 
     torchrun --nproc-per-node 2 bench/multi_gpu.py finetune --model 1.3b --sharding sharded
     torchrun --nproc-per-node 4 bench/multi_gpu.py dmd2 --teacher 14b --sharding sharded
+    torchrun --nproc-per-node 4 bench/multi_gpu.py finetune --latent 21 90 160 --sp-size 4   # 720p, 75,600 tokens
+    torchrun --nproc-per-node 4 bench/multi_gpu.py dmd2 --teacher 14b --sharding sharded --overlap off --comm-profile
     python bench/multi_gpu.py finetune --model tiny --latent 2 4 4 --device cpu     # a one-process baseline
+    torchrun --nproc-per-node 4 bench/multi_gpu.py dmd2 --tiny --sp-size 2 --sharding sharded --comm-profile  # CPU
+
+`--sp-size S` runs S ranks a sample (training.sp_size); `--overlap off` turns off the ZeRO-3 prefetch and
+the asynchronous reduce-scatters (training.overlap_comm) to measure what they hide; `--comm-profile`
+profiles one more step and reports the exposed communication: on GPUs the time NCCL kernels run while
+no compute kernel does (the union of the communication kernels' intervals minus its overlap with the
+union of every other kernel's), on the CPU (gloo) the time the main thread spends blocked in a
+collective or a wait; as a share of that step's wall time. `--tiny` is the CPU smoke mode (gloo; tiny
+models, 2 x 4 x 4 latents, fp32).
 
 Each rank makes its roles in memory from random init (the same numbers on every rank: `wan.init` is a
 pure function of the key), places them as the trainer does (`roles.place`: whole, or sharded
@@ -35,6 +47,7 @@ from fvfunc.testing import tiny  # noqa: E402
 
 MODELS = {
     "tiny": tiny.tiny_config(),
+    "tiny4": tiny.tiny_config(num_attention_heads=4, attention_head_dim=8, num_layers=4),  # heads for sp 4
     "1.3b": wan.WanConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30),
     "14b": wan.WanConfig(),  # diffusers' defaults are the 14B config
 }
@@ -56,15 +69,24 @@ def parse(argv=None):
     p.add_argument("--attention", default="auto")
     p.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--sp-size", type=int, default=1, help="ranks a sample shares (sequence parallelism)")
+    p.add_argument("--overlap", default="on", choices=["on", "off"], help="overlap ZeRO-3's communication")
+    p.add_argument("--comm-profile", action="store_true", help="profile one more step: exposed communication")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny models, 2 x 4 x 4 latents, fp32")
     p.add_argument("--out", default="", help="append the JSON line to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.model = args.teacher = "tiny4"
+        args.latent, args.text_len, args.device, args.precision, args.steps = (2, 4, 4), 16, "cpu", "float32", 3
+    return args
 
 
 def run_config(args, world: int):
     run = METHODS[args.method].run()
     training = dataclasses.replace(run.training, precision=args.precision, remat=args.remat,
-                                   attention=args.attention, batch_size=args.batch * world, max_steps=1000,
-                                   device=args.device, grad_transform="autograd")
+                                   attention=args.attention, batch_size=args.batch * (world // args.sp_size),
+                                   max_steps=1000, device=args.device, grad_transform="autograd",
+                                   sp_size=args.sp_size, overlap_comm=args.overlap == "on")
     method = run.method
     if args.method == "dmd2":
         method = dataclasses.replace(method, latent_shape=tuple(args.latent), generator_update_interval=args.interval)
@@ -93,12 +115,13 @@ def roles(args, cfg, process):
 
 
 def batch(args, cfg, process, step: int) -> dict:
-    """This rank's random batch of the step: text embeddings, latents (finetune) and global indices."""
-    key = random.fold_in(random.fold_in(random.key(1234), step), process.rank)
+    """This rank's random batch of the step: text embeddings, latents (finetune) and global indices (the
+    same for the ranks of a sequence group)."""
+    key = random.fold_in(random.fold_in(random.key(1234), step), process.dp_rank)
     k_text, k_latent = random.split(key, 2)
     n, dev = args.batch, process.device
     out = {"text": random.normal(k_text, (n, args.text_len, MODELS[args.model].text_dim), device=dev),
-           "sample_index": torch.arange(n) + process.rank * n}
+           "sample_index": torch.arange(n) + process.dp_rank * n}
     if args.method == "finetune":
         out["latents"] = random.normal(k_latent, (n, MODELS[args.model].in_channels, *args.latent), device=dev)
     return out
@@ -109,9 +132,55 @@ def sync(process):
         torch.cuda.synchronize()
 
 
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _length(intervals) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _overlap(xs, ys) -> float:
+    """The length of the intersection of two sorted disjoint interval lists."""
+    i = j = 0
+    total = 0.0
+    while i < len(xs) and j < len(ys):
+        a, b = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        total += max(0.0, b - a)
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+_BLOCKING = ("c10d::", "_c10d_functional::wait_tensor", "fvfunc::wait", "record_param_comms")
+
+
+def exposed_comm(prof, cuda: bool) -> tuple[float, float]:
+    """(communication seconds, exposed communication seconds) of a profiled step (see the docstring)."""
+    events = prof.events()
+    if cuda:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        comm = _union([(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()])
+        compute = _union([(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()])
+        return _length(comm) / 1e6, (_length(comm) - _overlap(comm, compute)) / 1e6
+    # gloo runs a collective on its own threads; the main thread waits in the ops below (a launch that
+    # does not wait returns at once and adds next to nothing)
+    blocked = _union([(e.time_range.start, e.time_range.end) for e in events
+                      if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(_BLOCKING)])
+    return _length(blocked) / 1e6, _length(blocked) / 1e6
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
-    process = distributed.init(args.device)
+    process = distributed.init(args.device, args.sp_size)
     result = bench(args, process)
     distributed.shutdown(process)
     return result
@@ -144,6 +213,25 @@ def bench(args, process) -> dict:
         if process.rank == 0:
             print(f"step {s}: {times[-1]:.3f} s {kinds[-1]} {json.dumps(metrics)}", flush=True)
 
+    comm = {}
+    if args.comm_profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        b = batch(args, cfg, process, args.steps)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        sync(process)
+        with profile(activities=activities) as prof:
+            t = time.perf_counter()
+            state, _ = step_fn.step(state, b)
+            sync(process)
+            wall = time.perf_counter() - t
+        comm_s, exposed_s = exposed_comm(prof, cuda)
+        comm = {"profiled_step_s": round(wall, 4), "comm_s": round(comm_s, 4), "exposed_comm_s": round(exposed_s, 4),
+                "exposed_comm_share": round(exposed_s / wall, 4)}
+        if process.rank == 0:
+            print(f"profiled step: {wall:.3f} s, communication {comm_s:.3f} s, exposed {exposed_s:.3f} s "
+                  f"({100 * exposed_s / wall:.1f} %)", flush=True)
+
     mine = {"peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
             "state_gib": state_gib}
@@ -156,6 +244,7 @@ def bench(args, process) -> dict:
     median = statistics.median(t for t, _ in timed)
     result = {
         "method": args.method, "world_size": process.world_size, "sharding": args.sharding,
+        "sp_size": args.sp_size, "overlap": args.overlap,
         "model": args.model, "teacher": args.teacher if args.method == "dmd2" else None,
         "tokens": args.latent[0] * (args.latent[1] // 2) * (args.latent[2] // 2), "batch_per_rank": args.batch,
         "remat": args.remat, "attention": args.attention, "precision": args.precision,
@@ -168,6 +257,7 @@ def bench(args, process) -> dict:
         "peak_alloc_gib_per_rank": [round(m["peak_alloc_gib"], 2) for m in every],
         "peak_reserved_gib_per_rank": [round(m["peak_reserved_gib"], 2) for m in every],
         "state_gib_per_rank": [round(m["state_gib"], 2) for m in every],
+        **comm,
     }
     if process.rank == 0:
         line = json.dumps(result)

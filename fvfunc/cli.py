@@ -142,6 +142,9 @@ def _check_training(t: configs.TrainingConfig) -> None:
     _need(t.attention != "fa4" or importlib.util.find_spec("flash_attn") is not None,
           "training.attention 'fa4' needs the flash-attn-4 package: pip install 'fvfunc[fa4]'")
     _need(0 <= t.remat_fraction <= 1, f"training.remat_fraction must be in [0, 1], got {t.remat_fraction:g}")
+    _need(t.sp_size >= 1, f"training.sp_size must be >= 1, got {t.sp_size}")
+    _need(t.sp_size == 1 or t.grad_transform == "autograd", f"training.sp_size {t.sp_size} needs "
+          "training.grad_transform 'autograd' (torch.func.grad cannot differentiate through the all-to-alls)")
     _need(t.checkpoint_every >= 0, f"training.checkpoint_every must be >= 0, got {t.checkpoint_every}")
     _need(t.keep_checkpoints >= 0, f"training.keep_checkpoints must be >= 0 (0 keeps all), got "
           f"{t.keep_checkpoints}")

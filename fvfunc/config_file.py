@@ -31,7 +31,8 @@ The FastVideo keys every method shares, and the fvfunc field each sets (same mea
       gradient_accumulation_steps,                 * gradient_accumulation_steps * num_gpus / sp_size
       num_gpus, sp_size                            (FastVideo's batch is per data-parallel rank and
                                                    micro-batch, fvfunc's is the global batch);
-                                                 training.micro_batches = gradient_accumulation_steps
+                                                 training.micro_batches = gradient_accumulation_steps;
+                                                 training.sp_size = sp_size
     training.lr_scheduler                        training.lr_schedule: constant -> constant,
                                                    constant_with_warmup -> linear_warmup, cosine ->
                                                    cosine, cosine_with_min_lr -> cosine with
@@ -430,6 +431,7 @@ def _from_training(t: dict, out: _Assignments) -> None:
 
     accum = t.get("gradient_accumulation_steps", 1)
     put("training.micro_batches", "gradient_accumulation_steps")
+    put("training.sp_size", "sp_size")
     if "train_batch_size" in t:
         gpus, sp = t.get("num_gpus", 1), t.get("sp_size", 1)
         if gpus < 1 or sp < 1 or gpus % sp:

@@ -20,6 +20,7 @@ sample by its timestep, `experts` naming the pair (fvfunc/experts.py).
 
 from __future__ import annotations
 
+import functools
 import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -61,10 +62,13 @@ class RoleError(RuntimeError):
     """A role that cannot be built for this run; the message names the role."""
 
 
-def options(training, gather=None) -> runner.Options:
-    """The block runner's options of a run's TrainingConfig."""
+def options(training, sharded: bool = False, sp=None) -> runner.Options:
+    """The block runner's options of a run's TrainingConfig: `sharded` params gathered (overlapped with
+    compute when training.overlap_comm), sequence-parallel over `sp` (fvfunc.distributed.Sequence)."""
+    overlap = sharded and training.overlap_comm
+    gather = functools.partial(distributed.gather, overlap=overlap) if sharded else None
     return runner.Options(DTYPES[training.precision], training.attention, training.remat, training.remat_fraction,
-                          training.compile, gather)
+                          training.compile, gather, prefetch=distributed.prefetch if overlap else None, sp=sp)
 
 
 def build(run, spec, process: distributed.Process) -> dict[str, Role]:
@@ -140,7 +144,7 @@ def place(name: str, fam: Family, mcfg, params: dict, training, process: distrib
         params = {k: distributed.from_rows(v, shapes[k], process.mesh, process.device) for k, v in params.items()}
     else:
         params = {k: v.to(process.device) for k, v in params.items()}
-    apply = runner.make_apply(fam, mcfg, options(training, distributed.gather if sharded else None))
+    apply = runner.make_apply(fam, mcfg, options(training, sharded, process.sp))
     return Role(name, fam, mcfg, str(folder or ""), params, trainable, sharded, ema_decay, apply,
                 fam.latents(mcfg, folder))
 
@@ -149,10 +153,20 @@ def check(run, spec, world_size: int = 1) -> None:
     """RoleError for a role this run cannot build, found from the config files alone (no weights
     loaded): sharding a role that cannot be, LoRA settings that do not fit the model (targets that
     match no linear, a rank above a layer's size, LoRA files of another architecture)."""
+    sp = run.training.sp_size
     for name in spec.roles(run):
         cfg = getattr(run.roles, name)
         trainable, adapted = name in spec.trainable, cfg.lora.rank > 0
         sharded = cfg.sharding == "sharded" and world_size > 1
+        if sp > 1:
+            fam = family(cfg.family)
+            heads = fam.heads(fam.load_config(cfg.path))
+            if fam.split is None:
+                raise RoleError(f"training.sp_size {sp}: the {fam.name} family of roles.{name} cannot run "
+                                "sequence-parallel")
+            if heads is not None and heads % sp:
+                raise RoleError(f"training.sp_size {sp} must divide the attention heads of roles.{name}'s model "
+                                f"({heads}): each of the {sp} ranks of a sequence group attends with 1/{sp} of them")
         if adapted and not trainable:
             raise RoleError(f"roles.{name}.lora.rank {cfg.lora.rank}: the {spec.name} method does not train "
                             f"roles.{name}; merge LoRA files into it with roles.{name}.lora.frozen instead")
@@ -231,7 +245,8 @@ def make_apply(fam: Family, mcfg, pair: experts.Experts | None, opts: runner.Opt
 
 
 def unsharded(role: Role, training) -> Role:
-    """The role with an apply for whole params (for rank 0 alone to sample from whole weights)."""
+    """The role with an apply for whole params on this rank alone (for rank 0 to sample from whole weights,
+    every token here: no sequence parallelism either)."""
     return role._replace(apply=make_apply(role.family, role.config, role.experts, options(training)))
 
 

@@ -11,7 +11,12 @@ runner adds, to every family alike:
   starts far faster than compiling the whole forward);
 - sharded params (`gather`, fvfunc.distributed.gather): the params outside the blocks are made whole
   first, each block's inside the block, so remat gathers them again in the backward pass and only one
-  block is whole at a time.
+  block is whole at a time. With `prefetch` (overlapped communication) block i + 1's all-gather starts
+  before block i computes, and when remat recomputes block i in the backward pass it starts the gather
+  of block i - 1, recomputed next: two blocks are whole at a time, and the gathers hide behind compute;
+- sequence parallelism (`sp`, fvfunc.distributed.Sequence): the blocks run on this rank's shard of the
+  tokens (the family's `split` gives their inputs, e.g. their RoPE rows), self-attention between two
+  all-to-alls that hand it every token of a share of the heads; the head gets the tokens gathered.
 
 `make_apply(family, cfg, options) -> apply(params, x, t, context) -> v` is what a role runs;
 `apply(family, params, cfg, x, t, context, **options)` the same in one call.
@@ -56,6 +61,12 @@ class Options(NamedTuple):
     """For sharded params: tree -> the same tree with whole tensors (fvfunc.distributed.gather)."""
     vsa_sparsity: float = 0.0
     """The sparsity of self-attention under attention="vsa" (fvfunc.ops.vsa; cross-attention stays dense)."""
+    prefetch: Callable[[dict], object] | None = None
+    """For sharded params, overlapped: tree -> its all-gathers started (fvfunc.distributed.prefetch), for
+    `gather(tree, fetched)` to finish; None gathers each tree when it is used."""
+    sp: object | None = None
+    """Sequence parallelism: this rank's group (fvfunc.distributed.Sequence: size, rank, to_heads,
+    to_sequence, gather); None runs every token here."""
 
 
 def _attend(backend: str, sparsity: float, q, k, v, cross: bool, grid=None, gate=None):
@@ -66,12 +77,22 @@ def _attend(backend: str, sparsity: float, q, k, v, cross: bool, grid=None, gate
     return attention(q, k, v, CROSS_ATTENTION.get(backend, backend) if cross else backend)
 
 
+def _attend_sp(inner, sp, q, k, v, cross, grid=None, gate=None):
+    # Ulysses: self-attention of every token for size / S of the heads; cross-attention stays local
+    if cross:
+        return inner(q, k, v, True)
+    del grid, gate  # (VSA is refused with sp: check)
+    qkv = sp.to_heads(torch.stack([q, k, v]))
+    return sp.to_sequence(inner(*qkv.unbind(0), False))
+
+
 @functools.cache
-def attend(backend: str, sparsity: float = 0.0):
+def attend(backend: str, sparsity: float = 0.0, sp=None):
     """attend(q, k, v, cross, grid=None, gate=None) on `backend` (VSA at `sparsity` for "vsa"
-    self-attention, with the family's token grid and gate); one function object per (backend, sparsity),
-    so compiled blocks keep their guards."""
-    return functools.partial(_attend, backend, sparsity)
+    self-attention, with the family's token grid and gate; sequence-parallel over `sp`); one function
+    object per (backend, sparsity, sp), so compiled blocks keep their guards."""
+    inner = functools.partial(_attend, backend, sparsity)
+    return inner if sp is None else functools.partial(_attend_sp, inner, sp)
 
 
 # The fused attention kernels whose outputs (and log-sum-exp) remat="attention" keeps for the backward
@@ -115,6 +136,8 @@ def _compiled(backend: str):
 
 
 def check(options: Options) -> None:
+    if options.sp is not None and options.attention == "vsa":
+        raise ValueError("attention 'vsa' cannot run sequence-parallel (its cubes need the whole token grid)")
     if options.remat not in REMAT:
         raise ValueError(f"remat must be one of {REMAT}, got {options.remat!r}")
     if not 0 <= options.remat_fraction <= 1:
@@ -125,6 +148,41 @@ def check(options: Options) -> None:
 DEFAULT = Options()
 
 
+class _Slot:
+    """How one block of sharded params gets its weights whole, overlapped: from the all-gather started
+    while the block before computed (`start`, in the forward pass) and, when remat recomputes the block
+    in the backward pass, from a gather of its own that first starts the gather of `before`, the block
+    recomputed next."""
+
+    def __init__(self, options: Options, params: dict, before: _Slot | None):
+        self.options, self.params, self.before = options, params, before
+        self.fetched, self.calls = None, 0
+
+    def start(self) -> None:
+        if self.fetched is None:
+            self.fetched = self.options.prefetch(self.params)
+
+    def __call__(self, params: dict) -> dict:
+        self.calls += 1
+        fetched, self.fetched = self.fetched, None  # held no longer than the block runs
+        if self.calls > 1 and self.before is not None:
+            self.before.start()
+        return self.options.gather(params, fetched)
+
+
+def _shard(family: Family, cfg, h, inputs, sp):
+    """(this rank's tokens of h [B, N, D], the blocks' inputs for them) under sequence parallelism."""
+    tokens = h.shape[1]
+    if tokens % sp.size:
+        raise ValueError(f"training.sp_size {sp.size} must divide the tokens of a sample ({tokens}); choose a "
+                         "latent size whose token count it divides")
+    if family.split is None:
+        raise ValueError(f"the {family.name} family cannot run sequence-parallel (it has no split)")
+    n = tokens // sp.size
+    start = sp.rank * n
+    return h[:, start:start + n], family.split(cfg, inputs, start, start + n)
+
+
 def forward(family: Family, params: dict, cfg, x, t, context, options: Options = DEFAULT, cond=None) -> torch.Tensor:
     """The family's v = noise - x0 for latents x at timesteps t given text context (and the image
     condition `cond`, a dict of tensors, for a family that takes one), run as `options` say."""
@@ -132,15 +190,32 @@ def forward(family: Family, params: dict, cfg, x, t, context, options: Options =
     dtype = options.dtype or next(iter(params.values())).dtype
     n = family.num_blocks(cfg)
     outer, blocks = block_params(params, n)
+    n_remat = round(options.remat_fraction * n)
+    gathers = [options.gather] * n
+    if options.gather is not None and options.prefetch is not None:
+        slots = []
+        recomputed = torch.is_grad_enabled() and options.remat != "none"
+        for i, bp in enumerate(blocks):
+            before = slots[-1] if slots and recomputed and i - 1 < n_remat else None
+            slots.append(_Slot(options, bp, before))
+        if slots:
+            slots[0].start()  # block 0's gather runs while the embeddings compute
+        gathers = slots
     if options.gather is not None:
         outer = options.gather(outer)
     h, inputs = family.embed(outer, cfg, x, t, context, dtype, *([cond] if cond else []))
+    block_inputs = inputs
+    if options.sp is not None:
+        h, block_inputs = _shard(family, cfg, h, inputs, options.sp)
     run = _compiled("inductor" if options.compile is True else options.compile) if options.compile else run_block
-    attend_fn = attend(options.attention, options.vsa_sparsity)
-    n_remat = round(options.remat_fraction * n)
+    attend_fn = attend(options.attention, options.vsa_sparsity, options.sp)
     for i, bp in enumerate(blocks):
-        h = run(family.block, bp, cfg, h, inputs, dtype, attend_fn, options.remat if i < n_remat else "none",
-                options.gather)
+        if i + 1 < n and isinstance(gathers[i + 1], _Slot):
+            gathers[i + 1].start()  # the next block's weights arrive while this one computes
+        h = run(family.block, bp, cfg, h, block_inputs, dtype, attend_fn, options.remat if i < n_remat else "none",
+                gathers[i])
+    if options.sp is not None:
+        h = options.sp.gather(h)
     return family.head(outer, cfg, h, inputs, dtype)
 
 

@@ -10,7 +10,8 @@ Under torchrun (`torchrun --nproc-per-node N train.py METHOD ...`) every rank ru
 (fvfunc/distributed.py): it reads its slice of the global batch, gradients are averaged over ranks,
 metrics are averaged, and rank 0 alone logs, validates and exports; a role with
 `sharding: sharded` holds 1/N of its params and optimizer state on each rank, and every rank writes
-its piece of a checkpoint.
+its piece of a checkpoint. With training.sp_size S the ranks of each group of S read the same samples
+(the data-parallel slice of their group) and share each sample's tokens (sequence parallelism).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def run(method_name: str, cfg) -> Path:
 
     Under torchrun every rank calls this (it starts the process group from the environment and ends
     it), as it does inside a process group its caller started; alone, it is a one-process run."""
-    process = distributed.init(cfg.training.device)
+    process = distributed.init(cfg.training.device, cfg.training.sp_size)
     clean = False
     try:
         out = _run(METHODS[method_name], cfg, process)
@@ -155,8 +156,13 @@ def data_io(run, process) -> DataIO:
 
         return text.negative_embedding(prompt, embedding_file, folder, run.data.text_len, field, process.device)
 
-    return DataIO(open=lambda path, columns: open_dataset(run, columns, path), write=data.write_atomic,
-                  finished=data.ids_in, progress=progress, rank=process.rank, world_size=process.world_size,
+    def write(*args, **kwargs):  # a sequence group makes one copy of its data: its first rank writes it
+        if process.sp is None or process.sp.rank == 0:
+            data.write_atomic(*args, **kwargs)
+
+    # a sequence group is one data-parallel rank: its ranks make the same data together
+    return DataIO(open=lambda path, columns: open_dataset(run, columns, path), write=write,
+                  finished=data.ids_in, progress=progress, rank=process.dp_rank, world_size=process.dp_size,
                   barrier=lambda: distributed.barrier(process), device=process.device, negative=negative,
                   conditions=condition_columns(run))
 
@@ -218,16 +224,35 @@ def _check_fit(spec: MethodSpec, cfg, dataset: data.ParquetDataset) -> None:
             if column.kind == "latents" and len(shape) >= 4 and shape[-4] != channels:
                 raise ConfigError(f"data.path: {dataset.first_file} holds {column.what} of {shape[-4]} channels, "
                                   f"but the model of roles.{name}.path takes {channels}")
+    sp = cfg.training.sp_size
+    for column in dataset.spec if sp > 1 else ():
+        shape = dataset.first_shapes.get(column.key) or ()
+        if column.kind == "latents" and len(shape) >= 3:
+            patch = fam_patch(cfg)
+            tokens = math.prod(s // p for s, p in zip(shape[-3:], patch, strict=True))
+            if tokens % sp:
+                raise ConfigError(f"training.sp_size {sp} must divide the tokens of a sample: {dataset.first_file} "
+                                  f"holds {column.what} of shape {list(shape)}, {tokens} tokens")
     if len(dataset) < cfg.training.batch_size:
         raise ConfigError(f"training.batch_size {cfg.training.batch_size} is more than the dataset's "
                           f"{len(dataset)} samples (data.path); lower it or add data (DIR:N repeats a folder)")
 
 
+def fam_patch(run) -> tuple[int, ...]:
+    """The student's patch size (latent cells a token covers), from its config file."""
+    fam = family(run.roles.student.family)
+    return fam.latents(fam.load_config(run.roles.student.path), run.roles.student.path).patch
+
+
 def _setup(spec: MethodSpec, cfg, process: distributed.Process) -> tuple[Setup, TrainState, tuple[int, int]]:
     rank, world, t = process.rank, process.world_size, cfg.training
     out = Path(t.output_dir)
-    if t.batch_size % world or (t.batch_size // world) % t.micro_batches:
-        raise ConfigError(f"training.batch_size {t.batch_size} must split evenly into {world} rank(s) x "
+    if world % t.sp_size:
+        raise ConfigError(f"training.sp_size {t.sp_size} must divide the number of processes ({world}; "
+                          f"torchrun --nproc-per-node N with N a multiple of {t.sp_size})")
+    dp = process.dp_size
+    if t.batch_size % dp or (t.batch_size // dp) % t.micro_batches:
+        raise ConfigError(f"training.batch_size {t.batch_size} must split evenly into {dp} data-parallel rank(s) x "
                           f"{t.micro_batches} micro-batch(es)")
     if t.attention == "fa4" and (problem := fa4_problem(process.device)):
         raise TrainingError(f"training.attention 'fa4' cannot run: {problem}")
@@ -313,7 +338,7 @@ def _validator(s: Setup, student_sharded: bool):
     from fvfunc import validation
 
     student = s.roles["student"]
-    if student_sharded:  # rank 0 samples alone, from the whole student
+    if student_sharded or s.process.sp is not None:  # rank 0 samples alone, every token, from the whole student
         student = roles.unsharded(student, s.cfg.training)
     return validation.Validator(s.cfg, s.spec.sampler(s.cfg), student, s.dataset, s.out, s.process.device)
 
@@ -323,8 +348,9 @@ def _validator(s: Setup, student_sharded: bool):
 
 def _loader(s: Setup, position, data_key) -> data.Loader:
     cfg, process = s.cfg, s.process
-    loader = data.Loader(s.dataset, cfg.training.batch_size // process.world_size, data_key, position, process.rank,
-                         process.world_size, cfg.data.num_workers, shuffle=cfg.data.shuffle,
+    # the ranks of a sequence group read the same slice: their data-parallel group's
+    loader = data.Loader(s.dataset, cfg.training.batch_size // process.dp_size, data_key, position, process.dp_rank,
+                         process.dp_size, cfg.data.num_workers, shuffle=cfg.data.shuffle,
                          window=cfg.data.shuffle_window)
     if loader.shuffle == "groups":
         log.info("data: row groups of up to %d rows, read %d at a time (data.shuffle groups)",
@@ -357,7 +383,7 @@ def _run(spec: MethodSpec, cfg, process: distributed.Process) -> Path:
     t, rank = cfg.training, process.rank
     loader = _loader(s, position, data_key)
     per_rank = loader.batch_size
-    index = torch.arange(per_rank) + rank * per_rank  # a sample's index in the global batch
+    index = torch.arange(per_rank) + process.dp_rank * per_rank  # a sample's index in the global batch
     constants = {k: v.expand(per_rank, *v.shape[1:]) for k, v in s.constants.items()}
     sync = distributed.exchange(process)
     save = functools.partial(_save, s, loader=loader, sync=sync)

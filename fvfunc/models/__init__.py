@@ -118,6 +118,15 @@ class Family(NamedTuple):
     as the family's image-to-video pipeline does, of N RGB PIL images for latents of shape (T, H, W), or
     of the first frames of clips [N, 3, F, h, w] in [-1, 1] (preprocessing). None: the family takes no
     images. ModelError for a model or folder that cannot (a text-to-video model, a missing encoder)."""
+    # what sequence parallelism needs (fvfunc/runner.py runs the blocks on token shards)
+    split: Callable[[Any, Any, int, int], Any] | None = None
+    """split(cfg, inputs, start, stop) -> the blocks' `inputs` for the tokens [start, stop) of `embed`'s
+    sequence alone (e.g. their rows of the RoPE tables), for blocks that see only those tokens between
+    the all-to-alls around self-attention; None: the family cannot run sequence-parallel."""
+    heads: Callable[[Any], int | None] = lambda cfg: None
+    """heads(cfg) -> the self-attention heads of a block (sequence parallelism splits them over its
+    ranks), checked before any model loads; None: not known from the config."""
+
 
 BLOCKS = "blocks."
 """Every family keeps its repeated blocks' params under `blocks.{i}.`."""

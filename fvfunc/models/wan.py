@@ -468,6 +468,20 @@ def embed(params: dict, cfg: WanConfig, x: torch.Tensor, t: torch.Tensor, contex
     return h, Inputs(ctx, mod, temb, rope, grid, groups, image, given)
 
 
+def split(cfg: WanConfig, inputs: Inputs, start: int, stop: int) -> Inputs:
+    """The blocks' inputs for the tokens [start, stop) alone (sequence parallelism): their rows of the
+    RoPE tables, so each token keeps its own (t, h, w) position, and their share of each modulation group
+    (TI2V's given frame: the first n0 tokens, maybe none of this shard's). The text, the modulation rows
+    and the grid stay whole; the head gets the whole sequence and `embed`'s own inputs."""
+    del cfg
+    cos, sin = inputs.rope
+    groups, offset = [], 0
+    for size in inputs.groups:
+        groups.append(max(0, min(offset + size, stop) - max(offset, start)))
+        offset += size
+    return inputs._replace(rope=(cos[start:stop], sin[start:stop]), groups=tuple(groups))
+
+
 def impose(cfg: WanConfig, x: torch.Tensor, cond: dict | None) -> torch.Tensor:
     """Sampled latents with their given part set, as the pipeline ends (TI2V's image mode: the first frame
     is the given latent; exact already where the model was called at t = 1000 sigma, but UniPC calls it
@@ -899,4 +913,5 @@ FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=
                 load_vae=load_vae, decode=decode, pipeline=pipeline, components=COMPONENTS,
                 stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
                 weight_files=pair_weight_files, experts=experts, original_names=original_names,
-                conditions=conditions, impose=impose, image_encoder=image_encoder)
+                conditions=conditions, impose=impose, image_encoder=image_encoder, split=split,
+                heads=lambda cfg: cfg.num_attention_heads)
