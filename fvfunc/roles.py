@@ -46,16 +46,51 @@ class Role(NamedTuple):
     None for a role whose params are the whole model."""
     lora_scale: float = 0.0
     """A LoRA role's alpha / rank (its adapters' B is scaled by it in the forward)."""
+    vsa: bool = False
+    """Whether it runs VSA self-attention (training.attention 'vsa' and named by training.vsa_roles); its
+    apply is then rebuilt for each sparsity of the warm-up (`at_sparsity`)."""
 
 
 class RoleError(RuntimeError):
     """A role that cannot be built for this run; the message names the role."""
 
 
-def options(training, gather=None) -> runner.Options:
-    """The block runner's options of a run's TrainingConfig."""
-    return runner.Options(DTYPES[training.precision], training.attention, training.remat, training.remat_fraction,
-                          training.compile, gather)
+def options(training, gather=None, sparsity: float | None = None) -> runner.Options:
+    """The block runner's options of a run's TrainingConfig for a role at VSA `sparsity` (None: a role that
+    runs dense; under training.attention 'vsa' that is training.vsa_dense)."""
+    backend = training.attention
+    if backend == "vsa" and sparsity is None:
+        backend = training.vsa_dense
+    return runner.Options(DTYPES[training.precision], backend, training.remat, training.remat_fraction,
+                          training.compile, gather, sparsity or 0.0, training.vsa_dense)
+
+
+def vsa_roles(run, names) -> tuple[str, ...]:
+    """The roles among `names` that run VSA: none unless training.attention is 'vsa'; then the student, or
+    every role under training.vsa_roles 'all'."""
+    t = run.training
+    if t.attention != "vsa":
+        return ()
+    return tuple(n for n in names if t.vsa_roles == "all" or n == "student")
+
+
+def _gated(fam: Family, mcfg, params: dict, device, rows=None) -> tuple[Any, dict]:
+    """(config, params) with the family's VSA params; the ones the folder lacks are zeros (FastVideo's
+    loader's rule for them), only this rank's rows of each when `rows` is given (a sharded role)."""
+    if fam.vsa_gated is None:
+        return mcfg, params
+    mcfg = fam.vsa_gated(mcfg)
+    dtype = next(iter(params.values())).dtype
+    out = {}  # in the family's order, as a folder that holds them loads (a gradient norm sums in this order)
+    for k, shape in fam.param_shapes(mcfg).items():
+        if k not in params:
+            if rows is not None:
+                start, stop = rows(shape[0])
+                shape = (stop - start, *shape[1:])
+            out[k] = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            out[k] = params[k]
+    return mcfg, out
 
 
 def build(run, spec, process: distributed.Process) -> dict[str, Role]:
@@ -65,6 +100,7 @@ def build(run, spec, process: distributed.Process) -> dict[str, Role]:
     weights read by several roles are loaded once (see the module docstring)."""
     check(run, spec, process.world_size)
     roles, bases = {}, {}
+    sparse = vsa_roles(run, spec.roles(run))
     for name in spec.roles(run):
         cfg = getattr(run.roles, name)
         fam = family(cfg.family)
@@ -72,14 +108,17 @@ def build(run, spec, process: distributed.Process) -> dict[str, Role]:
         adapted = cfg.lora.rank > 0
         sharded = cfg.sharding == "sharded" and process.world_size > 1
         shared = not trainable or adapted  # weights nobody updates may be shared
-        key = (cfg.family, cfg.path, cfg.variant, cfg.dtype, cfg.lora.frozen, sharded)
+        vsa = name in sparse
+        key = (cfg.family, cfg.path, cfg.variant, cfg.dtype, cfg.lora.frozen, sharded, vsa)
         if shared and key in bases:
             role = bases[key]._replace(name=name, trainable=trainable, ema_decay=cfg.ema_decay)
         else:
-            mcfg, params = load_weights(name, cfg, fam, "cpu" if sharded else process.device,
-                                        distributed.rows_of(process) if sharded else None)
+            device, rows = ("cpu", distributed.rows_of(process)) if sharded else (process.device, None)
+            mcfg, params = load_weights(name, cfg, fam, device, rows)
+            if vsa:
+                mcfg, params = _gated(fam, mcfg, params, device, rows)
             role = place(name, fam, mcfg, params, run.training, process, sharded, trainable, cfg.ema_decay,
-                         cfg.path)
+                         cfg.path, run.training.vsa_sparsity if vsa else None)
             if shared:
                 bases[key] = role
         if adapted:
@@ -90,17 +129,18 @@ def build(run, spec, process: distributed.Process) -> dict[str, Role]:
 
 
 def place(name: str, fam: Family, mcfg, params: dict, training, process: distributed.Process, sharded: bool,
-          trainable: bool, ema_decay: float = 0.0, folder=None) -> Role:
+          trainable: bool, ema_decay: float = 0.0, folder=None, sparsity: float | None = None) -> Role:
     """A Role of params already read: whole ones moved to process.device, or this rank's rows of each
-    tensor (as `fam.load(rows=distributed.rows_of(process))` reads them) made Shard(0) DTensors."""
+    tensor (as `fam.load(rows=distributed.rows_of(process))` reads them) made Shard(0) DTensors; it runs
+    VSA at `sparsity` (None: dense)."""
     if sharded:
         shapes = fam.param_shapes(mcfg)
         params = {k: distributed.from_rows(v, shapes[k], process.mesh, process.device) for k, v in params.items()}
     else:
         params = {k: v.to(process.device) for k, v in params.items()}
-    apply = runner.make_apply(fam, mcfg, options(training, distributed.gather if sharded else None))
+    apply = runner.make_apply(fam, mcfg, options(training, distributed.gather if sharded else None, sparsity))
     return Role(name, fam, mcfg, str(folder or ""), params, trainable, sharded, ema_decay, apply,
-                fam.latents(mcfg, folder))
+                fam.latents(mcfg, folder), vsa=sparsity is not None)
 
 
 def check(run, spec, world_size: int = 1) -> None:
@@ -176,6 +216,22 @@ def adapt(role: Role, cfg, field: str, key, device) -> Role:
                          apply=lora.make_apply(role.apply, role.params, scale))
 
 
-def unsharded(role: Role, training) -> Role:
-    """The role with an apply for whole params (for rank 0 alone to sample from whole weights)."""
-    return role._replace(apply=runner.make_apply(role.family, role.config, options(training)))
+def _rebuilt(role: Role, training, gather, sparsity: float | None) -> Role:
+    apply = runner.make_apply(role.family, role.config, options(training, gather, sparsity))
+    if role.base is not None:
+        apply = lora.make_apply(apply, role.base, role.lora_scale)
+    return role._replace(apply=apply)
+
+
+def at_sparsity(role: Role, training, sparsity: float) -> Role:
+    """A VSA role running at `sparsity` (a step of the warm-up, or validation's); any other role as it is."""
+    if not role.vsa:
+        return role
+    return _rebuilt(role, training, distributed.gather if role.sharded else None, sparsity)
+
+
+def unsharded(role: Role, training, sparsity: float | None = None) -> Role:
+    """The role with an apply for whole params (for rank 0 alone to sample from whole weights), a VSA role at
+    `sparsity` (None: the target training.vsa_sparsity)."""
+    vsa = training.vsa_sparsity if sparsity is None else sparsity
+    return _rebuilt(role, training, None, vsa if role.vsa else None)

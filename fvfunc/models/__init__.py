@@ -107,6 +107,10 @@ class Family(NamedTuple):
     impose: Callable[[Any, torch.Tensor, Any], torch.Tensor] = lambda cfg, x, cond: x
     """impose(cfg, latents, cond) -> the sampled latents with the part the condition gives set (Wan2.2
     TI2V's first frame), as a pipeline ends its sampling; a sampler's caller applies it."""
+    vsa_gated: Callable[[Any], Any] | None = None
+    """vsa_gated(cfg) -> the config of the same model with the params VSA adds (FastVideo's gates of the
+    coarse branch); the ones a loaded model lacks start at zeros (FastVideo's loader's rule for new
+    params). None: the family has no VSA params (it runs VSA without a coarse branch)."""
 
 
 BLOCKS = "blocks."
