@@ -16,7 +16,19 @@ import torch
 from diffusers import WanTransformer3DModel
 
 import configs
-from fvfunc import checkpoint, config_file, distributed, random, resume, roles, runner, trainer, tree, validation
+from fvfunc import (
+    checkpoint,
+    config_file,
+    distributed,
+    random,
+    resume,
+    roles,
+    runner,
+    sample,
+    trainer,
+    tree,
+    validation,
+)
 from fvfunc.losses import METHODS
 from fvfunc.models import wan
 from fvfunc.ops import vsa
@@ -85,6 +97,10 @@ def test_a_vsa_finetune_creates_trains_checkpoints_and_exports_the_gates(vworld,
     theirs = model.state_dict()
     assert not any("to_gate_compress" in k for k in theirs)
     assert torch.equal(theirs["blocks.0.attn1.to_q.weight"], exported["blocks.0.attn1.to_q.weight"])
+    # train.py sample: a checkpoint of a VSA run samples at its target, a folder dense, unless told
+    assert sample.vsa_sparsity(configs.SampleRun(model=str(out / "checkpoint-3"))) == 0.75
+    assert sample.vsa_sparsity(configs.SampleRun(model=str(out / "export"))) is None
+    assert sample.vsa_sparsity(configs.SampleRun(model=str(out / "export"), vsa_sparsity=0.5)) == 0.5
 
 
 def test_a_fastvideo_vsa_checkpoint_keeps_its_gates(vworld, tmp_path):
