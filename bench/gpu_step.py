@@ -3,6 +3,12 @@ against diffusers' WanTransformer3DModel measured in the same run.
 
     python bench/gpu_step.py            # one H100: the whole benchmark (about 5 minutes)
     python bench/gpu_step.py --tiny     # the same code paths on a tiny model (CPU or GPU smoke test)
+    python bench/gpu_step.py --only forward,finetune,dmd2,vsa --skip-small --skip-diffusers   # VSA vs dense
+
+The vsa section (issue 20) measures, at each --vsa sparsity on the large latents: fvfunc's VSA op alone
+(fastvideo-kernel on CUDA, fvfunc.ops.vsa's reference on the CPU, where --tiny runs it on 8 ragged cubes),
+the forward, the finetune step and the DMD2 step (a VSA student with a dense teacher and critic, FastVideo's
+DMD2, or --vsa-roles all), with VSA's gates in the params; the dense rows (FA4) of the same run compare.
 
 Random-init weights at the 1.3B config (dim 1536, 30 layers, 12 heads, FFN 8960, text 4096, freq
 256), batch 1, latents 16x21x60x104 (32,760 tokens) and 16x21x30x52, text 512x4096. Every figure is
@@ -679,6 +685,7 @@ def main():
     ap.add_argument("--vsa-roles", default="student", choices=("student", "all"),
                     help="DMD2's VSA roles: the student (FastVideo's choice; teacher and critic dense) or all")
     ap.add_argument("--skip-small", action="store_true", help="only the 32,760-token latents")
+    ap.add_argument("--skip-diffusers", action="store_true", help="no diffusers rows (fvfunc's dense and VSA only)")
     ap.add_argument("--budget", type=float, default=float("inf"),
                     help="seconds after which the remaining sections are skipped (the table still prints)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of a forward and a step")
@@ -727,13 +734,16 @@ def main():
             b.run(f"fvfunc forward {label}", b.fvfunc_forward_and_sampling, latent, label, latent is big)
             for other in filter(None, args.also_attention.split(",")):
                 b.run(f"fvfunc forward {label}, attention {other}", b.fvfunc_forward_with, other, latent, label)
-            b.run(f"diffusers forward/backward {label}", b.diffusers_forward_and_grad, latent, label)
+            if not args.skip_diffusers:
+                b.run(f"diffusers forward/backward {label}", b.diffusers_forward_and_grad, latent, label)
         if want("finetune"):
             b.run(f"fvfunc finetune {label}", b.fvfunc_finetune, latent, label)
-            b.run(f"diffusers finetune {label}", b.diffusers_train_step, latent, label)
+            if not args.skip_diffusers:
+                b.run(f"diffusers finetune {label}", b.diffusers_train_step, latent, label)
         if want("dmd2") and latent is big:
             b.run(f"fvfunc DMD2 {label}", b.fvfunc_dmd2, big, label)
-            b.run(f"diffusers DMD2 reference {label}", b.reference_dmd2, big, label)
+            if not args.skip_diffusers:
+                b.run(f"diffusers DMD2 reference {label}", b.reference_dmd2, big, label)
         if want("vsa") and latent is big and args.vsa:  # dense FA4 rows above, in the same run
             b.run(f"VSA kernel {label}", b.vsa_kernel, big, label)
             for sp in args.vsa:
