@@ -67,14 +67,18 @@ def main(argv=None):
     ap.add_argument("--reduced", action="store_true", help="teacher 800 steps, 200 finetune steps a variant, "
                     "batch 16, 128 clips measured (for a busy 2-core machine)")
     ap.add_argument("--sparsity", default="0.5,0.8", help="comma-separated VSA sparsities")
+    ap.add_argument("--teacher-steps", type=int, default=0, help="override the teacher's steps")
+    ap.add_argument("--tune-steps", type=int, default=0, help="override the finetune steps a variant")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--in-process", action="store_true")
     args = ap.parse_args(argv)
     prof = bench_toy.FULL
-    tune_steps = 200 if args.reduced else 400
+    tune_steps = args.tune_steps or (200 if args.reduced else 400)
     if args.reduced:
         prof = dataclasses.replace(prof, teacher_steps=800, teacher_batch=16, teacher_warmup=50, eval_clips=128)
+    if args.teacher_steps:
+        prof = dataclasses.replace(prof, teacher_steps=args.teacher_steps)
     sparsities = [float(s) for s in args.sparsity.split(",")]
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
