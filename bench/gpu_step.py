@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 import configs  # noqa: E402
-from fvfunc import optim, random, runner  # noqa: E402
+from fvfunc import lora, optim, random, runner  # noqa: E402
 from fvfunc.autodiff import value_and_grad  # noqa: E402
 from fvfunc.losses import dmd2, flow_matching  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
@@ -204,6 +204,17 @@ def diffusers_module(cfg, params, dtype, device):
             if not any(k in name.split(".") for k in keep):
                 p.data = p.data.to(dtype)
     return module
+
+
+def peft_lora(module, rank):
+    """peft LoRA layers (rank `rank`, alpha = rank, B = 0) on fvfunc's default LoRA targets, only they
+    trainable, kept in fp32 as fvfunc keeps its adapters."""
+    from peft import LoraConfig
+
+    module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(configs.LoraConfig().targets)))
+    for p in module.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
 
 
 def inputs(cfg, latent, text_len, device, batch=1, seed=0):
@@ -468,12 +479,27 @@ class Bench:
             self.profile(step, f"{name}fvfunc finetune step {label}")
 
     def dmd2_roles(self, sparse=()):
-        """fp32 student and critic (trainable masters), a bf16 teacher; the roles in `sparse` with VSA gates."""
-        dev = self.device
+        """fp32 student and critic (trainable masters), a bf16 teacher, the roles in `sparse` with VSA's gates;
+        with --dmd2-lora R, a bf16 base (the teacher) and fresh rank-R adapters of the student and the critic
+        (the default targets)."""
+        dev, rank = self.device, self.args.dmd2_lora
         cfg = {r: self.model_cfg(0.0 if r in sparse else None) for r in ("student", "teacher", "critic")}
-        return {"student": wan.init(cfg["student"], random.key(0), device=dev),
-                "teacher": wan.init(cfg["teacher"], random.key(1), dtype=torch.bfloat16, device=dev),
+        teacher = wan.init(cfg["teacher"], random.key(1), dtype=torch.bfloat16, device=dev)
+        if rank:
+            if sparse:
+                raise ValueError("--dmd2-lora with VSA rows is not measured (a LoRA student trains no gate)")
+            shapes = wan.FAMILY.param_shapes(self.cfg)
+            names = lora.select(shapes, configs.LoraConfig().targets, rank, "lora")
+            return {"student": lora.init(shapes, names, rank, random.key(0), dev), "teacher": teacher,
+                    "critic": lora.init(shapes, names, rank, random.key(2), dev)}
+        return {"student": wan.init(cfg["student"], random.key(0), device=dev), "teacher": teacher,
                 "critic": wan.init(cfg["critic"], random.key(2), device=dev)}
+
+    def dmd2_apply(self, role, base, sparsity=None):
+        """fvfunc's apply of a DMD2 role (VSA at `sparsity`): the whole params, or (--dmd2-lora) the adapters on
+        `base`."""
+        apply = fvfunc_apply(self.cfg, self.args, sparsity)
+        return lora.make_apply(apply, base, 1.0) if self.args.dmd2_lora and role != "teacher" else apply
 
     def dmd2_configs(self, latent):
         a = self.args
@@ -491,14 +517,16 @@ class Bench:
         calls = Calls(dev)
         # VSA: the student sparse, teacher and critic dense (FastVideo's DMD2), or every role (--vsa-roles all)
         sparse = () if sparsity is None else (("student",) if a.vsa_roles == "student" else dmd2.SPEC.roles(None))
-        models = {r: tiny.role(calls.wrap(r, fvfunc_apply(cfg, a, sparsity if r in sparse else None)),
+        params = self.dmd2_roles(sparse)
+        models = {r: tiny.role(calls.wrap(r, self.dmd2_apply(r, params["teacher"], sparsity if r in sparse else None)),
                                cfg.in_channels) for r in dmd2.SPEC.roles(None)}
         flops_of = {r: forward_flops(cfg, tokens, a.text_len, kept_share(latent, sparsity if r in sparse else None))
                     for r in models}
         method = dmd2.make(tiny.run_of(dmd2.SPEC, method_cfg, training), models)
         _, text = inputs(cfg, latent, a.text_len, dev)
         batch = {"text": text, "sample_index": torch.arange(1)}
-        holder = {"state": method.init(self.dmd2_roles(sparse), random.key(7))}
+        holder = {"state": method.init(params, random.key(7))}
+        del params
         for _ in range(a.dmd2_warmup):
             t0 = time.perf_counter()
             holder["state"], _ = method.step(holder["state"], batch)
@@ -521,7 +549,8 @@ class Bench:
         mean = statistics.mean(totals)
         rollouts = [sum(1 for r, g, _, _ in rec if r == "student" and not g) - 1 for rec in parts]
         which = "" if sparsity is None else f"{vsa_name(sparsity)}({'student' if len(sparse) == 1 else 'all roles'}) "
-        self.row(label, f"{which}fvfunc DMD2 step (3 roles, simulate, interval 1), mean", mean, peak,
+        kind = f", LoRA rank {a.dmd2_lora} student + critic on one bf16 base" if a.dmd2_lora else ""
+        self.row(label, f"{which}fvfunc DMD2 step (3 roles, simulate, interval 1{kind}), mean", mean, peak,
                  statistics.mean(step_flops), note=f"student rollout forwards per step {rollouts}")
         if sparsity is None:
             self.dmd2_fvfunc = (mean, rollouts)
@@ -543,10 +572,17 @@ class Bench:
     def reference_dmd2(self, latent, label):
         cfg, dev, a = self.cfg, self.device, self.args
         method_cfg, training = self.dmd2_configs(latent)
-        roles = self.dmd2_roles()
-        modules = {r: diffusers_module(cfg, p, torch.bfloat16 if r == "teacher" else torch.float32, dev)
-                   for r, p in roles.items()}
-        del roles
+        if a.dmd2_lora:  # three bf16 modules of the teacher's weights, peft adapters on student and critic
+            base = self.dmd2_roles()["teacher"]
+            modules = {r: diffusers_module(cfg, base, torch.bfloat16, dev) for r in ("student", "teacher", "critic")}
+            del base
+            for r in ("student", "critic"):
+                peft_lora(modules[r], a.dmd2_lora)
+        else:
+            roles = self.dmd2_roles()
+            modules = {r: diffusers_module(cfg, p, torch.bfloat16 if r == "teacher" else torch.float32, dev)
+                       for r, p in roles.items()}
+            del roles
         for m in modules.values():
             m.train()
         step = dmd2_reference.make(modules, method_cfg, training, random.key(7))
@@ -564,10 +600,11 @@ class Bench:
             total = c.stop()
             sync(dev)
             totals.append(total())
-            rollouts.append(m["generator_k"] + m["critic_k"] if "generator_k" in m else "?")  # (k is per sample now)
+            rollouts.append(sum(m.get("generator_k", [])) + sum(m["critic_k"]))
         peak = torch.cuda.max_memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
         mean = statistics.mean(totals)
-        self.row(label, "diffusers-module DMD2 reference step (bench/dmd2_reference.py), mean", mean, peak,
+        kind = f", peft LoRA rank {a.dmd2_lora} on 3 bf16 modules" if a.dmd2_lora else ""
+        self.row(label, f"diffusers-module DMD2 reference step (bench/dmd2_reference.py{kind}), mean", mean, peak,
                  note=f"student rollout forwards per step {rollouts}")
         self.dmd2_reference = (mean, rollouts)
 
@@ -686,6 +723,9 @@ def main():
                     help="DMD2's VSA roles: the student (FastVideo's choice; teacher and critic dense) or all")
     ap.add_argument("--skip-small", action="store_true", help="only the 32,760-token latents")
     ap.add_argument("--skip-diffusers", action="store_true", help="no diffusers rows (fvfunc's dense and VSA only)")
+    ap.add_argument("--dmd2-lora", type=int, default=0, metavar="RANK",
+                    help="DMD2 rows with LoRA student and critic of this rank on one bf16 base (the teacher's); "
+                    "the diffusers reference then has peft adapters on three bf16 modules")
     ap.add_argument("--budget", type=float, default=float("inf"),
                     help="seconds after which the remaining sections are skipped (the table still prints)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of a forward and a step")

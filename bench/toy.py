@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import configs  # noqa: E402
-from fvfunc import checkpoint, random  # noqa: E402
+from fvfunc import checkpoint, lora, random  # noqa: E402
 from fvfunc.losses import kd  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
 from fvfunc.samplers import nfe, sigmas_from_config  # noqa: E402
@@ -90,6 +90,11 @@ class Profile:
     """The student's 4 steps (2 steps: 1000 500; 1 step: 1000)."""
     dmd_checkpoint_every: int = 100
     """Checkpoints kept for the learning curves."""
+    # DMD2 with LoRA student and critic (rank 16 on every attention and FFN linear; both share the
+    # teacher's frozen weights): the same run as above but the adapters get 5x the lrs, since a LoRA
+    # starts at B = 0 and its updates are rank-limited.
+    lora_rank: int = 16
+    lora_lr_scale: float = 5.0
     # kd (ODE init): the student starts from the teacher's weights, as DMD2's does, and learns to jump
     # from the states of the teacher's own sampler (UniPC, CFG 4, shift 3, as in the table and as DMD2's
     # real score) at the student's 4 timesteps to where the trajectory ends. 20 UniPC steps, not 50:
@@ -250,22 +255,27 @@ def main(argv: list[str] | None = None) -> dict:
         "method.cfg-rate": prof.cfg_rate})], args.in_process, args.threads)
     teacher = teacher_dir / "export"
 
-    def dmd2(student: Path, output_dir: Path) -> float:
-        """DMD2 from `student`; the critic starts from the teacher; text-only data (simulate mode)."""
+    def dmd2(student: Path, output_dir: Path, lora_rank: int = 0) -> float:
+        """DMD2 from `student`; the critic starts from the teacher; text-only data (simulate mode);
+        `lora_rank`: LoRA student and critic on the frozen weights, at `prof.lora_lr_scale` x the lrs."""
+        scale = prof.lora_lr_scale if lora_rank else 1.0
+        adapters = {f"roles.{r}.lora.rank": lora_rank for r in ("student", "critic")} if lora_rank else {}
         return train(["dmd2", *flags({
             "roles.student.path": student, "roles.teacher.path": teacher, "roles.critic.path": teacher,
             "roles.teacher.dtype": "float32", "data.path": f"{out / 'prompts'}:4", **common,
             "training.output-dir": output_dir, "training.max-steps": prof.dmd_steps,
-            "training.batch-size": prof.dmd_batch, "training.lr": prof.student_lr,
+            "training.batch-size": prof.dmd_batch, "training.lr": scale * prof.student_lr, **adapters,
             "training.checkpoint-every": prof.dmd_checkpoint_every, "training.keep-checkpoints": 0,
             "method.latent-shape": task.latent_shape[1:],
             "method.dmd-denoising-steps": prof.student_timesteps, "method.generator-update-interval": prof.interval,
             "method.real-score-guidance-scale": prof.dmd_guidance, "method.flow-shift": prof.dmd_shift,
-            "method.critic-lr": prof.critic_lr})], args.in_process, args.threads)
+            "method.critic-lr": scale * prof.critic_lr})], args.in_process, args.threads)
 
     # 3. DMD2: the student starts from the teacher
     student_dir = out / "dmd2"
     t_dmd = dmd2(teacher, student_dir)
+    lora_dir = out / "dmd2-lora"
+    t_lora = dmd2(teacher, lora_dir, prof.lora_rank)
 
     # 4. kd from the teacher's weights on the teacher's trajectories (generated into kd/trajectories),
     #    then DMD2 as in 3. from the kd student
@@ -296,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     s_cfg, s_params = wan.load(student_dir / "export")
     kd_cfg, kd_params = wan.load(kd_dir / "export")
     kdd_cfg, kdd_params = wan.load(kd_dmd_dir / "export")
+    lora_cfg, lora_params = wan.load(lora_dir / "export")  # the merged transformer
     sample_key = random.fold_in(key, 4)
 
     def unipc(n):
@@ -319,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
             ("DMD2 student, 2 steps", s_params, s_cfg, sde(two)),
             ("DMD2 student, 1 step", s_params, s_cfg, sde(one)),
             ("kd student, 4 steps (ODE)", kd_params, kd_cfg, ode(steps4)),
-            ("kd -> DMD2 student, 4 steps", kdd_params, kdd_cfg, sde(steps4))]
+            ("kd -> DMD2 student, 4 steps", kdd_params, kdd_cfg, sde(steps4)),
+            (f"DMD2 LoRA student (rank {prof.lora_rank}, LoRA critic), 4 steps", lora_params, lora_cfg, sde(steps4))]
     pictures = {}
     for name, params, cfg, sampler in runs:
         row, rgb = measure(name, params, cfg, task, sampler, labels, reference, sample_key)
@@ -331,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
     curve_labels = toy.labels_for(prof.curve_clips)
     curve_text = toy.prompts(curve_labels, task)
 
-    def learning_curve(run_dir: Path, start, sampler, extra=None) -> list[dict]:
+    def learning_curve(run_dir: Path, start, sampler, extra=None, lora_rank=0) -> list[dict]:
         points = []
         for ck in [None, *checkpoint.list_checkpoints(run_dir)]:
             if ck is None:
@@ -339,6 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 trees, meta = checkpoint.load(ck)
                 step, params = meta["step"], trees["student"]
+                if lora_rank:  # a LoRA run's checkpoints hold the adapters alone
+                    params = lora.merge(start, params, lora.scale_of(lora_rank, 0.0))
             lat, _, _ = sample(params, s_cfg, curve_text, task.latent_shape, sampler, sample_key)
             rgb = toy.decode(lat, task)
             points.append({"step": step, "adherence": toy.adherence(rgb, curve_labels),
@@ -363,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     learning = learning_curve(student_dir, t_params, sde(steps4))
     kd_learning = learning_curve(kd_dir, t_params, ode(steps4), heldout_loss)
     kd_dmd_learning = learning_curve(kd_dmd_dir, kd_params, sde(steps4))
+    lora_learning = learning_curve(lora_dir, t_params, sde(steps4), lora_rank=prof.lora_rank)
 
     # 6. picture: one column a sampler, one row a prompt
     pick = torch.tensor([0, 5, 10, 15, 3, 6])  # red-left, green-right, blue-up, yellow-down, red-down, green-up
@@ -381,12 +396,12 @@ def main(argv: list[str] | None = None) -> dict:
     total = time.perf_counter() - t_start
     kd_train = sum(json.loads(line)["step_time"] for line in (kd_dir / "metrics.jsonl").read_text().splitlines())
     result = {"rows": [dataclasses.asdict(r) for r in rows], "learning": learning, "kd_learning": kd_learning,
-              "kd_dmd_learning": kd_dmd_learning,
+              "kd_dmd_learning": kd_dmd_learning, "lora_learning": lora_learning,
               "teacher_curve": curve(teacher_dir / "metrics.jsonl", ["loss"]),
               "dmd_curve": curve(student_dir / "metrics.jsonl", ["critic_loss", "generator_loss"]),
               "kd_curve": curve(kd_dir / "metrics.jsonl", ["loss"]),
               "kd_dmd_curve": curve(kd_dmd_dir / "metrics.jsonl", ["critic_loss", "generator_loss"]),
-              "seconds": {"teacher": t_teacher, "dmd2": t_dmd, "kd": t_kd, "kd_steps": kd_train,
+              "seconds": {"teacher": t_teacher, "dmd2": t_dmd, "dmd2_lora": t_lora, "kd": t_kd, "kd_steps": kd_train,
                           "kd_dmd2": t_kd_dmd, "total": total},
               "captions": [toy.caption(int(i)) for i in pick], "profile": dataclasses.asdict(prof)}
     (out / "results.json").write_text(json.dumps(result, indent=2))
@@ -401,7 +416,8 @@ def markdown(result: dict, args, prof: Profile) -> str:
     sec = result["seconds"]
     lines = [f"Command: `python bench/toy.py{' --fast' if args.fast else ''}` (seed {args.seed}, "
              f"{args.threads} torch threads); {time.strftime('%Y-%m-%d')}; {machine}.",
-             f"Wall time: teacher {sec['teacher']:.0f} s, DMD2 {sec['dmd2']:.0f} s, kd {sec['kd']:.0f} s "
+             f"Wall time: teacher {sec['teacher']:.0f} s, DMD2 {sec['dmd2']:.0f} s, "
+             f"DMD2 LoRA {sec['dmd2_lora']:.0f} s, kd {sec['kd']:.0f} s "
              f"({sec['kd_steps']:.0f} s of them training steps, the rest mostly the teacher's trajectories), "
              f"kd -> DMD2 {sec['kd_dmd2']:.0f} s, total {sec['total']:.0f} s.", "",
              f"| sampler ({prof.eval_clips} clips, 16 prompts) | adherence % | Frechet distance | NFE "
@@ -414,11 +430,14 @@ def markdown(result: dict, args, prof: Profile) -> str:
               "`time.perf_counter` likewise. Adherence: colour and direction both right (chance 6.25%). "
               "Frechet distance: 11 blob features, in units of the real clips' spread (fvfunc/testing/toy.py).",
               "", f"DMD2 students (4 steps, SDE) over training, from their checkpoints ({prof.curve_clips} "
-              "clips; step 0 is the weights they start from: the teacher's, or the kd student's):", "",
-              "| DMD2 step | adherence % | Frechet distance | | kd -> DMD2: adherence % | Frechet distance |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {p['step']} | {p['adherence']:.1f} | {p['fd']:.2f} | | {q['adherence']:.1f} | {q['fd']:.2f} |"
-              for p, q in zip(result["learning"], result["kd_dmd_learning"], strict=True)]
+              "clips; step 0 is the weights they start from: the teacher's, or the kd student's; LoRA: "
+              f"rank {prof.lora_rank} student and critic, {prof.lora_lr_scale:g}x the lrs):", "",
+              "| DMD2 step | adherence % | Frechet distance | | kd -> DMD2: adherence % | Frechet distance "
+              "| | LoRA: adherence % | Frechet distance |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {p['step']} | {p['adherence']:.1f} | {p['fd']:.2f} | | {q['adherence']:.1f} | {q['fd']:.2f} "
+              f"| | {r['adherence']:.1f} | {r['fd']:.2f} |"
+              for p, q, r in zip(result["learning"], result["kd_dmd_learning"], result["lora_learning"], strict=True)]
     steps = " / ".join(str(t) for t in prof.student_timesteps)
     lines += ["", f"kd student (4 steps, ODE) over training, from its checkpoints ({prof.curve_clips} clips; step 0 "
               f"is the teacher's weights it starts from); held-out loss: kd's loss on {prof.kd_heldout} teacher "

@@ -36,9 +36,12 @@ def make(modules: dict[str, torch.nn.Module], cfg, training, key: torch.Tensor,
         student.enable_gradient_checkpointing()
         critic.enable_gradient_checkpointing()
     fused = next(student.parameters()).is_cuda
-    opt_student = torch.optim.AdamW(student.parameters(), lr=training.lr, betas=training.betas,
+
+    def trained(module):  # all weights, or the adapters alone of a module with peft LoRA layers
+        return [p for p in module.parameters() if p.requires_grad]
+    opt_student = torch.optim.AdamW(trained(student), lr=training.lr, betas=training.betas,
                                     eps=training.eps, weight_decay=training.weight_decay, fused=fused)
-    opt_critic = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=cfg.critic_betas,
+    opt_critic = torch.optim.AdamW(trained(critic), lr=cfg.critic_lr, betas=cfg.critic_betas,
                                    eps=training.eps, weight_decay=cfg.critic_weight_decay, fused=fused)
     sigmas = timesteps_to_sigmas(cfg.dmd_denoising_steps).tolist()
     num_steps = len(cfg.dmd_denoising_steps)
@@ -110,7 +113,7 @@ def make(modules: dict[str, torch.nn.Module], cfg, training, key: torch.Tensor,
                 grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
             loss = 0.5 * F.mse_loss(x0_gen, (x0_gen - grad).detach())
             update(loss, student, opt_student)
-            metrics.update(generator_loss=loss.detach())
+            metrics.update(generator_loss=loss.detach(), generator_k=[int(x) for x in k])
         rollout_noise, score_noise, score_sigma, k = draws(random.fold_in(step_key, 1), batch)
         with torch.no_grad():
             x0 = x0_of(student, rollout(rollout_noise, k, text), at(k), text)
@@ -120,7 +123,7 @@ def make(modules: dict[str, torch.nn.Module], cfg, training, key: torch.Tensor,
             v = critic(x_t, score_sigma * 1000, text, return_dict=False)[0]
         loss = torch.mean((v.float() - (score_noise - x0)) ** 2)
         update(loss, critic, opt_critic)
-        metrics.update(critic_loss=loss.detach())
+        metrics.update(critic_loss=loss.detach(), critic_k=[int(x) for x in k])
         return metrics
 
     return step
