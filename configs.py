@@ -154,9 +154,27 @@ class TrainingConfig:
     """Compute dtype of the forward passes; params stay in their role dtype (fp32 masters)."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
-    attention: Literal["auto", "math", "flash", "efficient", "cudnn", "fa4"] = "auto"
+    attention: Literal["auto", "math", "flash", "efficient", "cudnn", "fa4", "vsa"] = "auto"
     """Attention backend; auto lets torch's SDPA pick. On an H100 'fa4' (FlashAttention-4, the optional
-    flash-attn-4 package) is the fastest, then 'cudnn' (bench/RESULTS.md)."""
+    flash-attn-4 package) is the fastest, then 'cudnn' (bench/RESULTS.md). 'vsa': FastVideo's Video
+    Sparse Attention on the self-attention of the roles vsa_roles names (the fastvideo-kernel package on
+    CUDA, pip install 'fvfunc[vsa]'; fvfunc.ops.vsa's plain-torch reference elsewhere), with the gate
+    blocks.{i}.to_gate_compress created as zeros (FastVideo's init) in a model that has none; the
+    rest of the attention runs on vsa_dense."""
+    vsa_sparsity: float = 0.9
+    """Under attention 'vsa': the target share of key cubes each query cube skips (FastVideo's
+    VSA_sparsity; 0.9 keeps ceil(0.1 n) of the n 4x4x4 cubes)."""
+    vsa_decay_rate: float = 0.0
+    """Sparsity warm-up (FastVideo's VSA_decay_rate): the sparsity climbs by this much every
+    vsa_decay_interval_steps steps up to vsa_sparsity (fvfunc.ops.vsa.sparsity_at)."""
+    vsa_decay_interval_steps: int = 0
+    """Steps between warm-up increments (FastVideo's VSA_decay_interval_steps); <= 1: the target
+    sparsity from the first step."""
+    vsa_roles: Literal["student", "all"] = "student"
+    """Which roles run VSA: 'student' (FastVideo's DMD2: a sparse student scored by a dense teacher and
+    critic), or 'all' (every role sparse, each with its own gates)."""
+    vsa_dense: Literal["auto", "math", "flash", "efficient", "cudnn", "fa4"] = "auto"
+    """Under attention 'vsa': the backend of cross-attention and of the roles that run dense."""
     grad_transform: Literal["autograd", "func"] = "autograd"
     """How a loss becomes gradients: torch.func.grad ('func'), or torch.autograd.grad on the same
     pure loss ('autograd': same gradients, lower peak memory, works with remat)."""
@@ -208,10 +226,17 @@ class TrainingConfig:
     bf16 model exports bf16 even when trained in fp32), or cast all to float32 / bfloat16."""
 
 
+VSA_FIELDS = ("training.vsa_sparsity", "training.vsa_decay_rate", "training.vsa_decay_interval_steps",
+              "training.vsa_roles")
+"""The VSA settings: they matter to a resume only when the checkpoint's run or the new one has
+training.attention 'vsa' (and then training.attention itself is no longer free: dense and sparse
+attention compute different things)."""
+
 RESUME_FREE = (
     "training.max_steps", "training.checkpoint_every", "training.keep_checkpoints", "training.resume",
     "training.allow_changes", "training.log_every", "training.export", "training.export_dtype",
-    "training.output_dir", "training.device", "training.attention", "training.grad_transform", "training.remat",
+    "training.output_dir", "training.device", "training.attention", "training.vsa_dense", "training.grad_transform",
+    "training.remat",
     "training.remat_fraction", "training.compile", "training.donate", "training.micro_batches", "data.num_workers",
     "training.sp_size", "training.overlap_comm",
     "validation.", "tracking.", "roles.student.sharding", "roles.teacher.sharding", "roles.critic.sharding",
@@ -281,6 +306,9 @@ class ValidationConfig:
     """Frame rate of the written mp4 files."""
     use_ema: bool = True
     """Sample with the student's EMA weights when an EMA is kept."""
+    vsa_sparsity: float = -1.0
+    """Under training.attention 'vsa': the sparsity the student samples at; negative takes the target
+    training.vsa_sparsity (as FastVideo's validation does), whatever the warm-up has reached."""
 
 
 @dataclass(frozen=True)
@@ -505,6 +533,10 @@ class SampleRun:
     """Frame rate of the mp4 files."""
     use_ema: bool = True
     """From a checkpoint, sample with the EMA weights when it has them."""
+    vsa_sparsity: float = -1.0
+    """Sample with VSA (fvfunc.ops.vsa) at this sparsity, with the model's to_gate_compress gates (none:
+    no coarse branch, as zero gates); negative: dense attention, or for a checkpoint of a training.attention
+    'vsa' run, VSA at that run's target training.vsa_sparsity."""
     text_len: int = 512
     """Prompt embeddings are padded to this many tokens."""
 

@@ -3,6 +3,12 @@ against diffusers' WanTransformer3DModel measured in the same run.
 
     python bench/gpu_step.py            # one H100: the whole benchmark (about 5 minutes)
     python bench/gpu_step.py --tiny     # the same code paths on a tiny model (CPU or GPU smoke test)
+    python bench/gpu_step.py --only forward,finetune,dmd2,vsa --skip-small --skip-diffusers   # VSA vs dense
+
+The vsa section (issue 20) measures, at each --vsa sparsity on the large latents: fvfunc's VSA op alone
+(fastvideo-kernel on CUDA, fvfunc.ops.vsa's reference on the CPU, where --tiny runs it on 8 ragged cubes),
+the forward, the finetune step and the DMD2 step (a VSA student with a dense teacher and critic, FastVideo's
+DMD2, or --vsa-roles all), with VSA's gates in the params; the dense rows (FA4) of the same run compare.
 
 Random-init weights at the 1.3B config (dim 1536, 30 layers, 12 heads, FFN 8960, text 4096, freq
 256), batch 1, latents 16x21x60x104 (32,760 tokens) and 16x21x30x52, text 512x4096. Every figure is
@@ -46,6 +52,7 @@ from fvfunc import lora, optim, random, runner  # noqa: E402
 from fvfunc.autodiff import value_and_grad  # noqa: E402
 from fvfunc.losses import dmd2, flow_matching  # noqa: E402
 from fvfunc.models import wan  # noqa: E402
+from fvfunc.ops import vsa  # noqa: E402
 from fvfunc.ops.attention import attention, fa4_problem  # noqa: E402
 from fvfunc.samplers import sample, timesteps_to_sigmas  # noqa: E402
 from fvfunc.testing import dmd2_reference, tiny  # noqa: E402
@@ -136,12 +143,15 @@ class Calls:
         return records
 
 
-def forward_flops(cfg: wan.WanConfig, tokens: int, text_len: int) -> float:
-    """Model FLOPs of one forward of one sample (2 per multiply-add)."""
+def forward_flops(cfg: wan.WanConfig, tokens: int, text_len: int, kept: float = 1.0) -> float:
+    """Model FLOPs of one forward of one sample (2 per multiply-add); `kept`: the share of the key cubes
+    VSA's fine attention runs on (its gate projection and cube-mean attention counted too)."""
     D, F_, S, L = cfg.dim, cfg.ffn_dim, tokens, text_len
     patch = cfg.in_channels * 4
+    vsa_extra = 0 if kept == 1.0 else 2 * S * D * D + 4 * (S / 64) ** 2 * D  # gate; coarse attention
     layer = (8 * S * D * D            # self-attention q, k, v, o
-             + 4 * S * S * D          # softmax(q k^T) v
+             + vsa_extra
+             + 4 * S * S * D * kept   # softmax(q k^T) v
              + 4 * S * D * D          # cross-attention q, o
              + 4 * L * D * D          # cross-attention k, v (text tokens)
              + 4 * S * L * D          # cross-attention scores and values
@@ -153,13 +163,30 @@ def forward_flops(cfg: wan.WanConfig, tokens: int, text_len: int) -> float:
 # ----------------------------------------------------------------------------------- the models
 
 
-def fvfunc_apply(cfg, opts):
-    return functools.partial(_apply, cfg, opts)
+def fvfunc_apply(cfg, opts, sparsity=None):
+    """fvfunc's bf16 forward with the bench's options; with `sparsity`, VSA self-attention at it
+    (fastvideo-kernel on CUDA, the reference on the CPU), cross-attention on the dense backend."""
+    return functools.partial(_apply, cfg, opts, sparsity)
 
 
-def _apply(cfg, opts, params, x, t, context):
-    return runner.apply(wan.FAMILY, params, cfg, x, t, context, dtype=torch.bfloat16, attention=opts.attention,
-                        remat=opts.remat, remat_fraction=opts.remat_fraction, compile=opts.compile)
+def _apply(cfg, opts, sparsity, params, x, t, context):
+    vsa_options = {} if sparsity is None else {"attention": "vsa", "vsa_sparsity": sparsity,
+                                               "vsa_dense": opts.attention}
+    return runner.apply(wan.FAMILY, params, cfg, x, t, context, dtype=torch.bfloat16,
+                        **{"attention": opts.attention, **vsa_options}, remat=opts.remat,
+                        remat_fraction=opts.remat_fraction, compile=opts.compile)
+
+
+def kept_share(latent, sparsity) -> float:
+    """The share of key cubes VSA's fine attention keeps at `sparsity` on `latent`'s token grid (1 dense)."""
+    if sparsity is None:
+        return 1.0
+    n = vsa.num_cubes((latent[1], latent[2] // 2, latent[3] // 2))
+    return vsa.topk(sparsity, n) / n
+
+
+def vsa_name(sparsity) -> str:
+    return "" if sparsity is None else f"VSA {sparsity:g} "
 
 
 def diffusers_module(cfg, params, dtype, device):
@@ -278,6 +305,27 @@ class Bench:
         self.row("attention", f"FlashAttention-4 {what}: backward x30 layers", (both - fwd) * 30,
                  flops=2.5 * flops * 30)
 
+    def vsa_kernel(self, latent, label):
+        """fvfunc's VSA op alone (fastvideo-kernel, with fvfunc's tiling of the raster-order tokens) at each
+        --vsa sparsity, forward and backward, on the model's [B, S, H, Dh] layout, x30 layers."""
+        grid = (latent[1], latent[2] // 2, latent[3] // 2)
+        heads, hd = self.cfg.num_attention_heads, self.cfg.attention_head_dim
+        tokens = grid[0] * grid[1] * grid[2]
+        q, k, v, g = (torch.randn(1, tokens, heads, hd, device=self.device, dtype=torch.bfloat16).requires_grad_()
+                      for _ in range(4))
+        path = "fastvideo-kernel" if vsa.uses_kernel(q) else "reference (no kernel here)"
+        for sparsity in self.args.vsa:
+            flops = 4 * tokens * tokens * heads * hd * kept_share(latent, sparsity)
+            with torch.no_grad():
+                fwd, _, _ = measure(lambda sp=sparsity: vsa.attend(q, k, v, g, grid, sp), self.device, 2, 5)
+            grad = torch.randn_like(q)
+            both, _, peak = measure(lambda sp=sparsity, dy=grad: torch.autograd.grad(
+                vsa.attend(q, k, v, g, grid, sp), (q, k, v, g), dy), self.device, 2, 5)
+            self.row(label, f"VSA {sparsity:g} self-attention ({path}): forward x30 layers", fwd * 30, peak,
+                     flops * 30)
+            self.row(label, f"VSA {sparsity:g} self-attention ({path}): forward + backward x30 layers", both * 30,
+                     peak, 3.5 * flops * 30)
+
     # -- diffusers
 
     def diffusers_forward_and_grad(self, latent, label):
@@ -331,12 +379,12 @@ class Bench:
 
     # -- fvfunc
 
-    def fvfunc_forward_and_sampling(self, latent, label, with_sampling):
+    def fvfunc_forward_and_sampling(self, latent, label, with_sampling, sparsity=None):
         cfg, dev, a = self.cfg, self.device, self.args
         tokens = latent[1] * latent[2] * latent[3] // 4
-        flops = forward_flops(cfg, tokens, a.text_len)
-        params = wan.init(cfg, random.key(0), dtype=torch.bfloat16, device=dev)
-        apply = fvfunc_apply(cfg, a)
+        flops = forward_flops(cfg, tokens, a.text_len, kept_share(latent, sparsity))
+        params = wan.init(self.model_cfg(sparsity), random.key(0), dtype=torch.bfloat16, device=dev)
+        apply = fvfunc_apply(cfg, a, sparsity)
         x, text = inputs(cfg, latent, a.text_len, dev)
         t = torch.tensor([500.0], device=dev)
         with torch.no_grad():
@@ -345,9 +393,10 @@ class Bench:
             sync(dev)
             print(f"  first call (compiles): {time.perf_counter() - t0:.1f} s")
             s, _, peak = measure(lambda: apply(params, x, t, text), dev, a.warmup, a.reps)
-        self.row(label, "fvfunc forward (bf16)", s, peak, flops)
+        self.row(label, f"{vsa_name(sparsity)}fvfunc forward (bf16)", s, peak, flops)
         if a.profile:
-            self.profile(lambda: apply(params, x, t, text), f"fvfunc forward {label}", no_grad=True)
+            self.profile(lambda: apply(params, x, t, text), f"{vsa_name(sparsity)}fvfunc forward {label}",
+                         no_grad=True)
         if not with_sampling:
             return
         sigmas = timesteps_to_sigmas(STEPS)
@@ -371,21 +420,27 @@ class Bench:
             s, _, peak = measure(lambda: apply(params, x, t, text), dev, a.warmup, a.reps)
         self.row(label, f"  fvfunc forward (bf16) with attention={backend}", s, peak, flops)
 
-    def fvfunc_finetune(self, latent, label):
+    def model_cfg(self, sparsity):
+        """The model's config, with FastVideo's VSA gates (to_gate_compress) when it runs VSA."""
+        return self.cfg if sparsity is None else wan.vsa_gated(self.cfg)
+
+    def fvfunc_finetune(self, latent, label, sparsity=None):
         cfg, dev, a = self.cfg, self.device, self.args
         tokens = latent[1] * latent[2] * latent[3] // 4
-        flops = forward_flops(cfg, tokens, a.text_len)
+        flops = forward_flops(cfg, tokens, a.text_len, kept_share(latent, sparsity))
+        name = vsa_name(sparsity)
         training = configs.TrainingConfig(lr=1e-5, max_steps=1000, precision="bfloat16",
                                           attention=a.attention, remat=a.remat,
                                           remat_fraction=a.remat_fraction, donate=True)
         method_cfg = configs.FinetuneConfig()
         calls = Calls(dev)
-        apply = calls.wrap("student", fvfunc_apply(cfg, a))
+        apply = calls.wrap("student", fvfunc_apply(cfg, a, sparsity))
         run = tiny.run_of(flow_matching.SPEC, method_cfg, training)
         method = flow_matching.make(run, {"student": tiny.role(apply, cfg.in_channels)})
         x0, text = inputs(cfg, latent, a.text_len, dev)
         batch = {"latents": x0, "text": text, "sample_index": torch.arange(1)}
-        holder = {"state": method.init({"student": wan.init(cfg, random.key(0), device=dev)}, random.key(1))}
+        holder = {"state": method.init({"student": wan.init(self.model_cfg(sparsity), random.key(0), device=dev)},
+                                       random.key(1))}
 
         def step():
             holder["state"], _ = method.step(holder["state"], batch)
@@ -396,7 +451,7 @@ class Bench:
         calls.take()
         s, _, peak = measure(step, dev, a.warmup, a.reps)
         fwd = statistics.median(t for _, grad, _, t in calls.take() if grad)
-        self.row(label, "fvfunc finetune step (fp32 master, bf16, fwd + bwd + AdamW)", s, peak, 3 * flops)
+        self.row(label, f"{name}fvfunc finetune step (fp32 master, bf16, fwd + bwd + AdamW)", s, peak, 3 * flops)
         self.row(label, "  of which forward (with grad)", fwd, flops=flops)
 
         # the step's parts alone: forward + backward, then clip + AdamW
@@ -421,24 +476,29 @@ class Bench:
         s_u, _, _ = measure(adamw, dev, 1, a.reps)
         self.row(label, "  of which clip + AdamW (fused, donated)", s_u)
         if a.profile:
-            self.profile(step, f"fvfunc finetune step {label}")
+            self.profile(step, f"{name}fvfunc finetune step {label}")
 
-    def dmd2_roles(self):
-        """fp32 student and critic (trainable masters), a bf16 teacher; with --dmd2-lora R, a bf16 base
-        (the teacher) and fresh rank-R adapters of the student and the critic (the default targets)."""
-        cfg, dev, rank = self.cfg, self.device, self.args.dmd2_lora
-        teacher = wan.init(cfg, random.key(1), dtype=torch.bfloat16, device=dev)
+    def dmd2_roles(self, sparse=()):
+        """fp32 student and critic (trainable masters), a bf16 teacher, the roles in `sparse` with VSA's gates;
+        with --dmd2-lora R, a bf16 base (the teacher) and fresh rank-R adapters of the student and the critic
+        (the default targets)."""
+        dev, rank = self.device, self.args.dmd2_lora
+        cfg = {r: self.model_cfg(0.0 if r in sparse else None) for r in ("student", "teacher", "critic")}
+        teacher = wan.init(cfg["teacher"], random.key(1), dtype=torch.bfloat16, device=dev)
         if rank:
-            shapes = wan.FAMILY.param_shapes(cfg)
+            if sparse:
+                raise ValueError("--dmd2-lora with VSA rows is not measured (a LoRA student trains no gate)")
+            shapes = wan.FAMILY.param_shapes(self.cfg)
             names = lora.select(shapes, configs.LoraConfig().targets, rank, "lora")
             return {"student": lora.init(shapes, names, rank, random.key(0), dev), "teacher": teacher,
                     "critic": lora.init(shapes, names, rank, random.key(2), dev)}
-        return {"student": wan.init(cfg, random.key(0), device=dev), "teacher": teacher,
-                "critic": wan.init(cfg, random.key(2), device=dev)}
+        return {"student": wan.init(cfg["student"], random.key(0), device=dev), "teacher": teacher,
+                "critic": wan.init(cfg["critic"], random.key(2), device=dev)}
 
-    def dmd2_apply(self, role, base):
-        """fvfunc's apply of a DMD2 role: the whole params, or (--dmd2-lora) the adapters on `base`."""
-        apply = fvfunc_apply(self.cfg, self.args)
+    def dmd2_apply(self, role, base, sparsity=None):
+        """fvfunc's apply of a DMD2 role (VSA at `sparsity`): the whole params, or (--dmd2-lora) the adapters on
+        `base`."""
+        apply = fvfunc_apply(self.cfg, self.args, sparsity)
         return lora.make_apply(apply, base, 1.0) if self.args.dmd2_lora and role != "teacher" else apply
 
     def dmd2_configs(self, latent):
@@ -450,15 +510,18 @@ class Bench:
                                           remat_fraction=a.remat_fraction, donate=True)
         return method_cfg, training
 
-    def fvfunc_dmd2(self, latent, label):
+    def fvfunc_dmd2(self, latent, label, sparsity=None):
         cfg, dev, a = self.cfg, self.device, self.args
         tokens = latent[1] * latent[2] * latent[3] // 4
-        flops = forward_flops(cfg, tokens, a.text_len)
         method_cfg, training = self.dmd2_configs(latent)
         calls = Calls(dev)
-        params = self.dmd2_roles()
-        models = {r: tiny.role(calls.wrap(r, self.dmd2_apply(r, params["teacher"])), cfg.in_channels)
-                  for r in dmd2.SPEC.roles(None)}
+        # VSA: the student sparse, teacher and critic dense (FastVideo's DMD2), or every role (--vsa-roles all)
+        sparse = () if sparsity is None else (("student",) if a.vsa_roles == "student" else dmd2.SPEC.roles(None))
+        params = self.dmd2_roles(sparse)
+        models = {r: tiny.role(calls.wrap(r, self.dmd2_apply(r, params["teacher"], sparsity if r in sparse else None)),
+                               cfg.in_channels) for r in dmd2.SPEC.roles(None)}
+        flops_of = {r: forward_flops(cfg, tokens, a.text_len, kept_share(latent, sparsity if r in sparse else None))
+                    for r in models}
         method = dmd2.make(tiny.run_of(dmd2.SPEC, method_cfg, training), models)
         _, text = inputs(cfg, latent, a.text_len, dev)
         batch = {"text": text, "sample_index": torch.arange(1)}
@@ -481,14 +544,16 @@ class Bench:
             records = calls.take()
             totals.append(total())
             parts.append(records)
-            step_flops.append(sum(flops * n * (3 if grad else 1) for _, grad, n, _ in records))
+            step_flops.append(sum(flops_of[r] * n * (3 if grad else 1) for r, grad, n, _ in records))
         peak = torch.cuda.max_memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
         mean = statistics.mean(totals)
         rollouts = [sum(1 for r, g, _, _ in rec if r == "student" and not g) - 1 for rec in parts]
+        which = "" if sparsity is None else f"{vsa_name(sparsity)}({'student' if len(sparse) == 1 else 'all roles'}) "
         kind = f", LoRA rank {a.dmd2_lora} student + critic on one bf16 base" if a.dmd2_lora else ""
-        self.row(label, f"fvfunc DMD2 step (3 roles, simulate, interval 1{kind}), mean", mean, peak,
+        self.row(label, f"{which}fvfunc DMD2 step (3 roles, simulate, interval 1{kind}), mean", mean, peak,
                  statistics.mean(step_flops), note=f"student rollout forwards per step {rollouts}")
-        self.dmd2_fvfunc = (mean, rollouts)
+        if sparsity is None:
+            self.dmd2_fvfunc = (mean, rollouts)
 
         def part(role, grad):
             return statistics.mean(sum(t for r, g, _, t in rec if r == role and g == grad) for rec in parts)
@@ -562,8 +627,12 @@ class Bench:
 
 
 def versions(device):
-    import diffusers
-    v = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()}
+    v = {"torch": torch.__version__, "python": platform.python_version()}
+    for package in ("diffusers", "fastvideo-kernel"):  # (without diffusers its rows fail and the rest runs)
+        try:
+            v[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     if device.type == "cuda":
         v["cuda"] = torch.version.cuda
         v["cudnn"] = str(torch.backends.cudnn.version())
@@ -611,6 +680,20 @@ def targets(b: Bench) -> list[str]:
     ratio = getattr(b, "sampling_ratio", float("nan"))
     out.append(f"4. 4-step SDE sampling {ratio:.2f}x the forward (target <= 4.2x): "
                f"{'met' if ratio <= 4.2 else 'MISSED'}")
+    return out + vsa_targets(b)
+
+
+def vsa_targets(b: Bench) -> list[str]:
+    """Issue 20's checks, at sparsity 0.9 on the 32,760 tokens, from this run's VSA rows."""
+    if 0.9 not in b.args.vsa:
+        return []
+    big, out = b.labels[0], []
+    for prefix, target in (("VSA 0.9 fvfunc forward", 0.30), ("VSA 0.9 fvfunc finetune step", 1.0),
+                           ("VSA 0.9 (", 4.0)):  # the DMD2 row: "(student)" or "(all roles)"
+        found = [(n, s) for sec, n, s, *_ in b.rows if sec == big and n.startswith(prefix)]
+        name, s = found[0] if found else (prefix, float("nan"))
+        out.append(f"VSA: {name.removeprefix('VSA 0.9 ').split(', mean')[0]} at sparsity 0.9 {s:.3f} s (target <= "
+                   f"{target} s): {'met' if s <= target else 'MISSED'}")
     return out
 
 
@@ -633,8 +716,13 @@ def main():
     ap.add_argument("--dmd2-warmup", type=int, default=2)
     ap.add_argument("--dmd2-reps", type=int, default=4)
     ap.add_argument("--only", default="", help="comma-separated sections to run: attention, forward, "
-                    "finetune, dmd2 (default: all)")
+                    "finetune, dmd2, vsa (default: all)")
+    ap.add_argument("--vsa", default="0.9,0.8", help="comma-separated VSA sparsities of the vsa section (forward, "
+                    "finetune step, DMD2 step, the kernel alone, on the large latents); empty: none")
+    ap.add_argument("--vsa-roles", default="student", choices=("student", "all"),
+                    help="DMD2's VSA roles: the student (FastVideo's choice; teacher and critic dense) or all")
     ap.add_argument("--skip-small", action="store_true", help="only the 32,760-token latents")
+    ap.add_argument("--skip-diffusers", action="store_true", help="no diffusers rows (fvfunc's dense and VSA only)")
     ap.add_argument("--dmd2-lora", type=int, default=0, metavar="RANK",
                     help="DMD2 rows with LoRA student and critic of this rank on one bf16 base (the teacher's); "
                     "the diffusers reference then has peft adapters on three bf16 modules")
@@ -644,6 +732,7 @@ def main():
     ap.add_argument("--no-append", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--save", default="", help="also write the results section to this file")
     args = ap.parse_args()
+    args.vsa = [float(x) for x in args.vsa.split(",") if x.strip()]
     device = torch.device(args.device)
     if device.type != "cuda":
         args.attention = args.attention or "auto"
@@ -656,7 +745,7 @@ def main():
     if args.tiny:
         cfg = tiny.tiny_config()
         args.text_len = 16
-        latents = [(16, 3, 8, 8), (16, 3, 4, 4)]
+        latents = [(16, 5, 12, 12), (16, 3, 4, 4)]  # the large one: 8 ragged 4x4x4 cubes, for VSA
     elif args.model == "wan2.2-ti2v-5b":
         cfg = WAN22_TI2V_5B
         args.text_len = 512
@@ -685,18 +774,27 @@ def main():
             b.run(f"fvfunc forward {label}", b.fvfunc_forward_and_sampling, latent, label, latent is big)
             for other in filter(None, args.also_attention.split(",")):
                 b.run(f"fvfunc forward {label}, attention {other}", b.fvfunc_forward_with, other, latent, label)
-            b.run(f"diffusers forward/backward {label}", b.diffusers_forward_and_grad, latent, label)
+            if not args.skip_diffusers:
+                b.run(f"diffusers forward/backward {label}", b.diffusers_forward_and_grad, latent, label)
         if want("finetune"):
             b.run(f"fvfunc finetune {label}", b.fvfunc_finetune, latent, label)
-            b.run(f"diffusers finetune {label}", b.diffusers_train_step, latent, label)
+            if not args.skip_diffusers:
+                b.run(f"diffusers finetune {label}", b.diffusers_train_step, latent, label)
         if want("dmd2") and latent is big:
             b.run(f"fvfunc DMD2 {label}", b.fvfunc_dmd2, big, label)
-            b.run(f"diffusers DMD2 reference {label}", b.reference_dmd2, big, label)
+            if not args.skip_diffusers:
+                b.run(f"diffusers DMD2 reference {label}", b.reference_dmd2, big, label)
+        if want("vsa") and latent is big and args.vsa:  # dense FA4 rows above, in the same run
+            b.run(f"VSA kernel {label}", b.vsa_kernel, big, label)
+            for sp in args.vsa:
+                b.run(f"VSA {sp:g} fvfunc forward {label}", b.fvfunc_forward_and_sampling, big, label, False, sp)
+                b.run(f"VSA {sp:g} fvfunc finetune {label}", b.fvfunc_finetune, big, label, sp)
+                b.run(f"VSA {sp:g} fvfunc DMD2 {label}", b.fvfunc_dmd2, big, label, sp)
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     v = versions(device)
     command = "python bench/gpu_step.py " + " ".join(sys.argv[1:])
-    checks = targets(b) if not only else []
+    checks = targets(b) if not only else (vsa_targets(b) if "vsa" in only else [])
     section = "\n".join([
         f"## {'Wan2.2-TI2V-5B' if args.model == 'wan2.2-ti2v-5b' else 'Wan2.1-1.3B'} forward / finetune / DMD2 / "
         "sampling on GPU vs diffusers"

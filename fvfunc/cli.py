@@ -145,6 +145,14 @@ def _check_training(t: configs.TrainingConfig) -> None:
     _need(t.sp_size >= 1, f"training.sp_size must be >= 1, got {t.sp_size}")
     _need(t.sp_size == 1 or t.grad_transform == "autograd", f"training.sp_size {t.sp_size} needs "
           "training.grad_transform 'autograd' (torch.func.grad cannot differentiate through the all-to-alls)")
+    if t.attention == "vsa":
+        _need(0 <= t.vsa_sparsity < 1, f"training.vsa_sparsity must be in [0, 1), got {t.vsa_sparsity:g}")
+        _need(t.vsa_decay_interval_steps <= 1 or t.vsa_decay_rate > 0, "training.vsa_decay_rate must be > 0 "
+              f"with a warm-up every {t.vsa_decay_interval_steps} steps (training.vsa_decay_interval_steps), got "
+              f"{t.vsa_decay_rate:g}")
+        _need(t.vsa_decay_rate >= 0, f"training.vsa_decay_rate must be >= 0, got {t.vsa_decay_rate:g}")
+        _need(t.vsa_dense != "fa4" or importlib.util.find_spec("flash_attn") is not None,
+              "training.vsa_dense 'fa4' needs the flash-attn-4 package: pip install 'fvfunc[fa4]'")
     _need(t.checkpoint_every >= 0, f"training.checkpoint_every must be >= 0, got {t.checkpoint_every}")
     _need(t.keep_checkpoints >= 0, f"training.keep_checkpoints must be >= 0 (0 keeps all), got "
           f"{t.keep_checkpoints}")
@@ -163,6 +171,8 @@ def _check_validation(v: configs.ValidationConfig) -> None:
     _need(min(v.num_frames, v.height, v.width) >= 0, "validation.num_frames, height and width must be >= 0 "
           "(0 takes the training data's shape)")
     _need(v.fps >= 1, f"validation.fps must be >= 1, got {v.fps}")
+    _need(v.vsa_sparsity < 1, f"validation.vsa_sparsity must be < 1 (negative: the training target), got "
+          f"{v.vsa_sparsity:g}")
     if v.every and v.prompts:
         _need(Path(v.prompts).is_dir(), f"validation.prompts: folder {v.prompts} does not exist")
 
@@ -252,6 +262,8 @@ def _check_sample(cfg: configs.SampleRun) -> None:
     _need(bool(cfg.output_dir), "output_dir is empty")
     _check_writable(cfg.output_dir, "output_dir")
     _need(cfg.num_prompts >= 0, f"num_prompts must be >= 0 (0: all), got {cfg.num_prompts}")
+    _need(cfg.vsa_sparsity < 1, f"vsa_sparsity must be < 1 (negative: dense, or a VSA run's target), got "
+          f"{cfg.vsa_sparsity:g}")
     _need(all(n >= 1 for n in cfg.latent_shape), f"latent_shape must be positive, got {cfg.latent_shape}")
     if cfg.sampler.timesteps:
         _check_timesteps(cfg.sampler.timesteps, "sampler.timesteps")

@@ -59,7 +59,12 @@ The FastVideo keys every method shares, and the fvfunc field each sets (same mea
     pipeline_config.sampler_kind: ode | sde      validation.sampler.kind
     pipeline_config.boundary_ratio               checked: an expert-pair role's folder must switch there
                                                    (fvfunc routes by the folder's model_index.json)
-    method_config.attn_kind                      dense only (no sparse attention in fvfunc)
+    method_config.attn_kind: dense | vsa         training.attention 'vsa' for vsa (so does a
+                                                   training.VSA_sparsity above 0, as FastVideo's
+                                                   trainer picks its VSA backend then)
+    training.VSA_sparsity                        training.vsa_sparsity (FastVideo's default 0.0)
+    training.VSA_decay_rate                      training.vsa_decay_rate (default 0.01)
+    training.VSA_decay_interval_steps            training.vsa_decay_interval_steps (default 1: none)
     roles.<role>.disable_custom_init_weights     unused: fvfunc loads weights as stored
 
 A method's own FastVideo keys (finetune's weighting and CFG-dropout keys, DMD2's critic, rollout and
@@ -118,6 +123,7 @@ IGNORED = ("training.tp_size", "training.hsdp_replicate_dim", "training.hsdp_sha
            "training.log_visualization", "training.visualization_steps", "training.pin_cpu_memory",
            "training.lr_num_cycles", "training.lr_power", "training.entity", "training.dit_precision",
            "training.model_path", "training.preprocessed_data_type", "training.moba_config",
+           "training.VSA_cache_tile_buf",
            "roles.*.disable_custom_init_weights")
 
 
@@ -139,6 +145,7 @@ _FASTVIDEO_TRAINING: dict[str, Any] = {
     "num_frames": int, "training_cfg_rate": float, "ema_decay": float, "pin_cpu_memory": bool,
     "lr_num_cycles": int, "lr_power": float, "entity": str, "dit_precision": str, "model_path": str,
     "preprocessed_data_type": str, "moba_config": dict,
+    "VSA_sparsity": float, "VSA_decay_rate": float, "VSA_decay_interval_steps": int, "VSA_cache_tile_buf": bool,
 }
 _FASTVIDEO_METHOD: dict[str, Any] = {"attn_kind": str}
 _FASTVIDEO_PIPELINE: dict[str, Any] = {"flow_shift": float, "sampler_kind": str, "boundary_ratio": float}
@@ -475,9 +482,30 @@ def _from_method(m: dict, method: str, out: _Assignments) -> None:
     for k, v in m.items():
         if k in own and k not in spec_reads:
             _put(out, f"method.{k}", v, f"method_config.{k}")
-    if m.get("attn_kind", "dense") != "dense":
-        raise ConfigError(f"method_config.attn_kind: {m['attn_kind']!r} is not supported; fvfunc uses dense "
-                          "attention")
+    if m.get("attn_kind", "dense") not in ("dense", "vsa"):
+        raise ConfigError(f"method_config.attn_kind: {m['attn_kind']!r} is not supported; FastVideo's kinds are "
+                          "dense and vsa")
+
+
+def _vsa(t: dict, m: dict, out: _Assignments, fastvideo: bool) -> None:
+    """FastVideo's VSA keys: method_config.attn_kind 'vsa' or a training.VSA_sparsity above 0 (FastVideo's
+    trainer then picks its VIDEO_SPARSE_ATTN backend) make training.attention 'vsa'; VSA_sparsity,
+    VSA_decay_rate and VSA_decay_interval_steps set training.vsa_*, with FastVideo's defaults (0.0, 0.01,
+    1: no warm-up) for the ones a FastVideo file omits."""
+    kind, sparsity = m.get("attn_kind"), t.get("VSA_sparsity", 0.0)
+    if kind == "dense" and sparsity > 0:
+        raise ConfigError(f"method_config.attn_kind 'dense' and training.VSA_sparsity {sparsity:g} disagree; keep "
+                          "one (attn_kind vsa trains with VSA)")
+    if kind == "vsa" or sparsity > 0:
+        _put(out, "training.attention", "vsa", "method_config.attn_kind" if kind == "vsa" else "training.VSA_sparsity")
+    for key, target in (("VSA_sparsity", "vsa_sparsity"), ("VSA_decay_rate", "vsa_decay_rate"),
+                        ("VSA_decay_interval_steps", "vsa_decay_interval_steps")):
+        if key in t:
+            _put(out, f"training.{target}", t[key], f"training.{key}")
+    attention = out.get("training.attention", (None,))[0]
+    if fastvideo and attention == "vsa":
+        for target, value in (("vsa_sparsity", 0.0), ("vsa_decay_rate", 0.01), ("vsa_decay_interval_steps", 1)):
+            _put(out, f"training.{target}", value, f"FastVideo's default for training.{target}", weak=True)
 
 
 def _from_pipeline(p: dict, method: str, out: _Assignments) -> None:
@@ -628,6 +656,7 @@ def from_dict(raw: Any, method: str | None = None, where: str = "run file") -> t
     if layout == "fvfunc" and _fastvideo_vocabulary(f, method):
         layout = "fastvideo"
     facts = FileFacts(out, spec.run, layout)
+    _vsa(_given(f.training), _given(f.method_config), out, facts.fastvideo)
     if facts.fastvideo:
         _fastvideo_defaults(out)
         ignored += [f"training.{k}" for k in _given(f.training) if f"training.{k}" in IGNORED]

@@ -10,6 +10,8 @@ That layout names each model and the method by a `_target_` class and nests the 
     training.distributed / data / optimizer / loop / checkpoint / model
                                         -> training.<key> (TrainingArgs' flat names)
     training.tracker.project_name, run_name -> training.tracker_project_name, wandb_run_name
+    training.vsa.sparsity (or vsa_sparsity) -> training.VSA_sparsity (training.model.VSA_* of the early
+                                           layout pass as they are; vsa.cache_tile_buf is unused)
     training.data.data_path: {path: n}  -> "path:n" entries
     callbacks.grad_clip.max_grad_norm   -> training.max_grad_norm (no grad_clip: no clipping)
     callbacks.ema.decay, start_iter     -> training.ema_decay, ema_start_step
@@ -39,7 +41,7 @@ _SECTIONS = {
     "checkpoint": ("output_dir", "resume_from_checkpoint", "training_state_checkpointing_steps",
                    "checkpoints_total_limit"),
     "model": ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs", "moba_config",
-              "enable_gradient_checkpointing_type"),
+              "enable_gradient_checkpointing_type", "VSA_sparsity", "VSA_decay_rate", "VSA_decay_interval_steps"),
 }
 _TRACKER = {"project_name": "tracker_project_name", "run_name": "wandb_run_name", "trackers": "trackers",
             "entity": "entity"}
@@ -127,12 +129,15 @@ def translate(raw: dict, methods: dict[str, str], families: tuple[str, ...],
                     raise LayoutError(f"unknown key training.tracker.{k} (known: {', '.join(_TRACKER)})")
                 t[_TRACKER[k]] = x
         elif section == "vsa":
-            if _mapping(v, "training.vsa").get("sparsity", 0.0):
-                raise LayoutError("training.vsa.sparsity: fvfunc has no sparse attention yet; remove it")
-            ignored.append("training.vsa")
-        elif section in ("vsa_sparsity",):
-            if v:
-                raise LayoutError("training.vsa_sparsity: fvfunc has no sparse attention yet; remove it")
+            for k, x in _mapping(v, "training.vsa").items():
+                if k == "sparsity":
+                    t["VSA_sparsity"] = x
+                elif k == "cache_tile_buf":
+                    ignored.append("training.vsa.cache_tile_buf")
+                else:
+                    raise LayoutError(f"unknown key training.vsa.{k} (known: sparsity, cache_tile_buf)")
+        elif section == "vsa_sparsity":
+            t["VSA_sparsity"] = v
         elif section in _TOP_TRAINING or section == "vsa_cache_tile_buf":
             ignored.append(f"training.{section}")
         else:

@@ -6,7 +6,8 @@ hash of its weight files, and the data's files (names, sizes, parquet footers). 
 both with the new run's, before any model loads:
 
 - fields in `configs.RESUME_FREE` (max_steps, logging, checkpointing, validation, tracking, the
-  device and other speed knobs) may change freely;
+  device and other speed knobs) may change freely; training.attention too, between dense backends,
+  but not to or from 'vsa', whose settings (`configs.VSA_FIELDS`) matter when either run has it;
 - `data.path` and `roles.<role>.path` / `.variant` may change as long as what they point at is the
   same (a moved folder resumes; other weights or other data do not);
 - any other change (seed, batch size, lr, method settings, precision, ...) is refused, naming each
@@ -123,10 +124,14 @@ def differences(saved: dict, now: dict, roles_needed) -> list[tuple[str, str]]:
     out = []
     was, run = saved.get("run", {}), now["run"]
     content = {"data.path"} | {f"roles.{r}.{k}" for r in roles_needed for k in ("path", "variant")}
+    # dense backends compute the same (beyond rounding), VSA does not: attention and the VSA settings are
+    # free between dense runs only
+    vsa = "vsa" in (was.get("training.attention"), run.get("training.attention"))
     for field in sorted(set(was) | set(run)):
         if field.startswith("roles.") and field.split(".")[1] not in roles_needed:
             continue  # a role this method does not use
-        if _free(field) or field in content or was.get(field) == run.get(field):
+        free = not vsa if field in (*configs.VSA_FIELDS, "training.attention") else _free(field)
+        if free or field in content or was.get(field) == run.get(field):
             continue
         out.append((field, f"was {_show(was.get(field))}, now {_show(run.get(field))}"))
     fp_was, fp_now = saved.get("fingerprint", {}), now["fingerprint"]

@@ -56,19 +56,56 @@ class Role(NamedTuple):
     experts: experts.Experts | None = None
     """An expert pair's names, boundary and configs (fvfunc/experts.py): `params` (and `base`) then hold
     `<expert>/<param>` keys and `apply` routes each sample; None for one model."""
+    vsa: bool = False
+    """Whether it runs VSA self-attention (training.attention 'vsa' and named by training.vsa_roles); its
+    apply is then rebuilt for each sparsity of the warm-up (`at_sparsity`)."""
 
 
 class RoleError(RuntimeError):
     """A role that cannot be built for this run; the message names the role."""
 
 
-def options(training, sharded: bool = False, sp=None) -> runner.Options:
+def options(training, sharded: bool = False, sp=None, sparsity: float | None = None) -> runner.Options:
     """The block runner's options of a run's TrainingConfig: `sharded` params gathered (overlapped with
-    compute when training.overlap_comm), sequence-parallel over `sp` (fvfunc.distributed.Sequence)."""
+    compute when training.overlap_comm), sequence-parallel over `sp` (fvfunc.distributed.Sequence), VSA
+    self-attention at `sparsity` (None: a role that runs dense; under training.attention 'vsa' that is
+    training.vsa_dense)."""
     overlap = sharded and training.overlap_comm
     gather = functools.partial(distributed.gather, overlap=overlap) if sharded else None
-    return runner.Options(DTYPES[training.precision], training.attention, training.remat, training.remat_fraction,
-                          training.compile, gather, prefetch=distributed.prefetch if overlap else None, sp=sp)
+    backend = training.attention
+    if backend == "vsa" and sparsity is None:
+        backend = training.vsa_dense
+    return runner.Options(DTYPES[training.precision], backend, training.remat, training.remat_fraction,
+                          training.compile, gather, sparsity or 0.0, training.vsa_dense,
+                          prefetch=distributed.prefetch if overlap else None, sp=sp)
+
+
+def vsa_roles(run, names) -> tuple[str, ...]:
+    """The roles among `names` that run VSA: none unless training.attention is 'vsa'; then the student, or
+    every role under training.vsa_roles 'all'."""
+    t = run.training
+    if t.attention != "vsa":
+        return ()
+    return tuple(n for n in names if t.vsa_roles == "all" or n == "student")
+
+
+def _gated(fam: Family, mcfg, params: dict, device, rows=None) -> tuple[Any, dict]:
+    """(config, params) with the family's VSA params; the ones the folder lacks are zeros (FastVideo's
+    loader's rule for them), only this rank's rows of each when `rows` is given (a sharded role)."""
+    if fam.vsa_gated is None:
+        return mcfg, params
+    mcfg = fam.vsa_gated(mcfg)
+    dtype = next(iter(params.values())).dtype
+    out = {}  # in the family's order, as a folder that holds them loads (a gradient norm sums in this order)
+    for k, shape in fam.param_shapes(mcfg).items():
+        if k not in params:
+            if rows is not None:
+                start, stop = rows(shape[0])
+                shape = (stop - start, *shape[1:])
+            out[k] = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            out[k] = params[k]
+    return mcfg, out
 
 
 def build(run, spec, process: distributed.Process) -> dict[str, Role]:
@@ -79,34 +116,40 @@ def build(run, spec, process: distributed.Process) -> dict[str, Role]:
     (the family's `experts`) is built expert by expert the same way and joined (fvfunc/experts.py)."""
     check(run, spec, process.world_size)
     roles, bases = {}, {}
+    sparse = vsa_roles(run, spec.roles(run))
     for name in spec.roles(run):
         cfg = getattr(run.roles, name)
         fam = family(cfg.family)
         pair = fam.experts(cfg.path)
+        vsa = name in sparse
         if pair is None:
-            roles[name] = _build_one(name, cfg, cfg.path, f"lora:{name}", run, spec, process, bases)
+            roles[name] = _build_one(name, cfg, cfg.path, f"lora:{name}", run, spec, process, bases, vsa)
             continue
         names, boundary = pair
-        parts = [_build_one(name, cfg, str(Path(cfg.path) / n), f"lora:{name}/{n}", run, spec, process, bases)
+        parts = [_build_one(name, cfg, str(Path(cfg.path) / n), f"lora:{name}/{n}", run, spec, process, bases, vsa)
                  for n in names]
         roles[name] = join(name, parts, names, boundary, cfg.path)
     return roles
 
 
-def _build_one(name, cfg, path: str, lora_name: str, run, spec, process, bases: dict) -> Role:
-    """Role `name` of one model folder `path` (a whole role, or one expert of a pair)."""
+def _build_one(name, cfg, path: str, lora_name: str, run, spec, process, bases: dict, vsa: bool = False) -> Role:
+    """Role `name` of one model folder `path` (a whole role, or one expert of a pair); `vsa`: it runs VSA
+    self-attention, with the family's VSA params (zeros where the folder lacks them)."""
     fam = family(cfg.family)
     trainable = name in spec.trainable
     adapted = cfg.lora.rank > 0
     sharded = cfg.sharding == "sharded" and process.world_size > 1
     shared = not trainable or adapted  # weights nobody updates may be shared
-    key = (cfg.family, path, cfg.variant, cfg.dtype, cfg.lora.frozen, sharded)
+    key = (cfg.family, path, cfg.variant, cfg.dtype, cfg.lora.frozen, sharded, vsa)
     if shared and key in bases:
         role = bases[key]._replace(name=name, trainable=trainable, ema_decay=cfg.ema_decay)
     else:
-        mcfg, params = load_weights(name, cfg, fam, "cpu" if sharded else process.device,
-                                    distributed.rows_of(process) if sharded else None, path)
-        role = place(name, fam, mcfg, params, run.training, process, sharded, trainable, cfg.ema_decay, path)
+        device, rows = ("cpu", distributed.rows_of(process)) if sharded else (process.device, None)
+        mcfg, params = load_weights(name, cfg, fam, device, rows, path)
+        if vsa:
+            mcfg, params = _gated(fam, mcfg, params, device, rows)
+        role = place(name, fam, mcfg, params, run.training, process, sharded, trainable, cfg.ema_decay, path,
+                     run.training.vsa_sparsity if vsa else None)
         if shared:
             bases[key] = role
     if adapted:
@@ -136,17 +179,18 @@ def join(name: str, parts: list[Role], names, boundary: float, folder) -> Role:
 
 
 def place(name: str, fam: Family, mcfg, params: dict, training, process: distributed.Process, sharded: bool,
-          trainable: bool, ema_decay: float = 0.0, folder=None) -> Role:
+          trainable: bool, ema_decay: float = 0.0, folder=None, sparsity: float | None = None) -> Role:
     """A Role of params already read: whole ones moved to process.device, or this rank's rows of each
-    tensor (as `fam.load(rows=distributed.rows_of(process))` reads them) made Shard(0) DTensors."""
+    tensor (as `fam.load(rows=distributed.rows_of(process))` reads them) made Shard(0) DTensors; it runs
+    VSA at `sparsity` (None: dense)."""
     if sharded:
         shapes = fam.param_shapes(mcfg)
         params = {k: distributed.from_rows(v, shapes[k], process.mesh, process.device) for k, v in params.items()}
     else:
         params = {k: v.to(process.device) for k, v in params.items()}
-    apply = runner.make_apply(fam, mcfg, options(training, sharded, process.sp))
+    apply = runner.make_apply(fam, mcfg, options(training, sharded, process.sp, sparsity))
     return Role(name, fam, mcfg, str(folder or ""), params, trainable, sharded, ema_decay, apply,
-                fam.latents(mcfg, folder))
+                fam.latents(mcfg, folder), vsa=sparsity is not None)
 
 
 def check(run, spec, world_size: int = 1) -> None:
@@ -244,12 +288,6 @@ def make_apply(fam: Family, mcfg, pair: experts.Experts | None, opts: runner.Opt
     return experts.make_apply([runner.make_apply(fam, c, opts) for c in pair.configs], pair)
 
 
-def unsharded(role: Role, training) -> Role:
-    """The role with an apply for whole params on this rank alone (for rank 0 to sample from whole weights,
-    every token here: no sequence parallelism either)."""
-    return role._replace(apply=make_apply(role.family, role.config, role.experts, options(training)))
-
-
 def load_model(fam: Family, path, dtype=None, device=None, variant: str = "") -> tuple[Any, experts.Experts | None,
                                                                                       dict]:
     """(model config, expert pair or None, params) of a model folder, a pair's params joined."""
@@ -261,3 +299,36 @@ def load_model(fam: Family, path, dtype=None, device=None, variant: str = "") ->
     loaded = [fam.load(Path(path) / n, dtype=dtype, device=device, variant=variant) for n in names]
     return (loaded[0][0], experts.Experts(tuple(names), boundary, tuple(c for c, _ in loaded)),
             experts.join({n: p for n, (_, p) in zip(names, loaded, strict=True)}))
+
+
+def _rebuilt(role: Role, training, sharded: bool, sp, sparsity: float | None) -> Role:
+    """`role` with its apply made anew for these runner options (a LoRA role's adapters on its base, an
+    expert pair's experts each)."""
+    opts = options(training, sharded, sp, sparsity)
+    pair = role.experts
+    configs_ = (role.config,) if pair is None else pair.configs
+    bases = [role.base] if pair is None or role.base is None else list(experts.split(role.base, pair.names).values())
+    applies = []
+    for i, c in enumerate(configs_):
+        apply = runner.make_apply(role.family, c, opts)
+        if role.base is not None:
+            apply = lora.make_apply(apply, bases[i], role.lora_scale)
+        applies.append(apply)
+    if pair is None:
+        return role._replace(apply=applies[0])
+    return role._replace(apply=experts.make_apply(applies, pair, together=sharded))
+
+
+def at_sparsity(role: Role, training, sparsity: float, sp=None) -> Role:
+    """A VSA role running at `sparsity` (a step of the warm-up, or validation's); any other role as it is."""
+    if not role.vsa:
+        return role
+    return _rebuilt(role, training, role.sharded, sp, sparsity)
+
+
+def unsharded(role: Role, training, sparsity: float | None = None) -> Role:
+    """The role with an apply for whole params on this rank alone (for rank 0 to sample from whole weights,
+    every token here: no sequence parallelism either); a VSA role at `sparsity` (None: the target
+    training.vsa_sparsity)."""
+    vsa = training.vsa_sparsity if sparsity is None else sparsity
+    return _rebuilt(role, training, False, None, vsa if role.vsa else None)

@@ -36,7 +36,7 @@ from fvfunc.models import Family, block_params
 from fvfunc.ops import attention, vsa
 
 REMAT = ("none", "full", "attention")
-CROSS_ATTENTION = {"fa4": "cudnn", "vsa": "auto"}
+CROSS_ATTENTION = {"fa4": "cudnn"}
 """Backend of cross-attention for a self-attention backend (to 512 text tokens cuDNN beats
 FlashAttention-4 on an H100, bench/RESULTS.md)."""
 
@@ -60,7 +60,10 @@ class Options(NamedTuple):
     gather: Callable[[dict], dict] | None = None
     """For sharded params: tree -> the same tree with whole tensors (fvfunc.distributed.gather)."""
     vsa_sparsity: float = 0.0
-    """The sparsity of self-attention under attention="vsa" (fvfunc.ops.vsa; cross-attention stays dense)."""
+    """The sparsity of self-attention under attention="vsa" (fvfunc.ops.vsa: fastvideo-kernel on CUDA in
+    bf16 when installed, the plain-torch reference otherwise)."""
+    vsa_dense: str = "auto"
+    """Under attention="vsa": the backend of cross-attention (which stays dense)."""
     prefetch: Callable[[dict], object] | None = None
     """For sharded params, overlapped: tree -> its all-gathers started (fvfunc.distributed.prefetch), for
     `gather(tree, fetched)` to finish; None gathers each tree when it is used."""
@@ -69,11 +72,13 @@ class Options(NamedTuple):
     to_sequence, gather); None runs every token here."""
 
 
-def _attend(backend: str, sparsity: float, q, k, v, cross: bool, grid=None, gate=None):
-    if backend == "vsa" and not cross:
+def _attend(backend: str, sparsity: float, dense: str, q, k, v, cross: bool, grid=None, gate=None):
+    if backend == "vsa":
+        if cross:
+            return attention(q, k, v, CROSS_ATTENTION.get(dense, dense))
         if grid is None:
             raise ValueError("attention 'vsa' needs the family's token grid (attend(..., grid=(T, H, W)))")
-        return vsa.vsa(q, k, v, gate, grid, sparsity)
+        return vsa.attend(q, k, v, gate, grid, sparsity)
     return attention(q, k, v, CROSS_ATTENTION.get(backend, backend) if cross else backend)
 
 
@@ -87,11 +92,11 @@ def _attend_sp(inner, sp, q, k, v, cross, grid=None, gate=None):
 
 
 @functools.cache
-def attend(backend: str, sparsity: float = 0.0, sp=None):
+def attend(backend: str, sparsity: float = 0.0, dense: str = "auto", sp=None):
     """attend(q, k, v, cross, grid=None, gate=None) on `backend` (VSA at `sparsity` for "vsa"
-    self-attention, with the family's token grid and gate; sequence-parallel over `sp`); one function
-    object per (backend, sparsity, sp), so compiled blocks keep their guards."""
-    inner = functools.partial(_attend, backend, sparsity)
+    self-attention, with the family's token grid and gate, and cross-attention on `dense`;
+    sequence-parallel over `sp`); one function object per setting, so compiled blocks keep their guards."""
+    inner = functools.partial(_attend, backend, sparsity, dense)
     return inner if sp is None else functools.partial(_attend_sp, inner, sp)
 
 
@@ -109,7 +114,8 @@ _ATTENTION_OPS = {
 
 def _save_attention(ctx, op, *args, **kwargs):
     del ctx, args, kwargs
-    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    keep = op in _ATTENTION_OPS or op in vsa.kernel_ops()  # (VSA's sparse kernels too, when installed)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _gathered(block, gather, params, *args):
@@ -208,7 +214,7 @@ def forward(family: Family, params: dict, cfg, x, t, context, options: Options =
     if options.sp is not None:
         h, block_inputs = _shard(family, cfg, h, inputs, options.sp)
     run = _compiled("inductor" if options.compile is True else options.compile) if options.compile else run_block
-    attend_fn = attend(options.attention, options.vsa_sparsity, options.sp)
+    attend_fn = attend(options.attention, options.vsa_sparsity, options.vsa_dense, options.sp)
     for i, bp in enumerate(blocks):
         if i + 1 < n and isinstance(gathers[i + 1], _Slot):
             gathers[i + 1].start()  # the next block's weights arrive while this one computes

@@ -175,6 +175,18 @@ def load_model(cfg, device):
     return fam, mcfg, pair, experts.join(merged), Path(folder)
 
 
+def vsa_sparsity(cfg) -> float | None:
+    """The VSA sparsity to sample at (None: dense): cfg.vsa_sparsity, or when negative the target of the
+    checkpoint's run when it trained with training.attention 'vsa'."""
+    if cfg.vsa_sparsity >= 0:
+        return cfg.vsa_sparsity
+    meta = Path(cfg.model) / "meta.json"
+    if not meta.is_file():
+        return None
+    training = checkpoint.read_meta(Path(cfg.model)).get("config", {}).get("training", {})
+    return training.get("vsa_sparsity", 0.0) if training.get("attention") == "vsa" else None
+
+
 def sample_command(cfg) -> list[Path]:
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.precision]
@@ -190,7 +202,10 @@ def sample_command(cfg) -> list[Path]:
     noise = read_noise(cfg, len(captions), facts.channels)
     shape = tuple(noise.shape[1:]) if noise is not None else (facts.channels, *cfg.latent_shape)
     cond = read_conditions(cfg, fam, mcfg, folder, len(captions), shape[1:], device)
-    apply = roles.make_apply(fam, mcfg, pair, runner.Options(dtype=dtype))
+    sparsity = vsa_sparsity(cfg)
+    options = runner.Options(dtype=dtype) if sparsity is None else runner.Options(
+        dtype=dtype, attention="vsa", vsa_sparsity=sparsity)
+    apply = roles.make_apply(fam, mcfg, pair, options)
     latents = generate(apply, params, prompts.to(device), shape, cfg.sampler,
                        uncond=None if uncond is None else uncond.to(device),
                        noise=None if noise is None else noise.to(device), cond=cond,

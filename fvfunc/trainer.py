@@ -33,6 +33,7 @@ from fvfunc.config_file import ConfigError
 from fvfunc.losses import METHODS
 from fvfunc.losses.spec import DataIO, MethodSpec
 from fvfunc.models import family
+from fvfunc.ops import vsa
 from fvfunc.ops.attention import fa4_problem
 from fvfunc.state import StateError, TrainState, from_trees, to_trees
 
@@ -319,9 +320,29 @@ def _setup(spec: MethodSpec, cfg, process: distributed.Process) -> tuple[Setup, 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         config_file.write(out / "config.yaml", spec.name, cfg)
-    setup = Setup(spec, cfg, process, out, built, method.step, dataset, resume_from, meta, run_config, constants,
-                  record)
+    setup = Setup(spec, cfg, process, out, built, _steps(spec, cfg, built, method, process), dataset, resume_from,
+                  meta, run_config, constants, record)
     return setup, state, (position, data_key)
+
+
+def _steps(spec: MethodSpec, cfg, built: dict, method, process: distributed.Process):
+    """step(state, batch): the method's step, its VSA roles at the sparsity of the state's step
+    (fvfunc.ops.vsa.sparsity_at: FastVideo's warm-up, a function of the step alone, so a resumed run takes
+    the sparsities of the uninterrupted one); one step function per sparsity, made when first needed."""
+    t = cfg.training
+    if not any(r.vsa for r in built.values()):
+        return method.step
+    made = {t.vsa_sparsity: method.step}  # the roles were built at the target
+
+    def step(state, batch):
+        s = vsa.sparsity_at(state.step, t.vsa_sparsity, t.vsa_decay_rate, t.vsa_decay_interval_steps)
+        if s not in made:
+            at = {name: roles.at_sparsity(r, t, s) for name, r in built.items()}
+            made[s] = spec.make(cfg, at, distributed.make_reduce(process)).step
+        state, metrics = made[s](state, batch)
+        return state, dict(metrics, vsa_sparsity=s)  # the sparsity this step ran at (FastVideo logs it too)
+
+    return step
 
 
 def whole_student(state: TrainState, use_ema: bool) -> TrainState:
@@ -337,9 +358,13 @@ def _validator(s: Setup, student_sharded: bool):
         return None
     from fvfunc import validation
 
-    student = s.roles["student"]
+    student, t = s.roles["student"], s.cfg.training
+    # VSA: the target sparsity (FastVideo's validation), or validation.vsa_sparsity
+    sparsity = t.vsa_sparsity if s.cfg.validation.vsa_sparsity < 0 else s.cfg.validation.vsa_sparsity
     if student_sharded or s.process.sp is not None:  # rank 0 samples alone, every token, from the whole student
-        student = roles.unsharded(student, s.cfg.training)
+        student = roles.unsharded(student, t, sparsity)
+    else:
+        student = roles.at_sparsity(student, t, sparsity)
     return validation.Validator(s.cfg, s.spec.sampler(s.cfg), student, s.dataset, s.out, s.process.device)
 
 

@@ -182,6 +182,10 @@ BAD_FINETUNE = [
     (["--roles.student.no-trainable"], "roles.student.trainable is false, but finetune trains the student"),
     (["--data.path"], "data.path is empty: finetune reads the text embeddings and the VAE latents"),
     (["--method.cfg-rate", "1.5"], "method.cfg_rate must be in [0, 1]"),
+    (["--training.attention", "vsa", "--training.vsa-sparsity", "1"], "training.vsa_sparsity must be in [0, 1)"),
+    (["--training.attention", "vsa", "--training.vsa-decay-interval-steps", "50", "--training.vsa-decay-rate",
+      "0"], "training.vsa_decay_rate must be > 0 with a warm-up every 50 steps"),
+    (["--validation.vsa-sparsity", "1.2"], "validation.vsa_sparsity must be < 1"),
 ]
 
 
@@ -190,6 +194,17 @@ def test_bad_finetune_runs_stop_with_one_message(folders, trainer, capsys, extra
     code, err = run_main(finetune_args(folders) + extra, capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not trainer
+
+
+def test_vsa_flags_reach_the_run(folders, trainer, capsys):
+    code, _ = run_main(finetune_args(folders) + ["--training.attention", "vsa", "--training.vsa-sparsity", "0.8",
+                                                 "--training.vsa-decay-rate", "0.03",
+                                                 "--training.vsa-decay-interval-steps", "50",
+                                                 "--training.vsa-roles", "all", "--training.vsa-dense", "cudnn"],
+                       capsys)
+    t = trainer[0][1].training
+    assert code == 0 and (t.attention, t.vsa_sparsity, t.vsa_decay_rate, t.vsa_decay_interval_steps, t.vsa_roles,
+                          t.vsa_dense) == ("vsa", 0.8, 0.03, 50, "all", "cudnn")
 
 
 def test_data_mode_dmd2_names_the_latents(folders, trainer, capsys):
@@ -271,7 +286,7 @@ BAD_FILES = [
      "(1e-05) both set training.lr"),
     ({"training": {"mixed_precision": "fp16"}}, "training.mixed_precision: 'fp16' is not supported"),
     ({"training": {"lr_scheduler": "polynomial"}}, "training.lr_scheduler: FastVideo schedule 'polynomial'"),
-    ({"method_config": {"attn_kind": "vsa"}}, "method_config.attn_kind: 'vsa' is not supported"),
+    ({"method_config": {"attn_kind": "sla"}}, "method_config.attn_kind: 'sla' is not supported"),
     ({"training": {"training_cfg_rate": 0.1}}, "training.training_cfg_rate: fvfunc's dmd2 drops no text"),
     ({"training": {"fake_score_lr_scheduler": "cosine"}}, "the critic's schedule (cosine) must match"),
     ({"distill": {"model": "wan"}}, "unknown key distill (fvfunc reads schema-v2 files"),

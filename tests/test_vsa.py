@@ -138,29 +138,16 @@ def test_warm_up_is_fastvideos_phase3_schedule():
 # ------------------------------------------------------------------ the kernel against the reference (GPU)
 
 
-def _kernel_vsa(q, k, v, gate, grid, sparsity):
-    """fastvideo-kernel's video_sparse_attn on [B, S, H, Dh] raster-order tokens: each cube's tokens moved
-    into a zero-padded 64-token slot (FastVideo's tile layout), the kernel run, the tokens moved back."""
-    import fastvideo_kernel
-
-    order = V.tile_order(grid, device=q.device)
-    sizes = V.cube_sizes(grid, device=q.device)
-    n, slot = sizes.numel(), math.prod(V.TILE)
-    starts = torch.cumsum(sizes, 0) - sizes
-    cube = V.cube_of_token(grid, device=q.device)[order]
-    dst = cube * slot + torch.arange(order.numel(), device=q.device) - starts[cube]
-
-    def tiled(x):
-        out = x.new_zeros(x.shape[0], n * slot, *x.shape[2:])
-        out[:, dst] = x[:, order]
-        return out.transpose(1, 2).contiguous()
-
-    out = fastvideo_kernel.video_sparse_attn(tiled(q), tiled(k), tiled(v), sizes.int(), sizes.int(),
-                                             V.topk(sparsity, n), block_size=V.TILE,
-                                             compress_attn_weight=tiled(gate)).transpose(1, 2)
-    result = torch.empty_like(q)
-    result[:, order] = out[:, dst]
-    return result
+def test_kernel_layout_is_fastvideos_tile_and_non_pad_index():
+    # FastVideo's VSA backend, written out: tokens in tile-partition order, each cube in a 64-slot block at
+    # block * 64 + its position (get_non_pad_index), undone by non_pad_index[reverse_tile_partition_indices]
+    for grid in (GRID, (6, 10, 14), (4, 8, 8)):
+        order = V.tile_order(grid)
+        sizes = V.cube_sizes(grid)
+        non_pad = torch.cat([c * 64 + torch.arange(int(n)) for c, n in enumerate(sizes)])
+        slot, block_sizes = V._tiling(grid, "cpu")
+        assert torch.equal(slot, non_pad[torch.argsort(order)])
+        assert block_sizes.dtype == torch.int32 and torch.equal(block_sizes, sizes.int())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the VSA kernel needs a CUDA GPU")
@@ -172,7 +159,8 @@ def test_kernel_equals_the_reference_in_bf16(sparsity):
     S = math.prod(grid)
     q, k, v, gate = (torch.randn(1, S, heads, dim, generator=g, device="cuda", dtype=torch.bfloat16)
                      .requires_grad_() for _ in range(4))
-    out = _kernel_vsa(q, k, v, gate, grid, sparsity)
+    assert V.uses_kernel(q)  # what the runner's 'vsa' backend runs here
+    out = V.attend(q, k, v, gate, grid, sparsity)
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, gate))
     q32, k32, v32, g32 = (x.detach().float().requires_grad_() for x in (q, k, v, gate))
     ref = V.vsa(q32, k32, v32, g32, grid, sparsity)
@@ -184,6 +172,9 @@ def test_kernel_equals_the_reference_in_bf16(sparsity):
     assert rel(out, ref) < 2e-2
     for name, a, b in zip("qkvg", grads, ref_grads, strict=True):
         assert rel(a, b) < 5e-2, name
+    # no gate: no coarse branch (the kernel alone would add it ungated)
+    with torch.no_grad():
+        assert rel(V.attend(q, k, v, None, grid, sparsity), V.vsa(q32, k32, v32, None, grid, sparsity)) < 2e-2
 
 
 # ------------------------------------------------------------------ the backend in the block runner

@@ -126,6 +126,10 @@ class Family(NamedTuple):
     heads: Callable[[Any], int | None] = lambda cfg: None
     """heads(cfg) -> the self-attention heads of a block (sequence parallelism splits them over its
     ranks), checked before any model loads; None: not known from the config."""
+    vsa_gated: Callable[[Any], Any] | None = None
+    """vsa_gated(cfg) -> the config of the same model with the params VSA adds (FastVideo's gates of the
+    coarse branch); the ones a loaded model lacks start at zeros (FastVideo's loader's rule for new
+    params). None: the family has no VSA params (it runs VSA without a coarse branch)."""
 
 
 BLOCKS = "blocks."

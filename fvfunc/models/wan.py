@@ -75,6 +75,10 @@ class WanConfig:
     expand_timesteps: bool = False
     """Wan2.2 TI2V: per-token timesteps, the first latent frame held at t = 0 as the image condition. Read
     from the pipeline's model_index.json (diffusers keeps it there, not in the transformer's config.json)."""
+    vsa_gates: bool = False
+    """FastVideo's VSA Wan: every block holds to_gate_compress (Linear(D, D) with bias, on the self-attention's
+    input), the gate of VSA's coarse branch. Set by `load` when the weights hold it, or by `vsa_gated`;
+    never in config.json (FastVideo's config.json of a VSA checkpoint is a plain Wan's)."""
 
     @property
     def dim(self) -> int:
@@ -147,7 +151,7 @@ def _typed(key: str, v, source: str):
 def config_to_dict(cfg: WanConfig) -> dict:
     d = {"_class_name": CLASS_NAME, "_diffusers_version": "0.35.0"}
     d.update({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
-              if k != "expand_timesteps"})  # a pipeline fact (model_index.json)
+              if k not in ("expand_timesteps", "vsa_gates")})  # a pipeline fact; a weights fact
     return d
 
 
@@ -194,6 +198,8 @@ def param_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
         if cfg.cross_attn_norm:
             shapes[f"{b}.norm2.weight"] = (D,)
             shapes[f"{b}.norm2.bias"] = (D,)
+        if cfg.vsa_gates:  # FastVideo's name: on the block, as its WanTransformerBlock_VSA holds it
+            add_linear(f"{b}.to_gate_compress", D, D)
         add_linear(f"{b}.ffn.net.0.proj", D, F_)
         add_linear(f"{b}.ffn.net.2", F_, D)
         shapes[f"{b}.scale_shift_table"] = (1, 6, D)
@@ -723,8 +729,20 @@ def load(path, dtype: torch.dtype | None = None, device=None, rows=None, variant
                     raise ModelError(f"{f}: {k} is stored as {t.dtype}, not as a floating-point weight")
                 # a fresh, aligned copy: tensors straight from safetensors can be unaligned
                 params[k] = t.to(dtype=dtype or t.dtype, device=device, copy=True)
+    if any(k.endswith(GATE + ".weight") for k in shapes):  # a FastVideo VSA checkpoint
+        cfg = vsa_gated(cfg)
     check_shapes(cfg, shapes, str(folder))
     return cfg, params
+
+
+GATE = "to_gate_compress"
+
+
+def vsa_gated(cfg: WanConfig) -> WanConfig:
+    """The config of the same model with FastVideo's VSA gates (blocks.{i}.to_gate_compress); the gates a
+    loaded model lacks start at zeros (weight and bias), as FastVideo's loader makes them, so the coarse
+    branch starts off and the model starts as it was."""
+    return dataclasses.replace(cfg, vsa_gates=True)
 
 
 def save(path, cfg: WanConfig, params: dict, max_shard_bytes: int = 10 * 2**30) -> Path:
@@ -914,4 +932,4 @@ FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=
                 stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
                 weight_files=pair_weight_files, experts=experts, original_names=original_names,
                 conditions=conditions, impose=impose, image_encoder=image_encoder, split=split,
-                heads=lambda cfg: cfg.num_attention_heads)
+                heads=lambda cfg: cfg.num_attention_heads, vsa_gated=vsa_gated)

@@ -113,6 +113,78 @@ def vsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | 
     return out.to(q.dtype)
 
 
+# ------------------------------------------------------------------ fastvideo-kernel (CUDA, optional)
+
+
+@functools.cache
+def kernel_module():
+    """fastvideo-kernel's Python package (pip install 'fvfunc[vsa]'), or None when it is not installed."""
+    try:
+        import fastvideo_kernel
+    except (ImportError, OSError):  # (also a wheel whose extension does not load: the reference runs instead)
+        return None
+    return fastvideo_kernel
+
+
+@functools.cache
+def kernel_ops() -> frozenset:
+    """The kernel's autograd ops (their outputs are what remat='attention' keeps), those that exist."""
+    if kernel_module() is None:
+        return frozenset()
+    ns = getattr(torch.ops, "fastvideo_kernel", None)
+    return frozenset(getattr(ns, n).default for n in ("block_sparse_attn_triton", "block_sparse_attn_sm90")
+                     if ns is not None and hasattr(ns, n))
+
+
+@functools.cache
+def _tiling(grid: tuple[int, int, int], device: str):
+    """(padded slot of each raster-order token [S], the cube sizes [n] as int32): each cube's tokens placed
+    in its own zero-padded 64-token slot, cube after cube (FastVideo's tile + non-pad index layout)."""
+    order = tile_order(grid, device=device)
+    sizes = cube_sizes(grid, device=device)
+    slot = math.prod(TILE)
+    cube = cube_of_token(grid, device=device)[order]
+    starts = torch.cumsum(sizes, 0) - sizes
+    dst = torch.empty_like(order)
+    dst[order] = cube * slot + torch.arange(order.numel(), device=order.device) - starts[cube]
+    return dst, sizes.to(torch.int32)
+
+
+@torch.compiler.disable
+def kernel_vsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
+               grid: tuple[int, int, int], sparsity: float) -> torch.Tensor:
+    """`vsa` on fastvideo-kernel's `video_sparse_attn` (CUDA, bf16/fp16; q, k, v, gate [B, S, H, Dh] in raster
+    order): the tokens scattered into the kernel's tile layout, the result gathered back. No gate is a zero
+    gate (the kernel adds the coarse branch ungated when given none)."""
+    check_sparsity(sparsity)
+    B, S, H, D = q.shape
+    if math.prod(grid) != S or k.shape[1] != S:
+        raise ValueError(f"vsa is self-attention over the token grid {tuple(grid)} ({math.prod(grid)} tokens); "
+                         f"q has {S} tokens and k {k.shape[1]}")
+    dst, sizes = _tiling(tuple(grid), str(q.device))
+    n = sizes.numel()
+    gate = torch.zeros_like(q) if gate is None else gate.to(q.dtype)
+
+    def tiled(x):  # [B, S, H, D] -> [B, H, n * 64, D], the padding zeros (the kernel's cube means need them)
+        out = x.new_zeros(B, n * math.prod(TILE), H, D).index_copy(1, dst, x)
+        return out.transpose(1, 2).contiguous()
+
+    out = kernel_module().video_sparse_attn(tiled(q), tiled(k), tiled(v), sizes, sizes, topk(sparsity, n),
+                                            block_size=TILE, compress_attn_weight=tiled(gate))
+    return out.transpose(1, 2).index_select(1, dst)
+
+
+def uses_kernel(q: torch.Tensor) -> bool:
+    """Whether `attend` runs fastvideo-kernel for q: on CUDA, in bf16 / fp16, head dim 64 or 128, installed."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+            and kernel_module() is not None)
+
+
+def attend(q, k, v, gate, grid, sparsity) -> torch.Tensor:
+    """VSA on the fastest path there is: fastvideo-kernel where `uses_kernel`, else the reference `vsa`."""
+    return (kernel_vsa if uses_kernel(q) else vsa)(q, k, v, gate, grid, sparsity)
+
+
 def sparsity_at(step: int, sparsity: float, decay_rate: float = 0.0, interval: int = 0) -> float:
     """The sparsity of training step `step` (0-based, fvfunc's state.step) under FastVideo's warm-up (its
     Phase-3 trainer, `_get_current_vsa_sparsity`, whose steps count from 1): with interval > 1 the
