@@ -163,7 +163,9 @@ def test_kernel_equals_the_reference_in_bf16(sparsity):
     out = V.attend(q, k, v, gate, grid, sparsity)
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, gate))
     q32, k32, v32, g32 = (x.detach().float().requires_grad_() for x in (q, k, v, gate))
-    ref = V.vsa(q32, k32, v32, g32, grid, sparsity)
+    # the reference chooses cubes as the kernel does (bf16 cube means and scores); in fp32 a near tie can
+    # choose another cube (seen at 0.8 on an H200: 0.141 relative error)
+    ref = V.vsa(q32, k32, v32, g32, grid, sparsity, select_dtype=torch.bfloat16)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q32, k32, v32, g32))
 
     def rel(a, b):
@@ -174,7 +176,8 @@ def test_kernel_equals_the_reference_in_bf16(sparsity):
         assert rel(a, b) < 5e-2, name
     # no gate: no coarse branch (the kernel alone would add it ungated)
     with torch.no_grad():
-        assert rel(V.attend(q, k, v, None, grid, sparsity), V.vsa(q32, k32, v32, None, grid, sparsity)) < 2e-2
+        assert rel(V.attend(q, k, v, None, grid, sparsity),
+                   V.vsa(q32, k32, v32, None, grid, sparsity, select_dtype=torch.bfloat16)) < 2e-2
 
 
 # ------------------------------------------------------------------ the backend in the block runner

@@ -83,9 +83,11 @@ def select(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def vsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, grid: tuple[int, int, int],
-        sparsity: float, tile: tuple[int, int, int] = TILE) -> torch.Tensor:
+        sparsity: float, tile: tuple[int, int, int] = TILE, select_dtype: torch.dtype | None = None) -> torch.Tensor:
     """VSA of q, k, v [B, S, H, Dh] over the raster-order token `grid` (see the module docstring), in fp32 (at
-    least), returned in q's dtype."""
+    least), returned in q's dtype. `select_dtype`: the dtype the top-k cube choice is made in, cube means and
+    their scores rounded to it as fastvideo-kernel does in bf16 (None: the compute dtype); a near tie may
+    then choose another cube, so the kernel is compared with the reference choosing as it does."""
     check_sparsity(sparsity)
     B, S, H, D = q.shape
     if math.prod(grid) != S or k.shape[1] != S:
@@ -103,7 +105,11 @@ def vsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | 
     coarse = (torch.softmax(scores, dim=-1) @ v_c).transpose(1, 2)[:, cube]  # [B, S, H, D]
 
     # fine: each query attends to the tokens of its cube's top-k key cubes
-    chosen = select(scores.detach(), topk(sparsity, n))  # [B, H, n, n]
+    ranked = scores.detach()
+    if select_dtype is not None:  # the kernel's cube means and scores, in its dtype
+        qs, ks = q_c.detach().to(select_dtype), k_c.detach().to(select_dtype)
+        ranked = (qs @ ks.transpose(-1, -2) / math.sqrt(D)).to(ct)
+    chosen = select(ranked, topk(sparsity, n))  # [B, H, n, n]
     allowed = chosen[:, :, cube][:, :, :, cube]  # [B, H, S, S]
     logits = (qf.transpose(1, 2) @ kf.transpose(1, 2).transpose(-1, -2)) * scale
     logits = logits.masked_fill(~allowed, float("-inf"))
