@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from toy import curve, flags, train  # noqa: E402  (bench/toy.py)
+from toy import FULL, Profile, curve, flags, train  # noqa: E402  (bench/toy.py)
 
 import configs  # noqa: E402
 from fvfunc import checkpoint, data, random  # noqa: E402
@@ -48,40 +48,10 @@ from fvfunc.samplers import nfe, sigmas_from_config  # noqa: E402
 from fvfunc.testing import tiny, toy  # noqa: E402
 from fvfunc.validation import generate  # noqa: E402
 
-
-@dataclass(frozen=True)
-class Profile:
-    """What the benchmark chooses: bench/toy.py's model, task and hyperparameters on half its budget
-    (1000 teacher steps of 32 clips, 400 DMD2 steps of 16; 128 clips measured): the machine is shared."""
-
-    heads: int = 2
-    head_dim: int = 64
-    layers: int = 3
-    ffn: int = 384
-    train_clips: int = 1024
-    teacher_steps: int = 1000
-    teacher_batch: int = 32
-    teacher_lr: float = 2e-3
-    teacher_warmup: int = 50
-    teacher_ema: float = 0.99
-    teacher_shift: float = 3.0
-    cfg_rate: float = 0.1
-    sample_shift: float = 3.0
-    guidance: float = 4.0
-    dmd_steps: int = 400
-    dmd_batch: int = 16
-    student_lr: float = 2e-4
-    critic_lr: float = 6e-4
-    interval: int = 5
-    dmd_guidance: float = 4.0
-    dmd_shift: float = 3.0
-    student_timesteps: tuple[int, ...] = (1000, 750, 500, 250)
-    dmd_checkpoint_every: int = 100
-    eval_clips: int = 128
-    curve_clips: int = 64
-
-
-REDUCED = Profile()
+# bench/toy.py's model, task and hyperparameters on half its budget (1000 teacher steps of 32 clips, 400 DMD2
+# steps of 16; 128 clips measured): the machine is shared
+REDUCED = dataclasses.replace(FULL, train_clips=1024, teacher_steps=1000, teacher_warmup=50, teacher_ema=0.99,
+                              dmd_steps=400, eval_clips=128, curve_clips=64)
 TINY = dataclasses.replace(REDUCED, train_clips=64, teacher_steps=20, teacher_batch=8, teacher_warmup=2, dmd_steps=10,
                            dmd_batch=4, dmd_checkpoint_every=5, eval_clips=16, curve_clips=16)
 
