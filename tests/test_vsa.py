@@ -145,7 +145,7 @@ def test_kernel_layout_is_fastvideos_tile_and_non_pad_index():
         order = V.tile_order(grid)
         sizes = V.cube_sizes(grid)
         non_pad = torch.cat([c * 64 + torch.arange(int(n)) for c, n in enumerate(sizes)])
-        slot, block_sizes = V._tiling(grid, "cpu")
+        slot, block_sizes = V.tiling(grid, "cpu")[:2]
         assert torch.equal(slot, non_pad[torch.argsort(order)])
         assert block_sizes.dtype == torch.int32 and torch.equal(block_sizes, sizes.int())
 
@@ -235,3 +235,59 @@ def test_runner_vsa_gate_remat_and_compile_agree():
         got = grads(**options)
         for k in ref:
             assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=1e-4), (options, k)
+
+
+# ------------------------------------------------------------------ the tiled path (the kernel's, on the CPU)
+
+
+@pytest.mark.parametrize("grid", [(5, 6, 6), (4, 8, 8), (6, 10, 14)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_tiled_path_equals_the_reference(grid, sparsity):
+    # the kernel's pipeline (tiling, cube means, scores, top-k, coarse branch, gate, untiling) with the
+    # block-sparse attention written out in its place: the reference's output and gradients, in fp64
+    g = torch.Generator().manual_seed(3)
+    S = math.prod(grid)
+    q, k, v, gate = (torch.randn(1, S, 2, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(4))
+    for gt in (gate, None):
+        ours = V.tiled_vsa(q, k, v, gt, grid, sparsity, fine=V.reference_fine)
+        ref = V.vsa(q, k, v, gt, grid, sparsity)
+        assert torch.allclose(ours, ref, atol=1e-10, rtol=0)
+    leaves = (q, k, v, gate)
+    a = torch.autograd.grad(V.tiled_vsa(q, k, v, gate, grid, sparsity, fine=V.reference_fine).square().sum(), leaves)
+    b = torch.autograd.grad(V.vsa(q, k, v, gate, grid, sparsity).square().sum(), leaves)
+    for x, y in zip(a, b, strict=True):
+        assert torch.allclose(x, y, atol=1e-10, rtol=0)
+
+
+def test_tiling_round_trips_with_zero_padding():
+    grid = (6, 10, 14)
+    x = torch.randn(2, math.prod(grid), 3, 4)
+    xt = V.tiled(x, grid)
+    assert xt.shape == (2, 3, V.num_cubes(grid) * 64, 4) and xt.is_contiguous()
+    assert torch.equal(V.untiled(xt, grid), x)
+    assert xt.abs().sum() == pytest.approx(x.abs().sum().item(), rel=1e-6)  # the padding slots are zeros
+
+
+def test_chosen_cubes_ties_go_to_the_lower_cube_as_select():
+    # bf16 scores tie often; the kernel path's exact-integer top-k chooses as the reference's stable sort
+    g = torch.Generator().manual_seed(4)
+    scores = (torch.randn(2, 3, 40, 40, generator=g) * 4).round().to(torch.bfloat16)  # many exact ties
+    scores[0, 0, 0, :5] = -0.0
+    scores[0, 0, 0, 5:10] = 0.0
+    for k in (1, 7, 20, 40):
+        idx = V.chosen_cubes(scores, k)
+        mask = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
+        assert torch.equal(mask, V.select(scores.float(), k)), k
+        assert torch.equal(idx, torch.sort(idx, dim=-1).values)
+
+
+def test_tiled_path_compiles_into_one_graph():
+    # around the kernel everything is traceable: torch.compile fuses it into the block's graph (the
+    # block-sparse op itself is a custom op, opaque to it); fullgraph fails on any graph break
+    grid = (5, 6, 6)
+    g = torch.Generator().manual_seed(5)
+    q, k, v, gate = (torch.randn(1, math.prod(grid), 2, 8, generator=g) for _ in range(4))
+    V.prepare(grid, "cpu")  # (as the block runner does before its compiled blocks)
+    compiled = torch.compile(V.tiled_vsa, backend="aot_eager", fullgraph=True)
+    ours = compiled(q, k, v, gate, grid, 0.5, fine=V.reference_fine)
+    assert torch.allclose(ours, V.vsa(q, k, v, gate, grid, 0.5), atol=1e-5, rtol=1e-5)

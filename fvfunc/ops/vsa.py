@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -35,7 +36,7 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> None:
 
 
 def num_cubes(grid: tuple[int, int, int], tile: tuple[int, int, int] = TILE) -> int:
-    return math.prod(-(-g // t) for g, t in zip(grid, tile, strict=True))
+    return math.prod([-(-g // t) for g, t in zip(grid, tile, strict=True)])
 
 
 def topk(sparsity: float, n: int) -> int:
@@ -106,9 +107,9 @@ def vsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | 
 
     # fine: each query attends to the tokens of its cube's top-k key cubes
     ranked = scores.detach()
-    if select_dtype is not None:  # the kernel's cube means and scores, in its dtype
-        qs, ks = q_c.detach().to(select_dtype), k_c.detach().to(select_dtype)
-        ranked = (qs @ ks.transpose(-1, -2) / math.sqrt(D)).to(ct)
+    if select_dtype is not None:  # the kernel's cube means and scores, in its dtype and its layout
+        qs, ks = [tiled_means(tiled(x.detach().to(select_dtype), grid), grid) for x in (q, k)]
+        ranked = cube_scores(qs, ks).to(ct)
     chosen = select(ranked, topk(sparsity, n))  # [B, H, n, n]
     allowed = chosen[:, :, cube][:, :, :, cube]  # [B, H, S, S]
     logits = (qf.transpose(1, 2) @ kf.transpose(1, 2).transpose(-1, -2)) * scale
@@ -119,7 +120,12 @@ def vsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | 
     return out.to(q.dtype)
 
 
-# ------------------------------------------------------------------ fastvideo-kernel (CUDA, optional)
+# ------------------------------------------------------------------ the tiled path (fastvideo-kernel)
+# The kernel's layout: [B, H, n * 64, Dh], each cube's tokens in its own zero-padded 64-token slot, cube
+# after cube (FastVideo's tile + non-pad index layout). Everything around the block-sparse kernel (the
+# tiling, the cube means, the scores, the top-k choice, the coarse branch and the gate) is plain torch
+# that torch.compile traces into the block's graph, fused with the projections around it; only the
+# fine attention is an opaque op (fastvideo-kernel's sm_90 / Triton custom ops, with their own autograd).
 
 
 @functools.cache
@@ -142,42 +148,154 @@ def kernel_ops() -> frozenset:
                      if ns is not None and hasattr(ns, n))
 
 
-@functools.cache
-def _tiling(grid: tuple[int, int, int], device: str):
-    """(padded slot of each raster-order token [S], the cube sizes [n] as int32): each cube's tokens placed
-    in its own zero-padded 64-token slot, cube after cube (FastVideo's tile + non-pad index layout)."""
+class Tiling(NamedTuple):
+    """The tiled layout of one token grid: `dst` the slot of each raster-order token [S]; `sizes` the real
+    tokens of each cube [n] (int32, the kernel's variable block sizes); `src` the raster token of each
+    slot [n * 64] and `real` whether the slot holds one (the tiling as a gather, so that torch.compile
+    fuses it into one write of the kernel's contiguous layout; a padding slot reads a distinct token,
+    masked to zero, so its zero gradient meets no other's in the backward scatter); `cube` the cube of
+    each raster-order token [S]."""
+
+    dst: torch.Tensor
+    sizes: torch.Tensor
+    src: torch.Tensor
+    real: torch.Tensor
+    cube: torch.Tensor
+
+
+_TILINGS: dict[tuple, Tiling] = {}
+
+
+def tiling(grid: tuple[int, int, int], device) -> Tiling:
+    """The grid's `Tiling` on `device`, made once. (A plain dict, not functools.cache: torch.compile reads
+    a made entry as constants, where it would trace a cached function's body into every graph; the block
+    runner makes the entry before its compiled blocks run, `prepare`.)"""
+    key = (tuple(grid), str(torch.device(device)))
+    if key not in _TILINGS:
+        _TILINGS[key] = _make_tiling(*key)
+    return _TILINGS[key]
+
+
+def prepare(grid: tuple[int, int, int], device) -> None:
+    """Make the grid's tiling before a compiled region needs it."""
+    tiling(grid, device)
+
+
+def _make_tiling(grid: tuple[int, int, int], device: str) -> Tiling:
     order = tile_order(grid, device=device)
     sizes = cube_sizes(grid, device=device)
     slot = math.prod(TILE)
-    cube = cube_of_token(grid, device=device)[order]
+    cube = cube_of_token(grid, device=device)
     starts = torch.cumsum(sizes, 0) - sizes
     dst = torch.empty_like(order)
-    dst[order] = cube * slot + torch.arange(order.numel(), device=order.device) - starts[cube]
-    return dst, sizes.to(torch.int32)
+    dst[order] = cube[order] * slot + torch.arange(order.numel(), device=order.device) - starts[cube[order]]
+    S, slots = dst.numel(), sizes.numel() * slot
+    src = torch.arange(slots, device=dst.device) % S
+    src[dst] = torch.arange(S, device=dst.device)
+    real = torch.zeros(slots, dtype=torch.bool, device=dst.device)
+    real[dst] = True
+    return Tiling(dst, sizes.to(torch.int32), src, real, cube)
 
 
-@torch.compiler.disable
-def kernel_vsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
-               grid: tuple[int, int, int], sparsity: float) -> torch.Tensor:
-    """`vsa` on fastvideo-kernel's `video_sparse_attn` (CUDA, bf16/fp16; q, k, v, gate [B, S, H, Dh] in raster
-    order): the tokens scattered into the kernel's tile layout, the result gathered back. No gate is a zero
-    gate (the kernel adds the coarse branch ungated when given none)."""
+def tiled(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """[B, S, H, D] raster order -> [B, H, n * 64, D] contiguous, the kernel's layout (padding slots zero)."""
+    t = tiling(grid, x.device)
+    out = torch.where(t.real[:, None, None], x.index_select(1, t.src), 0)
+    return out.transpose(1, 2).contiguous()
+
+
+def untiled(y: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """[B, H, n * 64, D] in the kernel's layout -> [B, S, H, D] raster order."""
+    return y.transpose(1, 2).index_select(1, tiling(grid, y.device).dst)
+
+
+def tiled_means(xt: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """The cube means [B, H, n, D] of a tiled tensor, in its dtype: fp32 sums of each 64-token slot (its
+    padding zeros) over the cube's real size, as fastvideo-kernel's fused_block_mean computes them."""
+    sizes = tiling(grid, xt.device).sizes
+    B, H, _, D = xt.shape
+    sums = xt.to(torch.promote_types(xt.dtype, torch.float32)).view(B, H, sizes.numel(), math.prod(TILE), D).sum(3)
+    return (sums / sizes.view(1, 1, -1, 1)).to(xt.dtype)
+
+
+def chosen_cubes(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k key cubes [.., k] (ascending, int64) of the largest scores of each row, ties to the lower
+    index, as `select`; on a torch.topk of exact integer keys (the score's order-preserving bits with the
+    index below them), which is deterministic and far cheaper than a sort of every row."""
+    n = scores.shape[-1]
+    if n > 1 << 16 or scores.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return torch.sort(torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :k], dim=-1).values
+    bits = (scores.float() + 0.0).view(torch.int32)  # (+0.0: -0 and +0 are one score, as in the sort)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)  # ascending ints for ascending floats
+    index = torch.arange(n, device=scores.device)
+    keys = ordered * (1 << 16) + ((1 << 16) - 1 - index)
+    return torch.sort(torch.topk(keys, k, dim=-1, sorted=False).indices, dim=-1).values
+
+
+def reference_fine(qt, kt, vt, idx, grid) -> torch.Tensor:
+    """The block-sparse fine attention in the tiled layout, written out (the kernel's CPU stand-in):
+    each query slot attends to the real tokens of its cube's chosen key cubes `idx` [B, H, n, k]."""
+    sizes = tiling(grid, qt.device).sizes
+    n, slot = sizes.numel(), math.prod(TILE)
+    real = torch.arange(slot, device=qt.device)[None, :] < sizes[:, None]  # [n, 64]
+    chosen = torch.zeros(*idx.shape[:-1], n, dtype=torch.bool, device=qt.device).scatter(-1, idx, True)
+    allowed = chosen[..., None] & real  # [B, H, n, n, 64]: query cube -> key token
+    allowed = allowed.flatten(-2).repeat_interleave(slot, dim=-2)  # [B, H, n * 64, n * 64]
+    ct = torch.promote_types(qt.dtype, torch.float32)
+    logits = (qt.to(ct) @ kt.to(ct).transpose(-1, -2)) / math.sqrt(qt.shape[-1])
+    return (torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1) @ vt.to(ct)).to(qt.dtype)
+
+
+def kernel_fine(qt, kt, vt, idx, grid) -> torch.Tensor:
+    """fastvideo-kernel's block-sparse attention (its sm_90 op on Hopper, its Triton op elsewhere; both
+    custom ops with autograd) on the chosen cubes `idx` [B, H, n, k]."""
+    sizes = tiling(grid, qt.device).sizes
+    n = sizes.numel()
+    pad = idx.new_full((*idx.shape[:-1], n - idx.shape[-1]), -1)  # the kernel's index rows: n wide, -1 after
+    q2k = torch.cat([idx, pad], -1).to(torch.int32)
+    num = torch.full(idx.shape[:-1], idx.shape[-1], dtype=torch.int32, device=idx.device)
+    return _kernel_op()(qt, kt, vt, q2k, num, sizes)[0]
+
+
+@functools.cache
+def _kernel_op():
+    ops = torch.ops.fastvideo_kernel
+    major, minor = torch.cuda.get_device_capability()
+    kernel_module()._C  # noqa: B018 (its extension registers the sm_90 op's kernels)
+    sm90 = (major, minor) == (9, 0) and hasattr(ops, "block_sparse_attn_sm90")
+    return ops.block_sparse_attn_sm90 if sm90 else ops.block_sparse_attn_triton
+
+
+def tiled_vsa(q, k, v, gate, grid, sparsity, fine=kernel_fine) -> torch.Tensor:
+    """`vsa` computed as fastvideo-kernel's `video_sparse_attn` does, in its tiled layout and its dtype
+    (bf16 cube means, scores and coarse branch), with `fine` the block-sparse attention. The top-k
+    choice is `select`'s (ties to the lower cube), not the kernel's quickselect, whose choice among
+    tied bf16 scores is its own: so `vsa(..., select_dtype=bf16)` chooses the same cubes."""
     check_sparsity(sparsity)
     B, S, H, D = q.shape
     if math.prod(grid) != S or k.shape[1] != S:
         raise ValueError(f"vsa is self-attention over the token grid {tuple(grid)} ({math.prod(grid)} tokens); "
                          f"q has {S} tokens and k {k.shape[1]}")
-    dst, sizes = _tiling(tuple(grid), str(q.device))
-    n = sizes.numel()
-    gate = torch.zeros_like(q) if gate is None else gate.to(q.dtype)
+    n = num_cubes(grid)
+    qt, kt, vt = tiled(q, grid), tiled(k, grid), tiled(v, grid)
+    q_c, k_c, v_c = tiled_means(qt, grid), tiled_means(kt, grid), tiled_means(vt, grid)
+    scores = cube_scores(q_c, k_c)
+    idx = chosen_cubes(scores.detach(), topk(sparsity, n))
+    out = untiled(fine(qt, kt, vt, idx, grid), grid)
+    if gate is None:  # a zero gate: no coarse branch
+        return out
+    coarse = (torch.softmax(scores, dim=-1) @ v_c)  # [B, H, n, D]
+    return out + gate.to(q.dtype) * coarse.transpose(1, 2)[:, tiling(grid, q.device).cube]
 
-    def tiled(x):  # [B, S, H, D] -> [B, H, n * 64, D], the padding zeros (the kernel's cube means need them)
-        out = x.new_zeros(B, n * math.prod(TILE), H, D).index_copy(1, dst, x)
-        return out.transpose(1, 2).contiguous()
 
-    out = kernel_module().video_sparse_attn(tiled(q), tiled(k), tiled(v), sizes, sizes, topk(sparsity, n),
-                                            block_size=TILE, compress_attn_weight=tiled(gate))
-    return out.transpose(1, 2).index_select(1, dst)
+def cube_scores(q_c: torch.Tensor, k_c: torch.Tensor) -> torch.Tensor:
+    """q_c k_c^T / sqrt(Dh) of cube means [B, H, n, D], in their dtype (the kernel's bf16 scores)."""
+    return (q_c @ k_c.transpose(-1, -2)) / math.sqrt(q_c.shape[-1])
+
+
+def kernel_vsa(q, k, v, gate, grid, sparsity) -> torch.Tensor:
+    """`vsa` on fastvideo-kernel (CUDA, bf16 / fp16, q, k, v, gate [B, S, H, Dh] in raster order)."""
+    return tiled_vsa(q, k, v, gate, grid, sparsity, kernel_fine)
 
 
 def uses_kernel(q: torch.Tensor) -> bool:
