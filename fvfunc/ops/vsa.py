@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -259,10 +260,15 @@ def kernel_fine(qt, kt, vt, idx, grid) -> torch.Tensor:
 
 @functools.cache
 def _kernel_op():
+    # the sm_90 (ThunderKittens) op where its compiled extension loads on a Hopper card, as fastvideo-kernel
+    # itself chooses; its Triton op otherwise (e.g. a wheel whose extension does not load under this torch)
+    try:
+        from fastvideo_kernel._C import fastvideo_kernel_ops as ext
+        loads = all(hasattr(ext, f) for f in ("block_sparse_fwd", "block_sparse_bwd"))
+    except (ImportError, OSError):  # (seen under torch 2.11: an undefined NCCL symbol of a 2.12 build)
+        loads = False
     ops = torch.ops.fastvideo_kernel
-    major, minor = torch.cuda.get_device_capability()
-    kernel_module()._C  # noqa: B018 (its extension registers the sm_90 op's kernels)
-    sm90 = (major, minor) == (9, 0) and hasattr(ops, "block_sparse_attn_sm90")
+    sm90 = loads and torch.cuda.get_device_capability() == (9, 0) and os.environ.get("FASTVIDEO_VSA_TRITON") != "1"
     return ops.block_sparse_attn_sm90 if sm90 else ops.block_sparse_attn_triton
 
 
