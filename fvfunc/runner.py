@@ -216,7 +216,7 @@ def forward(family: Family, params: dict, cfg, x, t, context, options: Options =
     run = _compiled("inductor" if options.compile is True else options.compile) if options.compile else run_block
     attend_fn = attend(options.attention, options.vsa_sparsity, options.vsa_dense, options.sp)
     if options.attention == "vsa" and getattr(inputs, "grid", None) is not None:
-        vsa.prepare(inputs.grid, h.device)  # its tiling made here, read as constants by compiled blocks
+        vsa.tiling(inputs.grid, h.device)  # its tiling made here, read as constants by compiled blocks
     for i, bp in enumerate(blocks):
         if i + 1 < n and isinstance(gathers[i + 1], _Slot):
             gathers[i + 1].start()  # the next block's weights arrive while this one computes

@@ -287,7 +287,7 @@ def test_tiled_path_compiles_into_one_graph():
     grid = (5, 6, 6)
     g = torch.Generator().manual_seed(5)
     q, k, v, gate = (torch.randn(1, math.prod(grid), 2, 8, generator=g) for _ in range(4))
-    V.prepare(grid, "cpu")  # (as the block runner does before its compiled blocks)
+    V.tiling(grid, "cpu")  # (made first, as the block runner does before its compiled blocks)
     compiled = torch.compile(V.tiled_vsa, backend="aot_eager", fullgraph=True)
     ours = compiled(q, k, v, gate, grid, 0.5, fine=V.reference_fine)
     assert torch.allclose(ours, V.vsa(q, k, v, gate, grid, 0.5), atol=1e-5, rtol=1e-5)

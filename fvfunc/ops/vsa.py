@@ -170,16 +170,11 @@ _TILINGS: dict[tuple, Tiling] = {}
 def tiling(grid: tuple[int, int, int], device) -> Tiling:
     """The grid's `Tiling` on `device`, made once. (A plain dict, not functools.cache: torch.compile reads
     a made entry as constants, where it would trace a cached function's body into every graph; the block
-    runner makes the entry before its compiled blocks run, `prepare`.)"""
+    runner makes the entry before its compiled blocks run.)"""
     key = (tuple(grid), str(torch.device(device)))
     if key not in _TILINGS:
         _TILINGS[key] = _make_tiling(*key)
     return _TILINGS[key]
-
-
-def prepare(grid: tuple[int, int, int], device) -> None:
-    """Make the grid's tiling before a compiled region needs it."""
-    tiling(grid, device)
 
 
 def _make_tiling(grid: tuple[int, int, int], device: str) -> Tiling:
@@ -222,7 +217,7 @@ def tiled_means(xt: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
 def chosen_cubes(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k key cubes [.., k] (ascending, int64) of the largest scores of each row, ties to the lower
     index, as `select`; on a torch.topk of exact integer keys (the score's order-preserving bits with the
-    index below them), which is deterministic and far cheaper than a sort of every row."""
+    index below them): deterministic, and no sort of every row."""
     n = scores.shape[-1]
     if n > 1 << 16 or scores.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return torch.sort(torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :k], dim=-1).values
