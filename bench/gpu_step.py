@@ -619,6 +619,13 @@ class Bench:
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
         text = f"### profile: {title}\n\n```\n{table}\n```\n"
+        if self.device.type == "cuda":  # where the GPU waits ("Command Buffer Full" is not kernel time)
+            import tempfile
+
+            import trace_gaps
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                prof.export_chrome_trace(f.name)
+                text += f"\n{trace_gaps.analyse(f.name)}\n"
         print(text, flush=True)
         self.notes.append(text)
 
@@ -716,7 +723,8 @@ def main():
     ap.add_argument("--dmd2-warmup", type=int, default=2)
     ap.add_argument("--dmd2-reps", type=int, default=4)
     ap.add_argument("--only", default="", help="comma-separated sections to run: attention, forward, "
-                    "finetune, dmd2, vsa (default: all)")
+                    "finetune, dmd2, vsa (or one of its parts: vsa-kernel, vsa-forward, vsa-finetune, vsa-dmd2) "
+                    "(default: all)")
     ap.add_argument("--vsa", default="0.9,0.8", help="comma-separated VSA sparsities of the vsa section (forward, "
                     "finetune step, DMD2 step, the kernel alone, on the large latents); empty: none")
     ap.add_argument("--vsa-roles", default="student", choices=("student", "all"),
@@ -784,17 +792,21 @@ def main():
             b.run(f"fvfunc DMD2 {label}", b.fvfunc_dmd2, big, label)
             if not args.skip_diffusers:
                 b.run(f"diffusers DMD2 reference {label}", b.reference_dmd2, big, label)
-        if want("vsa") and latent is big and args.vsa:  # dense FA4 rows above, in the same run
-            b.run(f"VSA kernel {label}", b.vsa_kernel, big, label)
+        if latent is big and args.vsa:  # dense FA4 rows above, in the same run
+            if want("vsa") or want("vsa-kernel"):
+                b.run(f"VSA kernel {label}", b.vsa_kernel, big, label)
             for sp in args.vsa:
-                b.run(f"VSA {sp:g} fvfunc forward {label}", b.fvfunc_forward_and_sampling, big, label, False, sp)
-                b.run(f"VSA {sp:g} fvfunc finetune {label}", b.fvfunc_finetune, big, label, sp)
-                b.run(f"VSA {sp:g} fvfunc DMD2 {label}", b.fvfunc_dmd2, big, label, sp)
+                if want("vsa") or want("vsa-forward"):
+                    b.run(f"VSA {sp:g} fvfunc forward {label}", b.fvfunc_forward_and_sampling, big, label, False, sp)
+                if want("vsa") or want("vsa-finetune"):
+                    b.run(f"VSA {sp:g} fvfunc finetune {label}", b.fvfunc_finetune, big, label, sp)
+                if want("vsa") or want("vsa-dmd2"):
+                    b.run(f"VSA {sp:g} fvfunc DMD2 {label}", b.fvfunc_dmd2, big, label, sp)
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     v = versions(device)
     command = "python bench/gpu_step.py " + " ".join(sys.argv[1:])
-    checks = targets(b) if not only else (vsa_targets(b) if "vsa" in only else [])
+    checks = targets(b) if not only else (vsa_targets(b) if any(o.startswith("vsa") for o in only) else [])
     section = "\n".join([
         f"## {'Wan2.2-TI2V-5B' if args.model == 'wan2.2-ti2v-5b' else 'Wan2.1-1.3B'} forward / finetune / DMD2 / "
         "sampling on GPU vs diffusers"

@@ -291,3 +291,77 @@ def test_tiled_path_compiles_into_one_graph():
     compiled = torch.compile(V.tiled_vsa, backend="aot_eager", fullgraph=True)
     ours = compiled(q, k, v, gate, grid, 0.5, fine=V.reference_fine)
     assert torch.allclose(ours, V.vsa(q, k, v, gate, grid, 0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_tiling_and_untiling_are_adjoint_and_vmap():
+    # the tiling's backward is the untiling (and back): the vector-Jacobian products of each are the other
+    grid = (5, 6, 7)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, math.prod(grid), 2, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(1, 2, V.num_cubes(grid) * 64, 4, generator=g, dtype=torch.float64)
+    _, vjp = torch.func.vjp(lambda a: V.tiled(a, grid), x)
+    assert torch.equal(vjp(y)[0], V.untiled(y, grid))
+    _, vjp = torch.func.vjp(lambda b: V.untiled(b, grid), y)
+    assert torch.equal(vjp(x)[0], V.tiled(x, grid))
+    batch = torch.randn(3, *x.shape, generator=g, dtype=torch.float64)
+    assert torch.equal(torch.func.vmap(lambda a: V.tiled(a, grid))(batch),
+                       torch.stack([V.tiled(a, grid) for a in batch]))
+
+
+def _fastvideo_format_attention(q, k, v, q2k_idx, q2k_num, sizes):
+    """fastvideo-kernel's block-sparse attention contract, written out: query slot block r attends to the real
+    tokens of the key blocks q2k_idx[.., r, :q2k_num[.., r]] (the row padded with -1 after them)."""
+    n, slot = sizes.numel(), 64
+    listed = (torch.arange(q2k_idx.shape[-1]) < q2k_num[..., None]) & (q2k_idx >= 0)
+    chosen = torch.zeros(*q2k_idx.shape[:-1], n + 1, dtype=torch.bool)
+    chosen = chosen.scatter(-1, torch.where(listed, q2k_idx, n).long(), True)[..., :n]  # [B, H, n, n]
+    real = torch.arange(slot)[None, :] < sizes[:, None]  # [n, 64]
+    allowed = (chosen[..., None] & real).flatten(-2).repeat_interleave(slot, dim=-2)
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1) @ v
+
+
+@torch.library.custom_op("fvfunc_test::block_sparse_attn", mutates_args=(), device_types="cpu")
+def _stand_in_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k_idx: torch.Tensor, q2k_num: torch.Tensor,
+                 sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fastvideo_format_attention(q, k, v, q2k_idx, q2k_num, sizes), q.new_zeros(q.shape[:3])
+
+
+@_stand_in_op.register_fake
+def _(q, k, v, q2k_idx, q2k_num, sizes):
+    return torch.empty_like(q), q.new_empty(q.shape[:3])
+
+
+def _stand_in_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _stand_in_backward(ctx, grad_o, grad_m):
+    q, k, v, idx, num, sizes = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        grads = torch.autograd.grad(_fastvideo_format_attention(*leaves, idx, num, sizes), leaves, grad_o)
+    return *grads, None, None, None
+
+
+_stand_in_op.register_autograd(_stand_in_backward, setup_context=_stand_in_setup)
+
+
+def test_kernel_path_with_its_op_compiles_into_one_graph_and_equals_the_reference(monkeypatch):
+    # kernel_vsa as it runs on a GPU (the index rows in fastvideo-kernel's format, the op looked up in
+    # the resolved _KERNEL) with a CPU op of the kernel's contract in its place: one graph, the reference's
+    # output and gradients. (An op lookup traced into the graph, such as an import that fails, would break it.)
+    monkeypatch.setitem(V._KERNEL, "op", torch.ops.fvfunc_test.block_sparse_attn)
+    grid = (5, 6, 7)
+    g = torch.Generator().manual_seed(7)
+    q, k, v, gate = (torch.randn(1, math.prod(grid), 2, 8, generator=g).requires_grad_() for _ in range(4))
+    V.tiling(grid, "cpu")
+    compiled = torch.compile(V.kernel_vsa, backend="aot_eager", fullgraph=True)
+    for sparsity in (0.0, 0.7):
+        ours = compiled(q, k, v, gate, grid, sparsity)
+        ref = V.vsa(q, k, v, gate, grid, sparsity, select_dtype=torch.float32)
+        assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+        a = torch.autograd.grad(ours.square().sum(), (q, k, v, gate))
+        b = torch.autograd.grad(ref.square().sum(), (q, k, v, gate))
+        for x, y in zip(a, b, strict=True):
+            assert torch.allclose(x, y, atol=1e-4, rtol=1e-4)

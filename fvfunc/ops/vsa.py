@@ -129,14 +129,22 @@ def vsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | 
 # fine attention is an opaque op (fastvideo-kernel's sm_90 / Triton custom ops, with their own autograd).
 
 
-@functools.cache
+_KERNEL: dict[str, object] = {}
+"""fastvideo-kernel's package and block-sparse op, resolved once, eagerly: `tiling` on a CUDA device resolves
+them, and the block runner makes its tiling before its compiled blocks run, so a compiled graph reads them
+as constants. (Not functools.cache: Dynamo traces a cached function's body, and an import that fails inside
+a trace, such as the kernel's extension under another torch, breaks the graph of every block.)"""
+
+
 def kernel_module():
     """fastvideo-kernel's Python package (pip install 'fvfunc[vsa]'), or None when it is not installed."""
-    try:
-        import fastvideo_kernel
-    except (ImportError, OSError):  # (also a wheel whose extension does not load: the reference runs instead)
-        return None
-    return fastvideo_kernel
+    if "module" not in _KERNEL:
+        try:
+            import fastvideo_kernel
+        except (ImportError, OSError):  # (also a wheel whose extension does not load: the reference runs)
+            fastvideo_kernel = None
+        _KERNEL["module"] = fastvideo_kernel
+    return _KERNEL["module"]
 
 
 @functools.cache
@@ -153,15 +161,12 @@ class Tiling(NamedTuple):
     """The tiled layout of one token grid: `dst` the slot of each raster-order token [S]; `sizes` the real
     tokens of each cube [n] (int32, the kernel's variable block sizes); `src` the raster token of each
     slot [n * 64] and `real` whether the slot holds one (the tiling as a gather, so that torch.compile
-    fuses it into one write of the kernel's contiguous layout; a padding slot reads a distinct token,
-    masked to zero, so its zero gradient meets no other's in the backward scatter); `cube` the cube of
-    each raster-order token [S]."""
+    fuses it into one write of the kernel's contiguous layout)."""
 
     dst: torch.Tensor
     sizes: torch.Tensor
     src: torch.Tensor
     real: torch.Tensor
-    cube: torch.Tensor
 
 
 _TILINGS: dict[tuple, Tiling] = {}
@@ -174,6 +179,8 @@ def tiling(grid: tuple[int, int, int], device) -> Tiling:
     key = (tuple(grid), str(torch.device(device)))
     if key not in _TILINGS:
         _TILINGS[key] = _make_tiling(*key)
+        if torch.device(device).type == "cuda" and kernel_module() is not None:
+            kernel_op()  # (resolved here, eagerly, with the tables: see _KERNEL)
     return _TILINGS[key]
 
 
@@ -190,19 +197,46 @@ def _make_tiling(grid: tuple[int, int, int], device: str) -> Tiling:
     src[dst] = torch.arange(S, device=dst.device)
     real = torch.zeros(slots, dtype=torch.bool, device=dst.device)
     real[dst] = True
-    return Tiling(dst, sizes.to(torch.int32), src, real, cube)
+    return Tiling(dst, sizes.to(torch.int32), src, real)
+
+
+def _tile(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    t = tiling(grid, x.device)
+    return torch.where(t.real[:, None, None], x.index_select(1, t.src), 0).transpose(1, 2).contiguous()
+
+
+def _untile(y: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    return y.transpose(1, 2).index_select(1, tiling(grid, y.device).dst)
+
+
+class _Tiled(torch.autograd.Function):
+    """The tiling with its adjoint written out: tiling places each token in its own slot (padding zero), so
+    its adjoint is the untiling, a gather, and the untiling's adjoint is the tiling. Both directions are
+    gathers then, where autograd would scatter-add (atomics) through an index_select's backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, grid, untile):
+        return _untile(x, grid) if untile else _tile(x, grid)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.grid, ctx.untile = inputs[1], inputs[2]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _Tiled.apply(g, ctx.grid, not ctx.untile), None, None
 
 
 def tiled(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     """[B, S, H, D] raster order -> [B, H, n * 64, D] contiguous, the kernel's layout (padding slots zero)."""
-    t = tiling(grid, x.device)
-    out = torch.where(t.real[:, None, None], x.index_select(1, t.src), 0)
-    return out.transpose(1, 2).contiguous()
+    return _Tiled.apply(x, tuple(grid), False)
 
 
 def untiled(y: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """[B, H, n * 64, D] in the kernel's layout -> [B, S, H, D] raster order."""
-    return y.transpose(1, 2).index_select(1, tiling(grid, y.device).dst)
+    """[B, H, n * 64, D] in the kernel's layout -> [B, S, H, D] raster order (padding slots dropped)."""
+    return _Tiled.apply(y, tuple(grid), True)
 
 
 def tiled_means(xt: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -250,21 +284,24 @@ def kernel_fine(qt, kt, vt, idx, grid) -> torch.Tensor:
     pad = idx.new_full((*idx.shape[:-1], n - idx.shape[-1]), -1)  # the kernel's index rows: n wide, -1 after
     q2k = torch.cat([idx, pad], -1).to(torch.int32)
     num = torch.full(idx.shape[:-1], idx.shape[-1], dtype=torch.int32, device=idx.device)
-    return _kernel_op()(qt, kt, vt, q2k, num, sizes)[0]
+    return kernel_op()(qt, kt, vt, q2k, num, sizes)[0]
 
 
-@functools.cache
-def _kernel_op():
-    # the sm_90 (ThunderKittens) op where its compiled extension loads on a Hopper card, as fastvideo-kernel
-    # itself chooses; its Triton op otherwise (e.g. a wheel whose extension does not load under this torch)
-    try:
-        from fastvideo_kernel._C import fastvideo_kernel_ops as ext
-        loads = all(hasattr(ext, f) for f in ("block_sparse_fwd", "block_sparse_bwd"))
-    except (ImportError, OSError):  # (seen under torch 2.11: an undefined NCCL symbol of a 2.12 build)
-        loads = False
-    ops = torch.ops.fastvideo_kernel
-    sm90 = loads and torch.cuda.get_device_capability() == (9, 0) and os.environ.get("FASTVIDEO_VSA_TRITON") != "1"
-    return ops.block_sparse_attn_sm90 if sm90 else ops.block_sparse_attn_triton
+def kernel_op():
+    """fastvideo-kernel's block-sparse op: its sm_90 (ThunderKittens) op where its compiled extension loads
+    on a Hopper card, as fastvideo-kernel itself chooses; its Triton op otherwise (e.g. a wheel whose
+    extension does not load under this torch, or FASTVIDEO_VSA_TRITON=1)."""
+    if "op" not in _KERNEL:
+        try:
+            from fastvideo_kernel._C import fastvideo_kernel_ops as ext
+            loads = all(hasattr(ext, f) for f in ("block_sparse_fwd", "block_sparse_bwd"))
+        except (ImportError, OSError):  # (seen under torch 2.11: an undefined NCCL symbol of a 2.12 build)
+            loads = False
+        ops = torch.ops.fastvideo_kernel
+        sm90 = (loads and torch.cuda.get_device_capability() == (9, 0)
+                and os.environ.get("FASTVIDEO_VSA_TRITON") != "1")
+        _KERNEL["op"] = ops.block_sparse_attn_sm90 if sm90 else ops.block_sparse_attn_triton
+    return _KERNEL["op"]
 
 
 def tiled_vsa(q, k, v, gate, grid, sparsity, fine=kernel_fine) -> torch.Tensor:
@@ -282,11 +319,12 @@ def tiled_vsa(q, k, v, gate, grid, sparsity, fine=kernel_fine) -> torch.Tensor:
     q_c, k_c, v_c = tiled_means(qt, grid), tiled_means(kt, grid), tiled_means(vt, grid)
     scores = cube_scores(q_c, k_c)
     idx = chosen_cubes(scores.detach(), topk(sparsity, n))
-    out = untiled(fine(qt, kt, vt, idx, grid), grid)
-    if gate is None:  # a zero gate: no coarse branch
-        return out
-    coarse = (torch.softmax(scores, dim=-1) @ v_c)  # [B, H, n, D]
-    return out + gate.to(q.dtype) * coarse.transpose(1, 2)[:, tiling(grid, q.device).cube]
+    out = fine(qt, kt, vt, idx, grid)  # [B, H, n * 64, D]
+    if gate is not None:  # the coarse branch, gated, in the tiled layout: each cube's row over its slot
+        coarse = torch.softmax(scores, dim=-1) @ v_c  # [B, H, n, D]
+        gated = tiled(gate.to(q.dtype), grid).unflatten(2, (n, -1)) * coarse[:, :, :, None]
+        out = out + gated.flatten(2, 3)
+    return untiled(out, grid)
 
 
 def cube_scores(q_c: torch.Tensor, k_c: torch.Tensor) -> torch.Tensor:
