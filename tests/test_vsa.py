@@ -294,15 +294,16 @@ def test_tiled_path_compiles_into_one_graph():
 
 
 def test_tiling_and_untiling_are_adjoint_and_vmap():
-    # the tiling's backward is the untiling (and back): the vector-Jacobian products of each are the other
+    # the written-out backward of the tiling (the untiling) and of the untiling (the tiling) equal autograd's
+    # own through the plain gathers (index_select's scatter-add backward)
     grid = (5, 6, 7)
     g = torch.Generator().manual_seed(6)
     x = torch.randn(1, math.prod(grid), 2, 4, generator=g, dtype=torch.float64)
     y = torch.randn(1, 2, V.num_cubes(grid) * 64, 4, generator=g, dtype=torch.float64)
-    _, vjp = torch.func.vjp(lambda a: V.tiled(a, grid), x)
-    assert torch.equal(vjp(y)[0], V.untiled(y, grid))
-    _, vjp = torch.func.vjp(lambda b: V.untiled(b, grid), y)
-    assert torch.equal(vjp(x)[0], V.tiled(x, grid))
+    for ours, plain, at, cotangent in ((V.tiled, V._tile, x, y), (V.untiled, V._untile, y, x)):
+        got = torch.func.vjp(lambda a, f=ours: f(a, grid), at)[1](cotangent)[0]
+        want = torch.func.vjp(lambda a, f=plain: f(a, grid), at)[1](cotangent)[0]
+        assert torch.equal(got, want), ours.__name__
     batch = torch.randn(3, *x.shape, generator=g, dtype=torch.float64)
     assert torch.equal(torch.func.vmap(lambda a: V.tiled(a, grid))(batch),
                        torch.stack([V.tiled(a, grid) for a in batch]))
