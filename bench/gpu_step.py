@@ -620,12 +620,19 @@ class Bench:
         table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
         text = f"### profile: {title}\n\n```\n{table}\n```\n"
         if self.device.type == "cuda":  # where the GPU waits ("Command Buffer Full" is not kernel time)
+            import gzip
+            import re
+            import shutil
             import tempfile
 
             import trace_gaps
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 prof.export_chrome_trace(f.name)
-                text += f"\n{trace_gaps.analyse(f.name)}\n"
+                text += f"\n{trace_gaps.analyse(f.name, top=25)}\n"
+                if self.args.trace_dir:  # the trace itself, gzipped, for a look at it elsewhere
+                    name = re.sub(r"[^A-Za-z0-9.]+", "_", title).strip("_") + ".json.gz"
+                    with open(f.name, "rb") as src, gzip.open(os.path.join(self.args.trace_dir, name), "wb") as dst:
+                        shutil.copyfileobj(src, dst)
         print(text, flush=True)
         self.notes.append(text)
 
@@ -737,6 +744,7 @@ def main():
     ap.add_argument("--budget", type=float, default=float("inf"),
                     help="seconds after which the remaining sections are skipped (the table still prints)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of a forward and a step")
+    ap.add_argument("--trace-dir", default="", help="with --profile: also write each chrome trace there, gzipped")
     ap.add_argument("--no-append", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--save", default="", help="also write the results section to this file")
     args = ap.parse_args()

@@ -114,7 +114,7 @@ _ATTENTION_OPS = {
 
 def _save_attention(ctx, op, *args, **kwargs):
     del ctx, args, kwargs
-    keep = op in _ATTENTION_OPS or op in vsa.kernel_ops()  # (VSA's sparse kernels too, when installed)
+    keep = op in _ATTENTION_OPS or op in vsa.kept_ops()  # (VSA: its cube choice and sparse kernels)
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 

@@ -268,10 +268,13 @@ def test_tiling_round_trips_with_zero_padding():
     assert xt.abs().sum() == pytest.approx(x.abs().sum().item(), rel=1e-6)  # the padding slots are zeros
 
 
-def test_chosen_cubes_ties_go_to_the_lower_cube_as_select():
-    # bf16 scores tie often; the kernel path's exact-integer top-k chooses as the reference's stable sort
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_chosen_cubes_ties_go_to_the_lower_cube_as_select(dtype):
+    # bf16 scores tie often; the kernel path's exact-integer top-k (16-bit scores: int32 keys; fp32: int64)
+    # chooses as the reference's stable sort
     g = torch.Generator().manual_seed(4)
-    scores = (torch.randn(2, 3, 40, 40, generator=g) * 4).round().to(torch.bfloat16)  # many exact ties
+    scores = (torch.randn(2, 3, 40, 40, generator=g) * 4).round().to(dtype)  # many exact ties
+    scores[1, 2, 3] = torch.randn(40, generator=g).to(dtype) * 1e4  # large, of both signs
     scores[0, 0, 0, :5] = -0.0
     scores[0, 0, 0, 5:10] = 0.0
     for k in (1, 7, 20, 40):
@@ -366,3 +369,32 @@ def test_kernel_path_with_its_op_compiles_into_one_graph_and_equals_the_referenc
         b = torch.autograd.grad(ref.square().sum(), (q, k, v, gate))
         for x, y in zip(a, b, strict=True):
             assert torch.allclose(x, y, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_remat_keeps_the_cube_choice(compile_):
+    # remat="attention" keeps the top-k cube choice of the forward pass (a small int tensor) rather than redo
+    # it in the backward pass; remat="full" redoes it. The gradients are those of no remat either way.
+    from torch.profiler import profile
+
+    from fvfunc import runner
+
+    grid = (5, 6, 7)
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(1, math.prod(grid), 2, 8, generator=g)
+    params = {n: torch.randn(8, generator=g).requires_grad_() for n in ("q", "k", "v")}
+    V.tiling(grid, "cpu")
+
+    def block(p, cfg, x, inputs, dtype, attend_fn):
+        return V.tiled_vsa(x * p["q"], x * p["k"], x * p["v"], x, grid, 0.6, fine=V.reference_fine).sin()
+
+    run = runner._compiled("aot_eager") if compile_ else runner.run_block
+    ref = torch.autograd.grad(block(params, None, h, None, None, None).sum(), list(params.values()))
+    for remat, calls in (("attention", 1), ("full", 2)):
+        with profile() as prof:
+            out = run(block, params, None, h, None, None, None, remat)
+            got = torch.autograd.grad(out.sum(), list(params.values()))
+        names = [e.name for e in prof.events()]
+        assert names.count("aten::topk") == calls, remat  # (the choice's top-k, once per run of it)
+        for a, b in zip(got, ref, strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), remat

@@ -148,13 +148,14 @@ def kernel_module():
 
 
 @functools.cache
-def kernel_ops() -> frozenset:
-    """The kernel's autograd ops (their outputs are what remat='attention' keeps), those that exist."""
-    if kernel_module() is None:
-        return frozenset()
-    ns = getattr(torch.ops, "fastvideo_kernel", None)
-    return frozenset(getattr(ns, n).default for n in ("block_sparse_attn_triton", "block_sparse_attn_sm90")
-                     if ns is not None and hasattr(ns, n))
+def kept_ops() -> frozenset:
+    """The ops whose outputs remat='attention' keeps: the cube choice, and the kernel's autograd ops
+    where it is installed (those that exist)."""
+    ops = {torch.ops.fvfunc.vsa_chosen_cubes.default}
+    ns = getattr(torch.ops, "fastvideo_kernel", None) if kernel_module() is not None else None
+    ops |= {getattr(ns, n).default for n in ("block_sparse_attn_triton", "block_sparse_attn_sm90")
+            if ns is not None and hasattr(ns, n)}
+    return frozenset(ops)
 
 
 class Tiling(NamedTuple):
@@ -251,15 +252,31 @@ def tiled_means(xt: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
 def chosen_cubes(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k key cubes [.., k] (ascending, int64) of the largest scores of each row, ties to the lower
     index, as `select`; on a torch.topk of exact integer keys (the score's order-preserving bits with the
-    index below them): deterministic, and no sort of every row."""
+    index below them): deterministic, and no sort of every row. An opaque op (`fvfunc::vsa_chosen_cubes`),
+    so that remat="attention" keeps its small output rather than redo the top-k in the backward pass."""
+    return torch.ops.fvfunc.vsa_chosen_cubes(scores.detach(), k)
+
+
+@torch.library.custom_op("fvfunc::vsa_chosen_cubes", mutates_args=())
+def _chosen_cubes(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = scores.shape[-1]
     if n > 1 << 16 or scores.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return torch.sort(torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :k], dim=-1).values
-    bits = (scores.float() + 0.0).view(torch.int32)  # (+0.0: -0 and +0 are one score, as in the sort)
-    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)  # ascending ints for ascending floats
     index = torch.arange(n, device=scores.device)
-    keys = ordered * (1 << 16) + ((1 << 16) - 1 - index)
+    if scores.itemsize == 2:  # 16-bit scores: their bits and the index fit one int32 (a cheaper top-k)
+        bits = (scores + 0.0).view(torch.int16).to(torch.int32)  # (+0.0: -0 and +0 are one score, as in the sort)
+        ordered = bits ^ ((bits >> 15) & 0x7FFF)  # ascending ints for ascending floats
+        keys = ordered * (1 << 16) + ((1 << 16) - 1 - index).to(torch.int32)
+    else:
+        bits = (scores + 0.0).view(torch.int32)
+        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+        keys = ordered * (1 << 16) + ((1 << 16) - 1 - index)
     return torch.sort(torch.topk(keys, k, dim=-1, sorted=False).indices, dim=-1).values
+
+
+@_chosen_cubes.register_fake
+def _(scores, k):
+    return scores.new_empty((*scores.shape[:-1], k), dtype=torch.int64)
 
 
 def reference_fine(qt, kt, vt, idx, grid) -> torch.Tensor:
