@@ -1,9 +1,9 @@
 """The VSA cube choice's top-k on the GPU (issue 20) at the Wan2.1-1.3B's shape: bf16 cube scores [1, 12, 624, 624],
-k = topk(sparsity, 624) key cubes per query cube. Times fvfunc's choice (`vsa.chosen_cubes`: exact integer keys,
-int32 for 16-bit scores) against the ways it could be done, each checked to choose the same cubes:
+k = topk(sparsity, 624) key cubes per query cube. Times fvfunc's choice (`vsa.chosen_cubes`: a torch.topk of exact
+integer keys, the 16-bit score's bits and the index in one int32) against the ways it could be done, each
+checked to choose the same cubes:
 
 - `topk int64`: torch.topk of int64 keys (fvfunc's choice before 2026-12-07, and its fp32 path);
-- `topk int32`: torch.topk of the 16-bit score's bits and the index in one int32 (fvfunc's now);
 - `sort int32`: a full torch.sort of the int32 keys of each row, then the first k;
 - `topk bf16`: torch.topk of the scores themselves (FastVideo's choice; ties broken its own way: not checked).
 
@@ -72,7 +72,6 @@ def ascending(idx):
 WAYS = {
     "fvfunc (vsa.chosen_cubes)": vsa.chosen_cubes,
     "topk int64": lambda s, k: ascending(torch.topk(int_keys(s, True), k, -1, sorted=False).indices),
-    "topk int32": lambda s, k: ascending(torch.topk(int_keys(s, False), k, -1, sorted=False).indices),
     "sort int32": lambda s, k: ascending(torch.sort(int_keys(s, False), -1, descending=True).indices[..., :k]),
     "topk bf16": lambda s, k: torch.topk(s, k, -1, sorted=False).indices,
 }

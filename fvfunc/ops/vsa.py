@@ -335,7 +335,7 @@ def tiled_vsa(q, k, v, gate, grid, sparsity, fine=kernel_fine) -> torch.Tensor:
     qt, kt, vt = tiled(q, grid), tiled(k, grid), tiled(v, grid)
     q_c, k_c, v_c = tiled_means(qt, grid), tiled_means(kt, grid), tiled_means(vt, grid)
     scores = cube_scores(q_c, k_c)
-    idx = chosen_cubes(scores.detach(), topk(sparsity, n))
+    idx = chosen_cubes(scores, topk(sparsity, n))
     out = fine(qt, kt, vt, idx, grid)  # [B, H, n * 64, D]
     if gate is not None:  # the coarse branch, gated, in the tiled layout: each cube's row over its slot
         coarse = torch.softmax(scores, dim=-1) @ v_c  # [B, H, n, D]
