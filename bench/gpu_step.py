@@ -631,6 +631,7 @@ class Bench:
                 text += f"\n{trace_gaps.analyse(f.name, top=25)}\n"
                 if self.args.trace_dir:  # the trace itself, gzipped, for a look at it elsewhere
                     name = re.sub(r"[^A-Za-z0-9.]+", "_", title).strip("_") + ".json.gz"
+                    os.makedirs(self.args.trace_dir, exist_ok=True)
                     with open(f.name, "rb") as src, gzip.open(os.path.join(self.args.trace_dir, name), "wb") as dst:
                         shutil.copyfileobj(src, dst)
         print(text, flush=True)
