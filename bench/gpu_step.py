@@ -568,6 +568,12 @@ class Bench:
             spent += s
             self.row(label, f"  of which {name}", s)
         self.row(label, "  of which 2 backward passes + 2 clip/AdamW + draws", mean - spent)
+        # the step's cost rides on the draws (k uniform in 0..n-1 per rollout, two rollouts a step at interval 1):
+        # the step at the expected rollout count, from this run's own cost of one no-grad student forward
+        expected, drawn = len(STEPS) - 1, statistics.mean(rollouts)
+        per_forward = part("student", False) / (drawn + 1)
+        self.row(label, f"  step at the expected {expected} rollout forwards (this run's mean {drawn:.2f}; "
+                 f"{per_forward:.3f} s a forward)", mean + (expected - drawn) * per_forward)
 
     def reference_dmd2(self, latent, label):
         cfg, dev, a = self.cfg, self.device, self.args
