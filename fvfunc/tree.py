@@ -39,7 +39,9 @@ def global_norm(tree: Params) -> torch.Tensor:
     """The L2 norm of all leaves together, in fp32 (a 0-d tensor)."""
     if not tree:
         return torch.zeros(())
-    norms = torch._foreach_norm([v.float() for v in tree.values()])
+    # sorted keys: the norm of the leaves, whatever order the dict holds them in (a resumed run loads its
+    # checkpoint's order, a fresh run its model's), so a resume reproduces the logged norm bit for bit
+    norms = torch._foreach_norm([tree[k].float() for k in sorted(tree)])
     return torch.linalg.vector_norm(torch.stack(norms))
 
 

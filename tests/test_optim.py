@@ -146,6 +146,21 @@ def test_clip_disabled_returns_norm():
     assert norm.item() == pytest.approx(math.sqrt(52.0), rel=1e-6)
 
 
+def test_global_norm_ignores_the_key_order():
+    """A resumed run holds its params in the checkpoint's (sorted) key order, a fresh one in the model's: the
+    norm it logs and clips by must not depend on that. This tree's norms, summed in the given order and in
+    reverse, differ in fp32 (checked below, so the case can tell), and global_norm gives one value."""
+    gen = torch.Generator().manual_seed(1)
+    grads = {f"w{i:02d}": torch.randn(17 * (i + 1), generator=gen) * 10.0 ** (i % 5 - 2) for i in range(30)}
+    reverse = dict(reversed(list(grads.items())))
+
+    def in_dict_order(t):
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in t.values()]))
+    assert not torch.equal(in_dict_order(grads), in_dict_order(reverse))
+    assert torch.equal(tree.global_norm(grads), tree.global_norm(reverse))
+    assert torch.equal(optim.clip_by_global_norm(reverse, 1.0)[1], tree.global_norm(grads))
+
+
 def test_ema_update():
     gen = torch.Generator().manual_seed(5)
     ema, params = _tree(gen), _tree(gen, torch.bfloat16)
