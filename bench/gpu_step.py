@@ -568,7 +568,8 @@ class Bench:
             spent += s
             self.row(label, f"  of which {name}", s)
         self.row(label, "  of which 2 backward passes + 2 clip/AdamW + draws", mean - spent)
-        # the step's cost rides on the draws (k uniform in 0..n-1 per rollout, two rollouts a step at interval 1):
+        # the step's cost rides on the draws (k uniform in 0..n-1 per rollout; this bench: batch 1, interval 1, so
+        # two rollouts a step):
         # the step at the expected rollout count, from this run's own cost of one no-grad student forward
         expected, drawn = len(STEPS) - 1, statistics.mean(rollouts)
         per_forward = part("student", False) / (drawn + 1)
