@@ -6,7 +6,8 @@ set -euo pipefail
 [ -f /tmp/cu13.ok ] || { echo "stage 1 has not run on this machine (no /tmp/cu13.ok): a fresh machine" >&2; exit 3; }
 mkdir -p /tmp/site2
 pip install -q --no-index --no-deps --target /tmp/site2 .whl/*.whl 2>&1 | grep -v WARNING || true
-cp -an /tmp/site2/. /tmp/site/ 2>/dev/null  # keep stage 1's files
+# keep stage 1's files; coreutils 9.2-9.4 exit 1 when -n skips a file, so the import below is the check
+cp -an /tmp/site2/. /tmp/site/ 2>/dev/null || true
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/sitem:$PWD
 python -c "import flash_attn.cute, diffusers, fastvideo_kernel"
 if [ $# -gt 0 ]; then "$@"; fi
