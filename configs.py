@@ -514,6 +514,9 @@ class SampleRun:
     pipeline's own vae/ (Wan2.1 I2V: also its image_encoder/ CLIP with image_processor/), as
     WanImageToVideoPipeline does. Without it, an image-to-video model takes the image condition of the
     rows of a parquet folder of prompts (FastVideo's i2v schema); Wan2.2 TI2V samples text-to-video."""
+    last_image: tuple[str, ...] = ()
+    """First-and-last-frame-to-video (Wan2.1 FLF2V): the last frame's image files, as many as --image,
+    encoded with them as WanImageToVideoPipeline does with last_image."""
     num_prompts: int = 0
     """How many prompts to sample, from the first; 0: every prompt given as text, in a .txt or tensor
     file, and the first 2 rows of a parquet folder."""
@@ -548,9 +551,11 @@ class PreprocessRun:
     """Encode clips and captions (or prompts) into FastVideo's parquet with a pipeline's own VAE and umT5."""
 
     model: str = ""
-    """The diffusers pipeline folder whose vae/ (AutoencoderKLWan), text_encoder/ (umT5) and tokenizer/
-    encode the data; a Wan2.1 I2V folder's image_encoder/ and image_processor/ also give each clip FastVideo's i2v
-    columns (clip_feature, first_frame_latent) of its first frame (FLF2V and the Wan2.2 VAE are not supported yet)."""
+    """The diffusers pipeline folder whose vae/ (AutoencoderKLWan: Wan2.1's, or Wan2.2's for TI2V),
+    text_encoder/ (umT5) and tokenizer/ encode the data. An image-to-video folder's clips also get
+    FastVideo's i2v columns, as its pipeline makes them from the clip's first frame: first_frame_latent
+    (Wan2.1 I2V, Wan2.2 I2V-A14B and TI2V) and, with the image_encoder/ and image_processor/ of Wan2.1
+    I2V, clip_feature; FLF2V's of the clip's first and last frames."""
     videos: str = ""
     """The folder of the clips (videos, or images as one-frame clips) the caption file names."""
     captions: str = ""
@@ -579,6 +584,9 @@ class PreprocessRun:
     """Stored dtype of latents and embeddings (FastVideo's own reader assumes float32; fvfunc reads both)."""
     precision: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the VAE and umT5."""
+    image_condition: bool = True
+    """Write an image-to-video model's i2v columns (above). --no-image-condition writes the t2v columns
+    only: Wan2.2 TI2V then trains text-to-video (the other image-to-video models need the columns)."""
     vae_tiling: Literal["auto", "on", "off"] = "auto"
     """Encode frames in tiles (diffusers' enable_tiling) to bound memory; auto: above 480x832 pixels."""
     device: str = "auto"

@@ -276,15 +276,16 @@ def _check_sample(cfg: configs.SampleRun) -> None:
 def _check_images(cfg: configs.SampleRun) -> None:
     """The conditioning images against the model: readable files, one for all prompts or one per prompt,
     given to an image-to-video model only, and given (or in the parquet rows) where the model needs them."""
-    for p in map(Path, cfg.image):
-        _need(p.is_file(), f"image: {p} is not a file")
-        from PIL import Image
+    from PIL import Image
 
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception as e:  # PIL raises many kinds for a file it cannot read
-            raise ConfigError(f"image: {p} is not an image file PIL can read ({e})") from None
+    for field in ("image", "last_image"):
+        for p in map(Path, getattr(cfg, field)):
+            _need(p.is_file(), f"{field}: {p} is not a file")
+            try:
+                with Image.open(p) as im:
+                    im.verify()
+            except Exception as e:  # PIL raises many kinds for a file it cannot read
+                raise ConfigError(f"{field}: {p} is not an image file PIL can read ({e})") from None
     n = len(cfg.prompt)
     _need(not n or len(cfg.image) in (0, 1, n), f"image: {len(cfg.image)} images for {n} prompts (give one for "
           "every prompt or one per prompt)")
@@ -295,6 +296,12 @@ def _check_images(cfg: configs.SampleRun) -> None:
     _need(not any(takes.values()) or bool(cfg.image) or Path(cfg.prompts).is_dir(), f"image: {cfg.model} is an "
           "image-to-video model: give --image FILE (one for every prompt or one per prompt), or --prompts an i2v "
           "parquet folder whose rows hold the image condition")
+    two = bool(takes) and fam.last_image(model_cfg)
+    _need(not cfg.last_image or two, f"last_image: {cfg.model} takes no last frame (--last-image is for "
+          "first-and-last-frame models, Wan2.1 FLF2V)")
+    _need(not two or not cfg.image or len(cfg.last_image) == len(cfg.image), f"last_image: {cfg.model} is a "
+          f"first-and-last-frame model: give a --last-image for every --image ({len(cfg.image)} given, "
+          f"{len(cfg.last_image)} last)")
 
 
 def _sample_model(cfg: configs.SampleRun):

@@ -83,17 +83,17 @@ def read_noise(cfg, n: int, channels: int) -> torch.Tensor | None:
     return x
 
 
-def read_images(cfg) -> list:
-    """The conditioning images of cfg.image as RGB PIL images."""
+def read_images(cfg, field: str = "image") -> list:
+    """The conditioning images of cfg.image (or another field: last_image) as RGB PIL images."""
     from PIL import Image
 
     images = []
-    for p in cfg.image:
+    for p in getattr(cfg, field):
         try:
             with Image.open(p) as im:
                 images.append(im.convert("RGB"))
         except (OSError, ValueError) as e:
-            raise ValueError(f"image: {p} is not a readable image ({e})") from None
+            raise ValueError(f"{field}: {p} is not a readable image ({e})") from None
     return images
 
 
@@ -109,7 +109,8 @@ def read_conditions(cfg, fam, model_cfg, folder, n: int, shape, device) -> dict:
         if len(images) not in (1, n):
             raise ValueError(f"image: {len(images)} images for {n} prompts (give one for every prompt or one per "
                              "prompt)")
-        cond = fam.image_encoder(folder, model_cfg, device)(images, shape)
+        last = read_images(cfg, "last_image") if fam.last_image(model_cfg) else None
+        cond = fam.image_encoder(folder, model_cfg, device)(images, shape, last)
         return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
     if Path(cfg.prompts).is_dir():
         present = data.columns_in(cfg.prompts)

@@ -24,6 +24,8 @@ I2V = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, ffn_dim=24
 FLF2V = dict(I2V, pos_embed_seq_len=2 * 3)
 TI2V = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, ffn_dim=24, text_dim=12, freq_dim=8,
             in_channels=6, out_channels=6)
+A14B_I2V = {k: v for k, v in I2V.items() if k not in ("image_dim", "added_kv_proj_dim")}
+"""One expert of Wan2.2 I2V-A14B: the frame mask and first-frame latent as input channels, no CLIP tokens."""
 
 
 def rel(a, b):
@@ -361,9 +363,10 @@ def _i2v_folder(root, kind):
     for Wan2.1 I2V, a tiny CLIP vision model and processor."""
     from fvfunc.testing import tiny
 
-    c = {k: v for k, v in (I2V if kind == "i2v" else TI2V).items()}
+    c = {"i2v": I2V, "ti2v": TI2V, "a14b": A14B_I2V,  # FLF2V: the tiny CLIP's 17 tokens for each image
+         "flf2v": dict(FLF2V, pos_embed_seq_len=2 * 17)}[kind]
     cfg = wan.config_from_dict({"patch_size": (1, 2, 2), **c, "expand_timesteps": kind == "ti2v"})
-    return tiny.write_pipeline(root / kind, cfg, seed=5, full_vae=True, image_encoder=kind == "i2v"), cfg
+    return tiny.write_pipeline(root / kind, cfg, seed=5, full_vae=True, image_encoder="image_dim" in c), cfg
 
 
 def _png(path, seed, size=(40, 56)):
@@ -375,8 +378,10 @@ def _png(path, seed, size=(40, 56)):
     return path
 
 
-@pytest.mark.parametrize("kind, per_prompt", [("i2v", False), ("i2v", True), ("ti2v", False)],
-                         ids=["i2v", "i2v-one-image-a-prompt", "ti2v"])
+@pytest.mark.parametrize("kind, per_prompt", [("i2v", False), ("i2v", True), ("ti2v", False), ("a14b", False),
+                                              ("flf2v", False), ("flf2v", True)],
+                         ids=["i2v", "i2v-one-image-a-prompt", "ti2v", "i2v-a14b-expert", "flf2v",
+                              "flf2v-two-images-a-prompt"])
 def test_train_py_sample_from_image_files_equals_wan_image_to_video_pipeline(tmp_path, kind, per_prompt):
     from diffusers import WanImageToVideoPipeline
     from PIL import Image
@@ -395,8 +400,11 @@ def test_train_py_sample_from_image_files_equals_wan_image_to_video_pipeline(tmp
     for name, t in (("text", text), ("negative", negative), ("noise", noise)):
         save_file({name: t}, tmp_path / f"{name}.safetensors")
     images = [_png(tmp_path / f"image{i}.png", i) for i in range(2 if per_prompt else 1)]
+    lasts = [_png(tmp_path / f"last{i}.png", 10 + i, (24, 72)) for i in range(len(images))] if kind == "flf2v" \
+        else []
     argv = ["sample", "--model", str(folder), "--prompts", str(tmp_path / "text.safetensors"),
             "--negative-prompt-embedding", str(tmp_path / "negative.safetensors"), "--image", *map(str, images),
+            *(["--last-image", *map(str, lasts)] if lasts else []),
             "--noise", str(tmp_path / "noise.safetensors"), "--sampler.kind", "unipc", "--sampler.num-steps", "4",
             "--sampler.shift", "3", "--sampler.guidance-scale", "3", "--output-dir", str(tmp_path / "out"),
             "--device", "cpu", "--precision", "float32"]
@@ -407,12 +415,14 @@ def test_train_py_sample_from_image_files_equals_wan_image_to_video_pipeline(tmp
     assert pipe.config.expand_timesteps == (kind == "ti2v")
     pipe.set_progress_bar_config(disable=True)
 
-    def ref(image, rows):
-        return pipe(image=Image.open(image), prompt_embeds=text[rows], negative_prompt_embeds=negative.expand(
-            len(rows), -1, -1), latents=noise[rows].clone(), height=8 * H, width=8 * W, num_frames=4 * (T - 1) + 1,
-            num_inference_steps=4, guidance_scale=3.0, output_type="latent").frames
+    def ref(i, rows):
+        last = Image.open(lasts[i]) if lasts else None
+        return pipe(image=Image.open(images[i]), last_image=last, prompt_embeds=text[rows],
+                    negative_prompt_embeds=negative.expand(len(rows), -1, -1), latents=noise[rows].clone(),
+                    height=8 * H, width=8 * W, num_frames=4 * (T - 1) + 1, num_inference_steps=4, guidance_scale=3.0,
+                    output_type="latent").frames
 
-    want = torch.cat([ref(images[i], [i]) for i in range(B)]) if per_prompt else ref(images[0], list(range(B)))
+    want = torch.cat([ref(i, [i]) for i in range(B)]) if per_prompt else ref(0, list(range(B)))
     assert rel(got, want) <= 1e-5
     assert (tmp_path / "out" / "sample-1.mp4").is_file()
 
@@ -424,6 +434,7 @@ def test_sample_image_errors(tmp_path, capsys):
     from fvfunc.testing import tiny
 
     i2v, _ = _i2v_folder(tmp_path, "i2v")
+    flf2v = tiny.write_pipeline(tmp_path / "flf2v", wan.config_from_dict(dict(FLF2V, patch_size=(1, 2, 2))))
     t2v = tiny.write_pipeline(tmp_path / "t2v")
     save_file({"text": torch.zeros(2, 4, 12)}, tmp_path / "text.safetensors")
     (tmp_path / "not.png").write_text("not an image")
@@ -433,7 +444,12 @@ def test_sample_image_errors(tmp_path, capsys):
               + " is not a file"),
              (["--model", str(i2v), "--image", str(tmp_path / "not.png")], "is not an image file PIL can read"),
              (["--model", str(t2v), "--image", str(png)], "is a text-to-video model (it takes no image condition)"),
-             (["--model", str(i2v)], "is an image-to-video model: give --image FILE")]
+             (["--model", str(i2v)], "is an image-to-video model: give --image FILE"),
+             (["--model", str(i2v), "--image", str(png), "--last-image", str(png)], "last_image: " + str(i2v)
+              + " takes no last frame"),
+             (["--model", str(flf2v), "--image", str(png)], "give a --last-image for every --image (1 given, 0 last)"),
+             (["--model", str(flf2v), "--image", str(png), "--last-image", str(tmp_path / "not.png")],
+              "last_image: " + str(tmp_path / "not.png") + " is not an image file PIL can read")]
     for args, message in cases:
         assert cli.main([*base, *args]) == 2, args
         err = capsys.readouterr().err
@@ -546,8 +562,51 @@ def test_kd_generates_image_conditioned_trajectories_and_trains_on_them(i2v_worl
 # ---------------------------------------------------------------------------------- preprocessing
 
 
-def test_preprocess_writes_the_i2v_columns_of_each_clips_first_frame_and_finetune_trains_on_them(tmp_path, capsys):
+def _write_clips(root, h, w):
+    """root/videos/{a,b}.mp4: smooth moving gradients at the target size (no resizing), 5 frames at 4 fps, and
+    root/captions.json naming them."""
     import json
+
+    import imageio.v2 as imageio
+    import numpy as np
+
+    videos = root / "videos"
+    videos.mkdir()
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:h, 0:w]
+    for name in ("a", "b"):
+        frames = [np.clip(np.stack([(x * 9 + t * 7) % 256, (y * 11 + t * 5) % 256, (x + y + 40 * t) % 256], -1)
+                          + rng.integers(0, 20, (h, w, 3)), 0, 255).astype(np.uint8) for t in range(5)]
+        with imageio.get_writer(videos / f"{name}.mp4", fps=4, codec="libx264", macro_block_size=1) as writer:
+            for f in frames:
+                writer.append_data(f)
+    (root / "captions.json").write_text(json.dumps([{"path": "a.mp4", "cap": ["a cat"]},
+                                                     {"path": "b.mp4", "cap": ["a dog runs"]}]))
+    return videos
+
+
+def _preprocess_args(model, root, out, h, w, *more):
+    return ["preprocess", "--model", str(model), "--videos", str(root / "videos"), "--captions",
+            str(root / "captions.json"), "--output", str(out), "--height", str(h), "--width", str(w),
+            "--num-frames", "5", "--fps", "4", "--device", "cpu", *more]
+
+
+def _decoded(path):
+    """The clip's decoded frames [3, F, h, w] in [-1, 1]."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    frames = torch.from_numpy(np.stack(imageio.mimread(path))).float()
+    return (frames / 255 * 2 - 1).permute(3, 0, 1, 2)
+
+
+def _finetune_args(model, data, out):
+    return ["finetune", "--roles.student.path", str(model), "--data.path", str(data), "--training.output-dir",
+            str(out), "--training.max-steps", "2", "--training.batch-size", "2", "--training.device", "cpu",
+            "--training.precision", "float32", "--tracking.wandb-mode", "disabled"]
+
+
+def test_preprocess_writes_the_i2v_columns_of_each_clips_first_frame_and_finetune_trains_on_them(tmp_path, capsys):
 
     import imageio.v2 as imageio
     import numpy as np
@@ -562,22 +621,9 @@ def test_preprocess_writes_the_i2v_columns_of_each_clips_first_frame_and_finetun
 
     cfg = tiny.tiny_config(in_channels=36, out_channels=16, image_dim=8, added_kv_proj_dim=32)
     model = tiny.write_pipeline(tmp_path / "model", cfg, full_vae=True, text_encoder=True, image_encoder=True)
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:16, 0:32]
-    for name in ("a", "b"):  # smooth moving gradients at the target size (no resizing), 5 frames at 4 fps
-        frames = [np.clip(np.stack([(x * 9 + t * 7) % 256, (y * 11 + t * 5) % 256, (x + y + 40 * t) % 256], -1)
-                          + rng.integers(0, 20, (16, 32, 3)), 0, 255).astype(np.uint8) for t in range(5)]
-        with imageio.get_writer(videos / f"{name}.mp4", fps=4, codec="libx264", macro_block_size=1) as w:
-            for f in frames:
-                w.append_data(f)
-    (tmp_path / "captions.json").write_text(json.dumps([{"path": "a.mp4", "cap": ["a cat"]},
-                                                         {"path": "b.mp4", "cap": ["a dog runs"]}]))
+    videos = _write_clips(tmp_path, 16, 32)
     out = tmp_path / "data"
-    code = cli.main(["preprocess", "--model", str(model), "--videos", str(videos), "--captions",
-                     str(tmp_path / "captions.json"), "--output", str(out), "--height", "16", "--width", "32",
-                     "--num-frames", "5", "--fps", "4", "--device", "cpu"])
+    code = cli.main(_preprocess_args(model, tmp_path, out, 16, 32))
     assert code == 0, capsys.readouterr().err
     names = pq.read_schema(next(out.glob("*.parquet"))).names
     assert names[:10] == ["id", "vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype", "text_embedding_bytes",
@@ -602,11 +648,82 @@ def test_preprocess_writes_the_i2v_columns_of_each_clips_first_frame_and_finetun
         assert rel(row["first_frame_latent"], want) <= 1e-5
         assert rel(row["clip_feature"], tokens) <= 1e-5
     # and the I2V model trains on them
-    code = cli.main(["finetune", "--roles.student.path", str(model), "--data.path", str(out), "--training.output-dir",
-                     str(tmp_path / "run"), "--training.max-steps", "2", "--training.batch-size", "2",
-                     "--training.device", "cpu", "--training.precision", "float32",
-                     "--tracking.wandb-mode", "disabled"])
-    assert code == 0, capsys.readouterr().err
+    assert cli.main(_finetune_args(model, out, tmp_path / "run")) == 0, capsys.readouterr().err
+
+
+def _pil(frame):
+    from PIL import Image
+
+    return Image.fromarray(((frame + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+
+
+@pytest.mark.parametrize("kind", ["ti2v", "a14b", "flf2v"])
+def test_preprocess_ti2v_with_the_wan22_vae_i2v_a14b_and_flf2v_and_finetune_trains_on_them(tmp_path, capsys, kind):
+    """Each model's condition of the clip, as WanImageToVideoPipeline.prepare_latents builds it from the first
+    (FLF2V: and last) frame: TI2V the Wan2.2 VAE's latent of the first frame alone (and the clip's latents with
+    that VAE, 16x spatial), Wan2.2 I2V-A14B the first frame then zeros, FLF2V the first frame, zeros, the last
+    and the CLIP tokens of both; then the model trains on the rows."""
+    import json
+
+    import pyarrow.parquet as pq
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    from fvfunc import cli, data
+    from fvfunc.losses.spec import CLIP_FEATURE, FIRST_FRAME_LATENT, LATENTS
+    from fvfunc.testing import tiny
+
+    c = {"ti2v": dict(in_channels=16, expand_timesteps=True), "a14b": dict(in_channels=36),
+         "flf2v": dict(in_channels=36, image_dim=8, added_kv_proj_dim=32, pos_embed_seq_len=2 * 17)}[kind]
+    cfg = tiny.tiny_config(out_channels=16, **c)
+    model = tiny.write_pipeline(tmp_path / "model", cfg, full_vae=kind != "ti2v", wan22_vae=kind == "ti2v",
+                                text_encoder=True, image_encoder=kind == "flf2v")
+    h, w = (32, 64) if kind == "ti2v" else (16, 32)  # the Wan2.2 VAE's 16 pixels a latent x the patch's 2
+    videos = _write_clips(tmp_path, h, w)
+    out = tmp_path / "data"
+    assert cli.main(_preprocess_args(model, tmp_path, out, h, w)) == 0, capsys.readouterr().err
+    names = pq.read_schema(next(out.glob("*.parquet"))).names
+    assert "first_frame_latent_bytes" in names and ("clip_feature_bytes" in names) == (kind == "flf2v")
+    ds = data.ParquetDataset(out, (LATENTS, FIRST_FRAME_LATENT) + ((CLIP_FEATURE,) if kind == "flf2v" else ()))
+    vae = AutoencoderKLWan.from_pretrained(model / "vae").eval()
+    mean = torch.tensor(vae.config.latents_mean).view(-1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(-1, 1, 1, 1)
+    for i in range(len(ds)):
+        row = ds[i]
+        clip = _decoded(videos / f"{row['id']}.mp4")
+        first, last = clip[:, :1], clip[:, -1:]
+        video = {"ti2v": first, "a14b": torch.cat([first, torch.zeros(3, 4, h, w)], dim=1),
+                 "flf2v": torch.cat([first, torch.zeros(3, 3, h, w), last], dim=1)}[kind]
+        with torch.no_grad():
+            want = (vae.encode(video[None]).latent_dist.mode()[0] - mean) / std
+            latents = vae.encode(clip[None]).latent_dist.mean[0]
+        s = 16 if kind == "ti2v" else 8
+        assert row["latents"].shape == latents.shape == (16, 2, h // s, w // s)
+        assert rel(row["latents"], latents) <= 1e-5
+        assert row["first_frame_latent"].shape == want.shape
+        assert rel(row["first_frame_latent"], want) <= 1e-5
+        if kind == "ti2v":  # the causal VAE: the first frame alone is the clip's first latent frame
+            assert rel(row["first_frame_latent"], (latents[:, :1] - mean) / std) <= 1e-5
+        if kind == "flf2v":
+            processor = CLIPImageProcessor.from_pretrained(model / "image_processor")
+            encoder = CLIPVisionModel.from_pretrained(model / "image_encoder").eval()
+            with torch.no_grad():
+                tokens = encoder(**processor(images=[_pil(first[:, 0]), _pil(last[:, 0])], return_tensors="pt"),
+                                 output_hidden_states=True).hidden_states[-2]
+            assert row["clip_feature"].shape == (34, 8)
+            assert rel(row["clip_feature"], torch.cat([tokens[0], tokens[1]])) <= 1e-5
+    assert cli.main(_finetune_args(model, out, tmp_path / "run")) == 0, capsys.readouterr().err
+    if kind == "ti2v":  # text-to-video data from the TI2V folder: no image condition written, none trained on
+        t2v = tmp_path / "t2v"
+        assert cli.main(_preprocess_args(model, tmp_path, t2v, h, w, "--no-image-condition")) == 0
+        assert not any(n.startswith("first_frame") for n in pq.read_schema(next(t2v.glob("*.parquet"))).names)
+        assert json.loads((t2v / "preprocess.json").read_text())["image_condition"] is False
+        assert cli.main(_finetune_args(model, t2v, tmp_path / "run_t2v")) == 0, capsys.readouterr().err
+    if kind == "flf2v":  # a first and a last frame: one-frame clips are refused before any model loads
+        args = _preprocess_args(model, tmp_path, tmp_path / "one", h, w)
+        args[args.index("--num-frames") + 1] = "1"
+        assert cli.main(args) == 2
+        assert "num_frames: " in capsys.readouterr().err
 
 
 def test_toy_image_condition_and_i2v_dataset(tmp_path):

@@ -113,11 +113,15 @@ class Family(NamedTuple):
     """impose(cfg, latents, cond) -> the sampled latents with the part the condition gives set (Wan2.2
     TI2V's first frame), as a pipeline ends its sampling; a sampler's caller applies it."""
     image_encoder: Callable[..., Callable[..., dict]] | None = None
-    """image_encoder(folder, cfg, device=None) -> encode(images, shape=None) -> cond: the pipeline folder's
-    own encoders, loaded once, making the image condition ({name: [N, ...]}, the names of `conditions`)
-    as the family's image-to-video pipeline does, of N RGB PIL images for latents of shape (T, H, W), or
-    of the first frames of clips [N, 3, F, h, w] in [-1, 1] (preprocessing). None: the family takes no
-    images. ModelError for a model or folder that cannot (a text-to-video model, a missing encoder)."""
+    """image_encoder(folder, cfg, device=None) -> encode(images, shape=None, last=None) -> cond: the
+    pipeline folder's own encoders, loaded once, making the image condition ({name: [N, ...]}, the names
+    of `conditions`) as the family's image-to-video pipeline does, of N RGB PIL images (and N `last`
+    images for a first-and-last-frame model) for latents of shape (T, H, W), or of the first (and last)
+    frames of clips [N, 3, F, h, w] in [-1, 1] (preprocessing). None: the family takes no images.
+    ModelError for a model or folder that cannot (a text-to-video model, a missing encoder)."""
+    last_image: Callable[[Any], bool] = lambda cfg: False
+    """last_image(cfg) -> whether the image condition is of a first and a last image (Wan2.1 FLF2V), so
+    `image_encoder`'s `encode` takes `last` images (clips: their last frames) besides the first."""
     # what sequence parallelism needs (fvfunc/runner.py runs the blocks on token shards)
     split: Callable[[Any, Any, int, int], Any] | None = None
     """split(cfg, inputs, start, stop) -> the blocks' `inputs` for the tokens [start, stop) of `embed`'s

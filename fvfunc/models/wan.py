@@ -879,47 +879,67 @@ def clip_tokens(folder, images: list, device=None, loaded: dict | None = None, c
 
 
 def image_encoder(folder, cfg: WanConfig, device=None):
-    """`encode(images, shape=None) -> cond`, the pipeline folder's encoders loaded once (fp32): the image
-    condition as WanImageToVideoPipeline makes it from `image`. images: RGB PIL images, resized to the
-    video of latents (T, H, W) = shape as diffusers' VaeImageProcessor resizes; or clips [N, 3, F, h, w] in
-    [-1, 1] whose first frame is the image (preprocessing; CLIP sees it as an 8-bit image, as FastVideo's
-    i2v preprocessing gives it). Wan2.1 I2V: `first_frame_latent`, the VAE mode of the image followed by
-    zero frames (F - 1 of them, F = temporal (T - 1) + 1 for images), normalised, and `clip_feature`, the
-    CLIP tokens of `clip_tokens`; TI2V: the normalised latent of the image alone (its first frame)."""
+    """`encode(images, shape=None, last=None) -> cond`, the pipeline folder's encoders loaded once (fp32):
+    the image condition as WanImageToVideoPipeline makes it from `image` (and FLF2V's `last_image`).
+    images: RGB PIL images, resized to the video of latents (T, H, W) = shape as diffusers'
+    VaeImageProcessor resizes, and for FLF2V `last`, as many last images; or clips [N, 3, F, h, w] in
+    [-1, 1] whose first frame is the image and, for FLF2V, whose last frame the last image
+    (preprocessing; CLIP sees them as 8-bit images, as FastVideo's i2v preprocessing gives them).
+    A model with frame channels (Wan2.1 I2V, FLF2V, Wan2.2 I2V-A14B): `first_frame_latent`, the VAE mode
+    of the image followed by zero frames (FLF2V: the last one the last image; F frames in all,
+    F = temporal (T - 1) + 1 for images), normalised; with CLIP (image_dim) also `clip_feature`, the CLIP
+    tokens of `clip_tokens` (FLF2V: the first image's then the last's, [N, 2 L, image_dim]). TI2V: the
+    normalised latent of the image alone (its first frame)."""
     if not conditions(cfg):
         raise ModelError(f"{folder}: a text-to-video Wan (no image_dim, no expand_timesteps) takes no image")
-    if cfg.pos_embed_seq_len is not None:
-        raise ModelError(f"{folder}: FLF2V (pos_embed_seq_len) needs a first and a last image; from image files "
-                         "that is not supported yet (give the condition in an i2v parquet)")
     vae = load_vae(folder, device)
     if vae is None:
         raise ModelError(f"{folder}: no vae/ to encode the image with")
     vae, facts = vae.float(), latents(cfg, folder)
     if cfg.image_dim is not None:
         clip_tokens(folder, [], device, check_only=True)
+    flf2v, frames_given = cfg.pos_embed_seq_len is not None, cfg.image_dim is not None or _frame_channels(cfg)
 
-    def encode(images, shape=None) -> dict:
+    def pictures_of(frames: torch.Tensor) -> list:  # [N, 3, h, w] in [-1, 1] -> 8-bit PIL images
         from PIL import Image
 
+        return [Image.fromarray(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy())
+                for x in frames.float()]
+
+    def encode(images, shape=None, last=None) -> dict:
         if isinstance(images, torch.Tensor):  # clips [N, 3, F, h, w] in [-1, 1]
             first, frames = images[:, :, :1].float(), images.shape[2]
-            pictures = [Image.fromarray(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy())
-                        for x in first[:, :, 0]]
+            end = images[:, :, -1:].float() if flf2v else None
+            pictures = pictures_of(first[:, :, 0])
+            lasts = pictures_of(end[:, :, 0]) if flf2v else []
         else:
             T, H, W = shape
-            pictures = list(images)
-            first = torch.stack([_pixels(im, H * facts.spatial, W * facts.spatial) for im in pictures])[:, :, None]
+            pictures, lasts = list(images), list(last or [])
+            if flf2v and len(lasts) != len(pictures):
+                raise ValueError(f"FLF2V takes a last image for every first image: {len(pictures)} first, "
+                                 f"{len(lasts)} last")
+            if lasts and not flf2v:
+                raise ValueError("last images are for FLF2V models (pos_embed_seq_len); this one takes the first")
+            size = (H * facts.spatial, W * facts.spatial)
+            first = torch.stack([_pixels(im, *size) for im in pictures])[:, :, None]
+            end = torch.stack([_pixels(im, *size) for im in lasts])[:, :, None] if flf2v else None
             frames = facts.temporal * (T - 1) + 1
+        if flf2v and frames < 2:
+            raise ValueError("FLF2V needs a video of 2 frames or more (a first and a last), got 1")
         video = first.to(device)
-        if cfg.image_dim is not None:  # the first frame, then zeros for the rest of the video
-            video = torch.cat([video, video.new_zeros(video.shape[0], 3, frames - 1, *video.shape[-2:])], dim=2)
+        if frames_given:  # the first frame, then zeros for the rest of the video (FLF2V: the last frame last)
+            zeros = video.new_zeros(video.shape[0], 3, frames - 1 - flf2v, *video.shape[-2:])
+            video = torch.cat([video, zeros] + ([end.to(device)] if flf2v else []), dim=2)
         with torch.no_grad():
             z = vae.encode(video).latent_dist.mode().float()
         if facts.mean is not None:
             z = (z - facts.mean.view(1, -1, 1, 1, 1).to(z.device)) / facts.std.view(1, -1, 1, 1, 1).to(z.device)
         cond = {FIRST_FRAME: z}
         if cfg.image_dim is not None:
-            cond[CLIP] = clip_tokens(folder, pictures, device, loaded)
+            tokens = clip_tokens(folder, pictures, device, loaded)
+            if flf2v:  # diffusers encodes [image, last_image] and the embedder views them as one sequence
+                tokens = torch.cat([tokens, clip_tokens(folder, lasts, device, loaded)], dim=1)
+            cond[CLIP] = tokens
         return cond
 
     loaded = {}  # the CLIP model and processor, loaded at the first call
@@ -932,4 +952,5 @@ FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=
                 stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
                 weight_files=pair_weight_files, experts=experts, original_names=original_names,
                 conditions=conditions, impose=impose, image_encoder=image_encoder, split=split,
+                last_image=lambda cfg: cfg.pos_embed_seq_len is not None,
                 heads=lambda cfg: cfg.num_attention_heads, vsa_gated=vsa_gated)

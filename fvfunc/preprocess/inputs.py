@@ -182,9 +182,12 @@ def _json(path: Path) -> dict:
 
 
 def vae_compression(model) -> tuple[int, int]:
-    """(frames, pixels) one latent holds, from vae/config.json as diffusers' WanPipeline computes them."""
-    down = _json(Path(model) / "vae" / "config.json").get("temperal_downsample", [False, True, True])
-    return 2 ** sum(bool(d) for d in down), 2 ** len(down)
+    """(frames, pixels) one latent holds, from the layout in vae/config.json (diffusers' AutoencoderKLWan:
+    a 2x spatial downsampling a stage, 2x in time where temperal_downsample says, and the Wan2.2 VAE's
+    patchify of patch_size pixels before them)."""
+    c = _json(Path(model) / "vae" / "config.json")
+    down = c.get("temperal_downsample", [False, True, True])
+    return 2 ** sum(bool(d) for d in down), 2 ** len(down) * int(c.get("patch_size") or 1)
 
 
 def _check_model(cfg, need_vae: bool) -> None:
@@ -196,19 +199,25 @@ def _check_model(cfg, need_vae: bool) -> None:
         _json(model / "model_index.json")  # readable
     transformer = _json(model / "transformer" / "config.json") if (model / "transformer" / "config.json").is_file() \
         else {}
-    i2v = transformer.get("image_dim") is not None  # Wan2.1 I2V: its clips get the i2v columns too
-    _need(transformer.get("pos_embed_seq_len") is None, f"model: {model} is an FLF2V pipeline (pos_embed_seq_len); "
-          "preprocessing its first-and-last-frame condition is not supported yet")
+    clip = transformer.get("image_dim") is not None and cfg.image_condition  # Wan2.1 I2V / FLF2V: CLIP tokens too
     parts = (("vae",) if need_vae else ()) + ("text_encoder", "tokenizer") + (
-        ("image_encoder", "image_processor") if i2v and need_vae else ())
+        ("image_encoder", "image_processor") if clip and need_vae else ())
     missing = [d for d in parts if not (model / d).is_dir()]
     _need(not missing, f"model: {model} has no {' and no '.join(f'{d}/' for d in missing)}")
     if need_vae:
         vae = _json(model / "vae" / "config.json")
         _need(vae.get("_class_name", "AutoencoderKLWan") == "AutoencoderKLWan", f"model: {model}/vae is a "
-              f"{vae.get('_class_name')}; fvfunc encodes with diffusers' AutoencoderKLWan (Wan2.1)")
-        _need(not vae.get("is_residual") and vae.get("z_dim", 16) != 48, f"model: {model}/vae is the Wan2.2 VAE "
-              "(TI2V folders); preprocessing with it is not supported yet")
+              f"{vae.get('_class_name')}; fvfunc encodes with diffusers' AutoencoderKLWan (Wan2.1's or Wan2.2's)")
+        z_dim, out = vae.get("z_dim", 16), transformer.get("out_channels")
+        _need(out is None or z_dim == out, f"model: {model}/vae makes latents of {z_dim} channels, its transformer "
+              f"predicts {out}")
+
+
+def _first_and_last(cfg) -> bool:
+    """Whether the model's image condition is of a clip's first and last frames (Wan2.1 FLF2V: its
+    transformer's pos_embed_seq_len), read from the config alone (no torch before the checks pass)."""
+    t = Path(cfg.model) / "transformer" / "config.json"
+    return cfg.image_condition and t.is_file() and _json(t).get("pos_embed_seq_len") is not None
 
 
 def _need(ok: bool, message: str) -> None:
@@ -225,7 +234,7 @@ def settings(cfg) -> dict:
     if cfg.prompts:
         return {"schema": "text_only", **common}
     return {"schema": "t2v", **common, "height": cfg.height, "width": cfg.width, "num_frames": cfg.num_frames,
-            "fps": cfg.fps, "vae_tiling": cfg.vae_tiling}
+            "fps": cfg.fps, "vae_tiling": cfg.vae_tiling, **({} if cfg.image_condition else {"image_condition": False})}
 
 
 def check_output(cfg) -> None:
@@ -284,6 +293,8 @@ def check(cfg) -> None:
                   f"{spatial} pixels a latent times the transformer's patch {patch[-1]}), got {value}")
         _need(cfg.num_frames >= 1 and (cfg.num_frames - 1) % temporal == 0, f"num_frames must be 1 + a multiple "
               f"of {temporal} (the VAE's frames a latent), e.g. {1 + 20 * temporal}; got {cfg.num_frames}")
+        _need(cfg.num_frames > 1 or not _first_and_last(cfg), f"num_frames: {cfg.model} is a first-and-last-frame "
+              f"model (FLF2V): its clips need a first and a last frame, e.g. {1 + 20 * temporal}; got 1")
         _need(cfg.fps >= 0, f"fps must be > 0 (or 0: the clip's own rate), got {cfg.fps:g}")
     if cfg.prompts:
         _need(Path(cfg.prompts).is_file(), f"prompts: {cfg.prompts} is not a file")

@@ -3,12 +3,13 @@
 What a row holds is what FastVideo's preprocessing stores (its `pyarrow_schema_t2v` /
 `pyarrow_schema_text_only`, fvfunc/data/parquet.py): the VAE's posterior mean of the [-1, 1] pixels,
 raw (training normalises it with the VAE's latents_mean / latents_std, as for FastVideo's files), and
-the umT5 embedding cut to the prompt's own tokens (fvfunc/text.py, as WanPipeline encodes). A Wan2.1
-I2V pipeline's clips also get the i2v columns of their first frame, as the family's image encoder
-makes them (the condition WanImageToVideoPipeline gives the model): `first_frame_latent`, the
-normalised VAE latent of the first frame followed by zero frames, and `clip_feature`, its CLIP tokens
-(the penultimate hidden state, as diffusers' pipeline; FastVideo's preprocessing keeps its own CLIP
-encoder's last state). The
+the umT5 embedding cut to the prompt's own tokens (fvfunc/text.py, as WanPipeline encodes). An
+image-to-video pipeline's clips also get the i2v columns, as the family's image encoder makes them
+(the condition WanImageToVideoPipeline gives the model): `first_frame_latent`, normalised, of the first
+frame followed by zero frames (Wan2.1 I2V, Wan2.2 I2V-A14B; FLF2V: the last frame last) or of the first
+frame alone (Wan2.2 TI2V, whose Wan2.2 VAE encodes the clip too), and with a CLIP image encoder
+`clip_feature`, the first frame's tokens (FLF2V: then the last frame's; the penultimate hidden state, as
+diffusers' pipeline; FastVideo's preprocessing keeps its own CLIP encoder's last state). The
 metadata follows FastVideo's record: `num_frames` is the latent's frame count, `fps` and `duration_sec`
 the source clip's, `width` / `height` the encoded size; `file_name` is the path inside --videos.
 
@@ -75,9 +76,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def load_encoders(model, device, precision: str, vae: bool, tiling: bool = False) -> Encoders:
+def load_encoders(model, device, precision: str, vae: bool, tiling: bool = False,
+                  image_condition: bool = True) -> Encoders:
     """The VAE (diffusers AutoencoderKLWan, eval; tiled encoding when `tiling`) and umT5 of `model`; with
-    the VAE, for an image-to-video model (Wan2.1 I2V) also its image condition encoder."""
+    the VAE, for an image-to-video model (and `image_condition`) also its image condition encoder."""
     from fvfunc.models import wan
 
     dtype = DTYPES[precision]
@@ -89,7 +91,7 @@ def load_encoders(model, device, precision: str, vae: bool, tiling: bool = False
         if tiling:
             module.enable_tiling()
         model_cfg = wan.load_config(model) if (Path(model) / "transformer").is_dir() else None
-        if model_cfg is not None and wan.conditions(model_cfg):
+        if image_condition and model_cfg is not None and wan.conditions(model_cfg):
             image = wan.FAMILY.image_encoder(model, model_cfg, device)
     return Encoders(module, text.load_encoder(model, device, dtype), image)
 
@@ -223,7 +225,8 @@ def run(cfg, rank: int | None = None, world: int | None = None, encoders: Encode
     device = resolve_device(cfg.device)
     tiling = cfg.vae_tiling == "on" or (cfg.vae_tiling == "auto" and cfg.height * cfg.width > TILE_ABOVE)
     if encoders is None and (mine or (cfg.negative_prompt is not None and rank == 0)):
-        encoders = load_encoders(cfg.model, device, cfg.precision, vae=bool(cfg.videos), tiling=tiling)
+        encoders = load_encoders(cfg.model, device, cfg.precision, vae=bool(cfg.videos), tiling=tiling,
+                                 image_condition=cfg.image_condition)
     if cfg.negative_prompt is not None and rank == 0:
         log.info("negative prompt embedding: %s", write_negative(encoders, cfg.negative_prompt,
                                                                  out / inputs.NEGATIVE_FILE, cfg.dtype))

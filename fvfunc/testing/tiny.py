@@ -27,15 +27,18 @@ def tiny_config(**overrides) -> wan.WanConfig:
     return wan.WanConfig(**base)
 
 
-def write_vae(folder: Path, z_dim: int = 16, seed: int = 0, full: bool = False) -> Path:
+def write_vae(folder: Path, z_dim: int = 16, seed: int = 0, full: bool = False, wan22: bool = False) -> Path:
     """A tiny random diffusers AutoencoderKLWan in folder/vae (latents_mean/std included). Its config says
     8x spatial and 4x temporal compression (diffusers' defaults); `full` builds it so (three spatial, two
     temporal downsamplings, as Wan2.1's VAE: what an image-to-video pipeline's resizing needs), else it
-    compresses 2x spatially and not in time (cheaper, for decoding previews)."""
+    compresses 2x spatially and not in time (cheaper, for decoding previews). `wan22`: the Wan2.2 VAE's
+    layout (TI2V-5B's): residual stages after a 2x2 patchify, 16x spatial and 4x temporal, as it says."""
     from diffusers import AutoencoderKLWan
 
-    layout = dict(dim_mult=[1, 1, 1, 1], temperal_downsample=[False, True, True]) if full else \
+    layout = dict(dim_mult=[1, 1, 1, 1], temperal_downsample=[False, True, True]) if full or wan22 else \
         dict(dim_mult=[1, 1], temperal_downsample=[False])
+    if wan22:
+        layout.update(is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16)
     state = torch.get_rng_state()  # diffusers modules initialise from the global RNG: restore it after
     try:
         torch.manual_seed(seed)
@@ -119,9 +122,10 @@ def write_text_encoder(folder: Path, d_model: int = 32, seed: int = 0, vocab: tu
 
 def write_pipeline(folder, cfg: wan.WanConfig | None = None, seed: int = 0, vae: bool = False,
                    params: dict | None = None, text_encoder: bool = False, full_vae: bool = False,
-                   image_encoder: bool = False) -> Path:
+                   image_encoder: bool = False, wan22_vae: bool = False) -> Path:
     """folder/transformer (random init from `seed`, or `params`), folder/scheduler (Wan2.1's), optionally
-    folder/vae (`full_vae`: compressing as its config says, `write_vae`), folder/text_encoder +
+    folder/vae (`full_vae`: compressing as its config says; `wan22_vae`: the Wan2.2 VAE's layout; see
+    `write_vae`), folder/text_encoder +
     folder/tokenizer (a umT5 of d_model = the model's text_dim) and, for a Wan2.1 I2V config,
     folder/image_encoder + folder/image_processor (a CLIP vision model of width image_dim). The
     model_index.json is a WanImageToVideoPipeline's for an I2V config, and holds expand_timesteps (TI2V)."""
@@ -136,8 +140,8 @@ def write_pipeline(folder, cfg: wan.WanConfig | None = None, seed: int = 0, vae:
              "scheduler": ["diffusers", "UniPCMultistepScheduler"]}
     if cfg.expand_timesteps:
         index["expand_timesteps"] = True
-    if vae or full_vae:
-        write_vae(folder, z_dim=cfg.out_channels, seed=seed, full=full_vae)
+    if vae or full_vae or wan22_vae:
+        write_vae(folder, z_dim=cfg.out_channels, seed=seed, full=full_vae, wan22=wan22_vae)
         index["vae"] = ["diffusers", "AutoencoderKLWan"]
     if text_encoder:
         write_text_encoder(folder, d_model=cfg.text_dim, seed=seed)
