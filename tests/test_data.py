@@ -158,6 +158,11 @@ def _bad_row(rows, **changes):
      r"bad\.parquet, row 1 \(id 's1'\): null vae_latent_bytes"),
     ("unknown dtype", lambda p, r: write_fastvideo(p, _bad_row(r, latent_dtype="float64")),
      r"bad\.parquet, row 1 \(id 's1'\): unknown vae_latent_dtype 'float64'"),
+    ("empty triplet", lambda p, r: write_fastvideo(p, r, vae_latent_bytes=pa.array(
+        [encode(x["latent"], "float32") if i != 1 else b"" for i, x in enumerate(r)], pa.binary()),
+        vae_latent_shape=pa.array([[C, T, H, W], [], [C, T, H, W], [C, T, H, W]], pa.list_(pa.int64())),
+        vae_latent_dtype=pa.array(["float32", "", "float32", "float32"])),
+     r"bad\.parquet, row 1 \(id 's1'\): empty vae_latent \(FastVideo writes an empty triplet"),
     ("text width", lambda p, r: write_fastvideo(p, _bad_row(r, text=np.zeros((3, D + 1), np.float32))),
      r"bad\.parquet, row 1 \(id 's1'\): text embedding width 9"),
     ("too few frames", lambda p, r: write_fastvideo(p, _bad_row(r, latent=np.zeros((C, 1, H, W), np.float32))),

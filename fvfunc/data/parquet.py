@@ -84,6 +84,9 @@ def cell(table: pa.Table, r: int, column: Column, where: str) -> Cell:
     buf = _bytes(table.column(names[0]), r)
     shape, dtype = (table.column(name)[r].as_py() for name in names[1:])
     dt = DTYPES.get((dtype or "").removeprefix("torch."))
+    if not dtype and not shape and buf is not None and buf.size == 0:
+        raise DataError(f"{where}: empty {names[0].removesuffix('_bytes')} (FastVideo writes an empty triplet where "
+                        "its preprocessing had no such feature, e.g. no image encoder for clip_feature)")
     if dt is None:
         raise DataError(f"{where}: unknown {names[2]} {dtype!r} (expected one of {sorted(DTYPES)})")
     if buf is None or shape is None:
