@@ -31,10 +31,13 @@ class LoraConfig:
     (attn1.to_q: in every block) or a glob (blocks.1?.ffn.*). Default: attention q/k/v/out and FFN."""
     init: str = "zeros"
     """'zeros': PEFT's init (A random, B = 0: training starts at the base model); or a LoRA file or
-    folder (diffusers / PEFT, ComfyUI, kohya / musubi) to continue training from."""
+    folder (diffusers / PEFT, ComfyUI, kohya / musubi) to continue training from. An expert pair
+    (Wan2.2 A14B) takes a folder of one LoRA per expert: <expert>/ or <expert>.safetensors (transformer,
+    transformer_2), as a pair's run exports them (RUN/export/lora)."""
     frozen: tuple[str, ...] = ()
     """LoRA files merged into this role's weights before training, each FILE or FILE:STRENGTH (e.g. a
-    teacher plus a style LoRA); diffusers / PEFT, ComfyUI or kohya / musubi layouts."""
+    teacher plus a style LoRA); diffusers / PEFT, ComfyUI or kohya / musubi layouts. For an expert pair
+    each is a folder of one LoRA per expert, as for `init` (e.g. a high-noise and a low-noise file)."""
 
 
 @dataclass(frozen=True)

@@ -126,15 +126,16 @@ def build(run, spec, process: distributed.Process) -> dict[str, Role]:
             roles[name] = _build_one(name, cfg, cfg.path, f"lora:{name}", run, spec, process, bases, vsa)
             continue
         names, boundary = pair
-        parts = [_build_one(name, cfg, str(Path(cfg.path) / n), f"lora:{name}/{n}", run, spec, process, bases, vsa)
-                 for n in names]
+        parts = [_build_one(name, cfg, str(Path(cfg.path) / n), f"lora:{name}/{n}", run, spec, process, bases, vsa,
+                            expert=n) for n in names]
         roles[name] = join(name, parts, names, boundary, cfg.path)
     return roles
 
 
-def _build_one(name, cfg, path: str, lora_name: str, run, spec, process, bases: dict, vsa: bool = False) -> Role:
-    """Role `name` of one model folder `path` (a whole role, or one expert of a pair); `vsa`: it runs VSA
-    self-attention, with the family's VSA params (zeros where the folder lacks them)."""
+def _build_one(name, cfg, path: str, lora_name: str, run, spec, process, bases: dict, vsa: bool = False,
+               expert: str | None = None) -> Role:
+    """Role `name` of one model folder `path` (a whole role, or the expert `expert` of a pair); `vsa`: it runs
+    VSA self-attention, with the family's VSA params (zeros where the folder lacks them)."""
     fam = family(cfg.family)
     trainable = name in spec.trainable
     adapted = cfg.lora.rank > 0
@@ -145,7 +146,7 @@ def _build_one(name, cfg, path: str, lora_name: str, run, spec, process, bases: 
         role = bases[key]._replace(name=name, trainable=trainable, ema_decay=cfg.ema_decay)
     else:
         device, rows = ("cpu", distributed.rows_of(process)) if sharded else (process.device, None)
-        mcfg, params = load_weights(name, cfg, fam, device, rows, path)
+        mcfg, params = load_weights(name, cfg, fam, device, rows, path, expert)
         if vsa:
             mcfg, params = _gated(fam, mcfg, params, device, rows)
         role = place(name, fam, mcfg, params, run.training, process, sharded, trainable, cfg.ema_decay, path,
@@ -154,7 +155,7 @@ def _build_one(name, cfg, path: str, lora_name: str, run, spec, process, bases: 
             bases[key] = role
     if adapted:
         key = random.fold_in(random.key(run.training.seed), zlib.crc32(lora_name.encode()))
-        role = adapt(role, cfg.lora, f"roles.{name}.lora", key, process.device)
+        role = adapt(role, cfg.lora, f"roles.{name}.lora", key, process.device, expert)
     return role
 
 
@@ -226,22 +227,39 @@ def check(run, spec, world_size: int = 1) -> None:
         if not (adapted or cfg.lora.frozen or cfg.lora.rank < 0):
             continue
         fam = family(cfg.family)
-        if (cfg.lora.frozen or cfg.lora.init != "zeros") and cfg.path and fam.experts(cfg.path) is not None:
-            raise RoleError(f"roles.{name}.lora: {cfg.path} is an expert pair, and a LoRA file is one model's; "
-                            "LoRA files (lora.init, lora.frozen) for expert pairs are not supported yet")
-        mcfg = fam.load_config(cfg.path)
-        shapes = fam.param_shapes(mcfg)
-        for entry in cfg.lora.frozen:
-            _read(fam, mcfg, lora.parse_frozen(entry)[0], f"roles.{name}.lora.frozen")
-        if cfg.lora.rank != 0:
-            field = f"roles.{name}.lora"
-            try:
-                names = lora.select(shapes, cfg.lora.targets, cfg.lora.rank, field)
-                if cfg.lora.init != "zeros":
-                    lora.check_pairs(_read(fam, mcfg, cfg.lora.init, field + ".init"), names, cfg.lora.rank, field,
-                                     cfg.lora.init)
-            except lora.LoraError as e:
-                raise RoleError(str(e)) from None
+        pair = fam.experts(cfg.path) if cfg.path else None
+        for expert in [None] if pair is None else pair[0]:  # an expert pair: each expert with its own files
+            mcfg = fam.load_config(cfg.path if expert is None else str(Path(cfg.path) / expert))
+            shapes = fam.param_shapes(mcfg)
+            for entry in cfg.lora.frozen:
+                field = f"roles.{name}.lora.frozen"
+                _read(fam, mcfg, lora_source(lora.parse_frozen(entry)[0], expert, field, pair), field)
+            if cfg.lora.rank != 0:
+                field = f"roles.{name}.lora"
+                try:
+                    names = lora.select(shapes, cfg.lora.targets, cfg.lora.rank, field)
+                    if cfg.lora.init != "zeros":
+                        source = lora_source(cfg.lora.init, expert, field + ".init", pair)
+                        lora.check_pairs(_read(fam, mcfg, source, field + ".init"), names, cfg.lora.rank, field,
+                                         source)
+                except lora.LoraError as e:
+                    raise RoleError(str(e)) from None
+
+
+def lora_source(path: str, expert: str | None, field: str, pair=None) -> str:
+    """The LoRA file or folder of `path` (an entry of roles.<role>.lora) for one model: `path` itself, or
+    for the expert `expert` of a pair (the family's `experts`: (names, boundary)) the file or folder
+    `path/<expert>` or `path/<expert>.safetensors`, one LoRA per expert, as fvfunc exports a pair's
+    adapters (export/lora/<expert>/). RoleError naming `field` when `path` holds none for `expert`."""
+    if expert is None:
+        return path
+    for cand in (Path(path) / expert, Path(path) / f"{expert}.safetensors"):
+        if cand.exists():
+            return str(cand)
+    names = pair[0] if pair else (expert,)
+    raise RoleError(f"{field}: {path} has no LoRA for the expert {expert}: an expert pair takes a folder of one LoRA "
+                    f"per expert, {' and '.join(f'{n}/ (or {n}.safetensors)' for n in names)}, as fvfunc exports "
+                    "a pair's adapters (RUN/export/lora)")
 
 
 def _read(fam: Family, mcfg, path, field: str) -> dict:
@@ -253,28 +271,31 @@ def _read(fam: Family, mcfg, path, field: str) -> dict:
         raise RoleError(f"{field}: {e}") from None
 
 
-def load_weights(name: str, cfg, fam: Family, device, rows=None, path=None) -> tuple[Any, dict]:
-    """(model config, params) of the folder of role `name` (its configs.RoleConfig `cfg`; `path`: one
-    expert's folder instead of cfg.path) with its frozen LoRA files merged in; rows: only this rank's
-    rows of each tensor (a sharded role)."""
+def load_weights(name: str, cfg, fam: Family, device, rows=None, path=None, expert: str | None = None
+                 ) -> tuple[Any, dict]:
+    """(model config, params) of the folder of role `name` (its configs.RoleConfig `cfg`; `path`: the
+    folder of the pair's expert `expert` instead of cfg.path) with its frozen LoRA files merged in (an
+    expert its own, `lora_source`); rows: only this rank's rows of each tensor (a sharded role)."""
     mcfg, params = fam.load(path or cfg.path, dtype=DTYPES[cfg.dtype], device=device, rows=rows,
                             variant=cfg.variant)
-    for entry in cfg.lora.frozen:  # (roles.check refuses them for sharded roles and expert pairs)
+    for entry in cfg.lora.frozen:  # (roles.check refuses them for sharded roles)
         file, strength = lora.parse_frozen(entry)
-        params = lora.merge_pairs(params, _read(fam, mcfg, file, f"roles.{name}.lora.frozen"), strength)
+        field = f"roles.{name}.lora.frozen"
+        params = lora.merge_pairs(params, _read(fam, mcfg, lora_source(file, expert, field), field), strength)
     return mcfg, params
 
 
-def adapt(role: Role, cfg, field: str, key, device) -> Role:
+def adapt(role: Role, cfg, field: str, key, device, expert: str | None = None) -> Role:
     """`role` (a placed base) made a LoRA role: fresh adapters of `cfg` (configs.LoraConfig) on `device`,
-    or the ones of the file `cfg.init` names."""
+    or the ones of the file `cfg.init` names (for the pair's expert `expert`, its own: `lora_source`)."""
     shapes = role.family.param_shapes(role.config)
     scale = lora.scale_of(cfg.rank, cfg.alpha)
     try:
         adapters = lora.init(shapes, lora.select(shapes, cfg.targets, cfg.rank, field), cfg.rank, key, device)
         if cfg.init != "zeros":
-            pairs = _read(role.family, role.config, cfg.init, field + ".init")
-            adapters = lora.from_pairs(pairs, adapters, scale, field, cfg.init)
+            source = lora_source(cfg.init, expert, field + ".init")
+            pairs = _read(role.family, role.config, source, field + ".init")
+            adapters = lora.from_pairs(pairs, adapters, scale, field, source)
     except lora.LoraError as e:
         raise RoleError(str(e)) from None
     return role._replace(params=adapters, base=role.params, lora_scale=scale,

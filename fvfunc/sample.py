@@ -171,7 +171,7 @@ def load_model(cfg, device):
         return fam, mcfg, None, lora.merge(base, params, scale), Path(folder)
     adapters, merged = experts.split(params, pair.names), {}
     for n in pair.names:
-        _, base = roles.load_weights("student", role, fam, device, path=str(Path(folder) / n))
+        _, base = roles.load_weights("student", role, fam, device, path=str(Path(folder) / n), expert=n)
         merged[n] = lora.merge(base, adapters[n], scale)
     return fam, mcfg, pair, experts.join(merged), Path(folder)
 

@@ -296,11 +296,47 @@ def test_a_pair_without_boundary_is_one_error(a14b, world, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_lora_files_for_a_pair_are_refused_before_models_load(a14b, world, tmp_path, capsys):
-    args = args_of("finetune", a14b, tmp_path / "run", world["data"], "--roles.student.lora.rank", "4",
-                   "--roles.student.lora.init", str(tmp_path / "x.safetensors"))
-    assert cli.main(args) == 2
-    assert "is an expert pair, and a LoRA file is one model's" in capsys.readouterr().err
+def test_lora_files_for_a_pair_are_one_per_expert(a14b, world, tmp_path, capsys):
+    """A pair's lora.init and lora.frozen take a folder of one LoRA per expert: a LoRA pair's own export
+    (export/lora/<expert>/) or <expert>.safetensors files (e.g. a high-noise and a low-noise LoRA); each
+    expert gets its own, and anything else is one error before models load."""
+    import shutil
+
+    from fvfunc import lora
+
+    trained = tmp_path / "trained"
+    assert cli.main(args_of("finetune", a14b, trained, world["data"], "--roles.student.lora.rank", "4", steps=2)) == 0
+    exported = exported_params(trained / "export")  # each expert with its adapters merged in
+    files = tmp_path / "files"  # the same adapters as two loose files
+    files.mkdir()
+    for n in NAMES:
+        shutil.copy(trained / "export" / "lora" / n / lora.DIFFUSERS_FILE, files / f"{n}.safetensors")
+    base = {n: wan.load(a14b / n)[1] for n in NAMES}
+    k = "blocks.1.attn1.to_q.weight"
+    assert not torch.equal(exported["transformer"][k], base["transformer"][k])
+    for source in (trained / "export" / "lora", files):
+        # init: the student's adapters are the files', each expert its own
+        _, run = cli.parse(args_of("finetune", a14b, tmp_path / "x", world["data"], "--roles.student.lora.rank", "4",
+                                   "--roles.student.lora.init", str(source), steps=1))
+        student = roles.build(run, METHODS["finetune"], distributed.init("cpu"))["student"]
+        adapters, bases = experts.split(student.params, NAMES), experts.split(student.base, NAMES)
+        for n in NAMES:
+            merged = lora.merge(bases[n], adapters[n], student.lora_scale)
+            assert rel(merged[k], exported[n][k]) <= 1e-6, (source, n)
+        # frozen: merged into each expert's weights
+        _, run = cli.parse(args_of("finetune", a14b, tmp_path / "y", world["data"], "--roles.student.lora.frozen",
+                                   str(source), steps=1))
+        params = experts.split(roles.build(run, METHODS["finetune"], distributed.init("cpu"))["student"].params, NAMES)
+        for n in NAMES:
+            assert rel(params[n][k], exported[n][k]) <= 1e-6, (source, n)
+    one_file = str(files / "transformer.safetensors")
+    for extra in (["--roles.student.lora.rank", "4", "--roles.student.lora.init", one_file],
+                  ["--roles.student.lora.frozen", one_file]):
+        assert cli.main(args_of("finetune", a14b, tmp_path / "run", world["data"], *extra)) == 2
+        err = capsys.readouterr().err
+        assert "has no LoRA for the expert transformer: an expert pair takes a folder of one LoRA per expert" in err
+        assert err.count("error:") == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_one_expert_folder_trains_as_one_model(a14b, world, tmp_path):
