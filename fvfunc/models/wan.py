@@ -928,7 +928,7 @@ def image_encoder(folder, cfg: WanConfig, device=None):
             raise ValueError("FLF2V needs a video of 2 frames or more (a first and a last), got 1")
         video = first.to(device)
         if frames_given:  # the first frame, then zeros for the rest of the video (FLF2V: the last frame last)
-            zeros = video.new_zeros(video.shape[0], 3, frames - 1 - flf2v, *video.shape[-2:])
+            zeros = video.new_zeros(video.shape[0], 3, frames - 1 - int(flf2v), *video.shape[-2:])
             video = torch.cat([video, zeros] + ([end.to(device)] if flf2v else []), dim=2)
         with torch.no_grad():
             z = vae.encode(video).latent_dist.mode().float()
