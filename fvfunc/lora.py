@@ -147,12 +147,14 @@ def merge(base: Params, adapters: Params, scale: float) -> Params:
     return out
 
 
-def merge_pairs(base: Params, pairs: dict[str, Pair], strength: float = 1.0) -> Params:
-    """The base with a file's LoRA merged in at `strength` (frozen LoRAs of a role)."""
+def merge_pairs(base: Params, pairs: dict[str, Pair], strength: float = 1.0, rows=None) -> Params:
+    """The base with a file's LoRA merged in at `strength` (frozen LoRAs of a role); `rows(n) -> (start,
+    stop)`: the base holds only those rows of each weight (a sharded role's, fvfunc.distributed.rows_of)."""
     out = dict(base)
     for n, p in pairs.items():
         w = out[f"{n}.weight"]
-        delta = p.up.float() @ p.down.float()
+        up = p.up if rows is None else p.up[slice(*rows(p.up.shape[0]))]
+        delta = up.float() @ p.down.float()
         out[f"{n}.weight"] = (w.float() + strength * p.scale * delta.to(w.device)).to(w.dtype)
     return out
 

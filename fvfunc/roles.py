@@ -220,10 +220,6 @@ def check(run, spec, world_size: int = 1) -> None:
                             "(torch.func.grad cannot differentiate through the sharded gather)")
         if sharded and run.training.compile:
             raise RoleError(f"roles.{name} is sharded: training.compile is not supported with sharded roles yet")
-        if sharded and (adapted or cfg.lora.frozen):
-            raise RoleError(f"roles.{name}: LoRA roles and frozen LoRA files cannot be sharded yet (set "
-                            f"roles.{name}.sharding replicated; a LoRA role's base is held once for every role "
-                            "that shares it)")
         if not (adapted or cfg.lora.frozen or cfg.lora.rank < 0):
             continue
         fam = family(cfg.family)
@@ -278,10 +274,10 @@ def load_weights(name: str, cfg, fam: Family, device, rows=None, path=None, expe
     expert its own, `lora_source`); rows: only this rank's rows of each tensor (a sharded role)."""
     mcfg, params = fam.load(path or cfg.path, dtype=DTYPES[cfg.dtype], device=device, rows=rows,
                             variant=cfg.variant)
-    for entry in cfg.lora.frozen:  # (roles.check refuses them for sharded roles)
+    for entry in cfg.lora.frozen:
         file, strength = lora.parse_frozen(entry)
         field = f"roles.{name}.lora.frozen"
-        params = lora.merge_pairs(params, _read(fam, mcfg, lora_source(file, expert, field), field), strength)
+        params = lora.merge_pairs(params, _read(fam, mcfg, lora_source(file, expert, field), field), strength, rows)
     return mcfg, params
 
 

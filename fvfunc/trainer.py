@@ -353,19 +353,35 @@ def whole_student(state: TrainState, use_ema: bool) -> TrainState:
     return state._replace(params=dict(state.params, student=distributed.whole(state.params["student"])))
 
 
+def _sampling_student(s: Setup, student: roles.Role, whole: bool) -> roles.Role:
+    """The student as validation samples it on rank 0: at the validation sparsity (VSA: the target, as
+    FastVideo validates, or validation.vsa_sparsity), and when `whole` (sharded params or base, or
+    sequence parallel) with an apply of its own for whole params, every token on rank 0."""
+    t = s.cfg.training
+    sparsity = t.vsa_sparsity if s.cfg.validation.vsa_sparsity < 0 else s.cfg.validation.vsa_sparsity
+    if whole or s.process.sp is not None:
+        return roles.unsharded(student, t, sparsity)
+    return roles.at_sparsity(student, t, sparsity)
+
+
 def _validator(s: Setup, student_sharded: bool):
     if s.cfg.validation.every <= 0 or s.process.rank != 0:
         return None
     from fvfunc import validation
 
-    student, t = s.roles["student"], s.cfg.training
-    # VSA: the target sparsity (FastVideo's validation), or validation.vsa_sparsity
-    sparsity = t.vsa_sparsity if s.cfg.validation.vsa_sparsity < 0 else s.cfg.validation.vsa_sparsity
-    if student_sharded or s.process.sp is not None:  # rank 0 samples alone, every token, from the whole student
-        student = roles.unsharded(student, t, sparsity)
-    else:
-        student = roles.at_sparsity(student, t, sparsity)
+    student = _sampling_student(s, s.roles["student"], student_sharded)
     return validation.Validator(s.cfg, s.spec.sampler(s.cfg), student, s.dataset, s.out, s.process.device)
+
+
+def _base_on_shards(role: roles.Role) -> bool:
+    """A LoRA role whose frozen base is sharded (ZeRO-3) while its adapters are whole on every rank."""
+    return role.base is not None and role.sharded
+
+
+def _whole_base(s: Setup) -> roles.Role:
+    """The LoRA student with its sharded base gathered whole (every rank must call it)."""
+    student = s.roles["student"]
+    return student._replace(base=distributed.whole(student.base))
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -413,13 +429,20 @@ def _run(spec: MethodSpec, cfg, process: distributed.Process) -> Path:
     sync = distributed.exchange(process)
     save = functools.partial(_save, s, loader=loader, sync=sync)
     student_sharded = distributed.is_sharded(state.params["student"])
-    validator = _validator(s, student_sharded)
+    base_sharded = _base_on_shards(s.roles["student"])
+    validator = _validator(s, student_sharded or base_sharded)
 
     def validate(state):
         if student_sharded:
             state = whole_student(state, cfg.validation.use_ema)
+        if base_sharded:  # every rank gathers the LoRA student's base; rank 0 samples on it, then lets it go
+            whole = _whole_base(s)
+            if validator is not None:
+                on_shards, validator.student = validator.student, _sampling_student(s, whole, True)
         if validator is not None:
             validator(state, tracker)
+            if base_sharded:
+                validator.student = on_shards
         distributed.barrier(process)
 
     tracker = tracking.Tracker(s.out, cfg.tracking, s.run_config, rank, None if s.meta is None else state.step)
@@ -476,8 +499,9 @@ def _check_finite(step: int, metrics: dict, out: Path) -> None:
 def _finish(s: Setup, state: TrainState, student_sharded: bool) -> None:
     if s.cfg.training.export:
         whole = whole_student(state, use_ema=True) if student_sharded else state
+        student = _whole_base(s) if _base_on_shards(s.roles["student"]) else s.roles["student"]
         if s.process.rank == 0:
-            export_student(s.out / "export", s.roles["student"], whole, s.cfg)
+            export_student(s.out / "export", student, whole, s.cfg)
         distributed.barrier(s.process)
 
 
