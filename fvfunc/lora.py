@@ -15,6 +15,10 @@ Files. `read` takes a LoRA in any of the layouts people exchange for Wan, tellin
 - ComfyUI / the original Wan keys: `diffusion_model.<original name>.lora_down.weight` / `.lora_up.weight`
   / `.alpha` (original names from the family: `blocks.0.self_attn.q` for `blocks.0.attn1.to_q`);
 - kohya / musubi-tuner: `lora_unet_<original name, dots as underscores>.lora_down.weight` / ... / `.alpha`.
+Beside its pairs a file may hold full-tensor diffs (LightX2V's distillation LoRAs do): `.diff` of a
+module's weight, `.diff_b` of its bias (diffusers' `lora_B.bias`), `.diff_m` of a block's modulation,
+in original or diffusers names (`read_all`); a frozen merge adds them at the file's strength, as
+ComfyUI's loader does, and `read` (adapters to continue training) refuses them.
 A file without an alpha has scale 1 (diffusers' reading). `write_diffusers` writes the first layout
 with the scale folded into B (no alpha needed; `WanPipeline.load_lora_weights` reads it), and
 `write_original` the second with the alpha (ComfyUI's LoRA loader reads it).
@@ -159,6 +163,18 @@ def merge_pairs(base: Params, pairs: dict[str, Pair], strength: float = 1.0, row
     return out
 
 
+def merge_diffs(base: Params, diffs: Params, strength: float = 1.0, rows=None) -> Params:
+    """The base with a file's full-tensor diffs added at `strength` (in fp32, kept in each param's dtype);
+    `rows` as for `merge_pairs`."""
+    out = dict(base)
+    for n, d in diffs.items():
+        w = out[n]
+        if rows is not None and d.ndim > 0:
+            d = d[slice(*rows(d.shape[0]))]
+        out[n] = (w.float() + strength * d.to(w.device)).to(w.dtype)
+    return out
+
+
 def check_pairs(pairs: dict[str, Pair], names, rank: int, field: str, path) -> None:
     """LoraError when a file's LoRA cannot continue as adapters of `rank` on the linears `names`."""
     names = set(names)
@@ -187,8 +203,12 @@ def from_pairs(pairs: dict[str, Pair], fresh: Params, scale: float, field: str, 
 # ----------------------------------------------------------------------------------------- files
 
 _SUFFIXES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
-             "alpha": "alpha"}
+             "alpha": "alpha", "lora_B.bias": "bias"}  # (the bias: diffusers' form of a .diff_b, scaled as B)
 _PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.", "lora_unet_")
+DIFFS = {"diff": "weight", "diff_b": "bias", "diff_m": "modulation"}
+"""Full-tensor deltas some files carry beside their pairs (LightX2V's, read by ComfyUI): `<module>.diff`
+of the module's weight (norms, the patch embedding), `.diff_b` of its bias, `<block>.diff_m` of its
+modulation (the original name of diffusers' scale_shift_table). Merged at the file's strength."""
 
 
 def _tensors(path: Path) -> tuple[Params, dict, Path]:
@@ -216,30 +236,61 @@ def _tensors(path: Path) -> tuple[Params, dict, Path]:
     return tensors, config, file
 
 
-def read(path, shapes: dict[str, tuple[int, ...]], original_names: dict[str, str] | None = None) -> dict[str, Pair]:
+def read(path, shapes: dict[str, tuple[int, ...]], original_names: dict[str, str] | None = None,
+         original_params: dict[str, str] | None = None) -> dict[str, Pair]:
     """{linear name: Pair} of a LoRA file (or folder) in any layout of the module docstring, checked
-    against the model's param shapes; LoraError naming the first key that fits no layer of it."""
+    against the model's param shapes; LoraError naming the first key that fits no layer of it, or a
+    file with full-tensor diffs (those merge, `read_all`, but cannot continue as adapters)."""
+    pairs, diffs = read_all(path, shapes, original_names, original_params)
+    if diffs:
+        raise LoraError(f"{path}: holds full-tensor diffs ({next(iter(diffs))} and {len(diffs) - 1} more: .diff / "
+                        ".diff_b / .diff_m keys, as LightX2V's LoRAs have) that adapters cannot hold; merge the file "
+                        "into the role's weights instead (lora.frozen)")
+    return pairs
+
+
+def read_all(path, shapes: dict[str, tuple[int, ...]], original_names: dict[str, str] | None = None,
+             original_params: dict[str, str] | None = None) -> tuple[dict[str, Pair], Params]:
+    """({linear name: Pair}, {param name: delta}) of a LoRA file (or folder): its low-rank pairs and its
+    full-tensor diffs (DIFFS: `<module>.diff` of a weight, `.diff_b` of a bias, `<block>.diff_m` of a
+    modulation, in the original layout's names, `original_params` {param name: original name}, or the
+    model's own), each checked against the model's param shapes; LoraError naming the first key that fits
+    no part of the model."""
     tensors, config, file = _tensors(Path(path))
     layers = linears(shapes)
     known = {n: n for n in layers}
     for ours, theirs in (original_names or {}).items():
         known.setdefault(theirs, ours)
         known.setdefault(theirs.replace(".", "_"), ours)  # kohya / musubi
+    params = {n: n for n in shapes}
+    for ours, theirs in (original_params or {}).items():
+        params.setdefault(theirs, ours)
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    diffs: Params = {}
     for key, value in tensors.items():
+        kind = next((s for s in DIFFS if key.endswith("." + s)), None)
+        if kind is not None:
+            leaf = DIFFS[kind]
+            name = _unprefixed(key[:-len(kind) - 1], lambda n, leaf=leaf: f"{n}.{leaf}" in params)
+            target = params.get(f"{name}.{leaf}")
+            if target is None:
+                raise LoraError(f"{file}: {key} names no parameter of this model (a LoRA for another "
+                                "architecture or model size?)")
+            if value.numel() != math.prod(shapes[target]):
+                raise LoraError(f"{file}: {key} has shape {list(value.shape)}; the model's {target} is "
+                                f"{list(shapes[target])}")
+            diffs[target] = value.float().reshape(shapes[target])
+            continue
         suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
         if suffix is None:
-            raise LoraError(f"{file}: {key} is not a LoRA key (lora_A / lora_B / lora_down / lora_up / alpha); "
-                            "DoRA, LoHa and bias-diff files are not supported")
-        name = key[:-len(suffix) - 1]
-        for prefix in _PREFIXES:
-            if name.startswith(prefix) and name not in known:
-                name = name[len(prefix):]
+            raise LoraError(f"{file}: {key} is not a LoRA key (lora_A / lora_B / lora_down / lora_up / alpha, or "
+                            "the diffs .diff / .diff_b / .diff_m); DoRA and LoHa files are not supported")
+        name = _unprefixed(key[:-len(suffix) - 1], lambda n: n in known)
         if name not in known:
             raise LoraError(f"{file}: {key} names no linear layer of this model (a LoRA for another "
                             "architecture or model size?)")
         parts.setdefault(known[name], {})[_SUFFIXES[suffix]] = value
-    if not parts:
+    if not parts and not diffs:
         raise LoraError(f"{file}: holds no LoRA weights")
     alpha, rank = config.get("lora_alpha"), config.get("r")
     rslora = bool(config.get("use_rslora"))
@@ -260,7 +311,20 @@ def read(path, shapes: dict[str, tuple[int, ...]], original_names: dict[str, str
         else:
             scale = 1.0
         out[n] = Pair(down.float(), up.float(), scale)
-    return out
+        if "bias" in p:
+            if p["bias"].shape != (n_out,):
+                raise LoraError(f"{file}: {n} has a lora_B bias of shape {list(p['bias'].shape)}; the layer's is "
+                                f"[{n_out}]")
+            diffs[f"{n}.bias"] = scale * p["bias"].float()
+    return out, diffs
+
+
+def _unprefixed(name: str, known) -> str:
+    """`name` without the layouts' prefixes (diffusion_model., transformer., ...) unless it is `known` as is."""
+    for prefix in _PREFIXES:
+        if name.startswith(prefix) and not known(name):
+            name = name[len(prefix):]
+    return name
 
 
 def parse_frozen(entry: str) -> tuple[str, float]:

@@ -229,7 +229,7 @@ def check(run, spec, world_size: int = 1) -> None:
             shapes = fam.param_shapes(mcfg)
             for entry in cfg.lora.frozen:
                 field = f"roles.{name}.lora.frozen"
-                _read(fam, mcfg, lora_source(lora.parse_frozen(entry)[0], expert, field, pair), field)
+                _read(fam, mcfg, lora_source(lora.parse_frozen(entry)[0], expert, field, pair), field, diffs=True)
             if cfg.lora.rank != 0:
                 field = f"roles.{name}.lora"
                 try:
@@ -258,11 +258,13 @@ def lora_source(path: str, expert: str | None, field: str, pair=None) -> str:
                     "a pair's adapters (RUN/export/lora)")
 
 
-def _read(fam: Family, mcfg, path, field: str) -> dict:
-    """lora.read of a LoRA file for a model of `fam` with config `mcfg`; RoleError naming `field`."""
+def _read(fam: Family, mcfg, path, field: str, diffs: bool = False):
+    """lora.read of a LoRA file for a model of `fam` with config `mcfg` (`diffs`: lora.read_all, its pairs
+    and full-tensor diffs, for a merge); RoleError naming `field`."""
     original = fam.original_names(mcfg) if fam.original_names is not None else None
+    params = fam.original_params(mcfg) if fam.original_params is not None else None
     try:
-        return lora.read(path, fam.param_shapes(mcfg), original)
+        return (lora.read_all if diffs else lora.read)(path, fam.param_shapes(mcfg), original, params)
     except lora.LoraError as e:
         raise RoleError(f"{field}: {e}") from None
 
@@ -277,7 +279,8 @@ def load_weights(name: str, cfg, fam: Family, device, rows=None, path=None, expe
     for entry in cfg.lora.frozen:
         file, strength = lora.parse_frozen(entry)
         field = f"roles.{name}.lora.frozen"
-        params = lora.merge_pairs(params, _read(fam, mcfg, lora_source(file, expert, field), field), strength, rows)
+        pairs, diffs = _read(fam, mcfg, lora_source(file, expert, field), field, diffs=True)
+        params = lora.merge_diffs(lora.merge_pairs(params, pairs, strength, rows), diffs, strength, rows)
     return mcfg, params
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import configs
-from fvfunc import checkpoint, lora, random, trainer
+from fvfunc import checkpoint, cli, lora, random, trainer
 from fvfunc.config_file import ConfigError
 from fvfunc.models import wan
 from fvfunc.ops import linear
@@ -95,10 +95,84 @@ def test_a_lora_of_another_model_is_refused_naming_the_key(tmp_path):
                                              r"model's layer is 48 x 32"):
         lora.read(f, wider, names)
     save_file({"blocks.0.attn1.to_q.diff": torch.zeros(32, 32)}, str(tmp_path / "x.safetensors"))
-    with pytest.raises(lora.LoraError, match="blocks.0.attn1.to_q.diff is not a LoRA key"):
-        lora.read(tmp_path / "x.safetensors", shapes, names)
+    with pytest.raises(lora.LoraError, match=r"holds full-tensor diffs \(blocks.0.attn1.to_q.weight and 0 more"):
+        lora.read(tmp_path / "x.safetensors", shapes, names)  # diffs merge; adapters cannot continue from them
+    save_file({"diffusion_model.blocks.5.diff_m": torch.zeros(1, 6, 32)}, str(tmp_path / "y.safetensors"))
+    with pytest.raises(lora.LoraError, match="diffusion_model.blocks.5.diff_m names no parameter of this model"):
+        lora.read_all(tmp_path / "y.safetensors", shapes, names, wan.original_params(cfg))
+    save_file({"blocks.0.attn1.to_q.lora_down.weight": torch.zeros(4, 32), "x.dora_scale": torch.zeros(3)},
+              str(tmp_path / "z.safetensors"))
+    with pytest.raises(lora.LoraError, match="x.dora_scale is not a LoRA key"):
+        lora.read(tmp_path / "z.safetensors", shapes, names)
     with pytest.raises(lora.LoraError, match="does not exist"):
         lora.read(tmp_path / "nothing.safetensors", shapes, names)
+
+
+def lightx2v_file(path, adapters, scale, cfg, seed=5, full=True):
+    """A LightX2V-style file: ComfyUI pairs (lora_down / lora_up / alpha) plus full-tensor diffs of biases
+    (.diff_b) and, when `full`, of norms and the patch embedding (.diff) and of modulations (.diff_m)."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(load_file(lora.write_original(path, adapters, scale, wan.original_names(cfg))))
+    D = cfg.num_attention_heads * cfg.attention_head_dim
+    diffs = {"blocks.0.self_attn.q.diff_b": (D,), "blocks.1.ffn.0.diff_b": (cfg.ffn_dim,), "head.head.diff_b": (64,)}
+    if full:
+        diffs.update({"blocks.0.self_attn.norm_q.diff": (D,), "blocks.1.norm3.diff": (D,),
+                      "blocks.1.norm3.diff_b": (D,), "blocks.1.diff_m": (1, 6, D), "head.diff_m": (1, 2, D),
+                      "patch_embedding.diff": wan.param_shapes(cfg)["patch_embedding.weight"]})
+    out.update({f"diffusion_model.{k}": torch.randn(shape, generator=g) * 0.1 for k, shape in diffs.items()})
+    save_file(out, str(path))
+    return path
+
+
+def test_lightx2v_style_diffs_merge_as_comfyui_and_diffusers_apply_them(world, tmp_path, capsys):
+    """A frozen LoRA file with full-tensor diffs: every diff added at the file's strength with the pairs
+    (W + s (scale B A + dW), b + s db, the norms', modulations' and patch embedding's + s d); the part
+    diffusers' load_lora_weights reads (pairs and .diff_b, as lora_B biases) gives its output; a file of
+    diffs cannot continue as trained adapters."""
+    from fvfunc import roles
+
+    cfg, base = wan.load(world["model"])
+    adapters, scale = random_adapters(cfg), ALPHA / RANK
+    f = lightx2v_file(tmp_path / "l.safetensors", adapters, scale, cfg)
+    role = configs.RoleConfig(path=str(world["model"]), lora=configs.LoraConfig(frozen=(f"{f}:0.5",)))
+    _, merged = roles.load_weights("teacher", role, wan.FAMILY, "cpu")
+    raw = load_file(f)
+
+    def d(key):
+        return raw[f"diffusion_model.{key}"]
+
+    q = "blocks.0.attn1.to_q"
+    want = base[f"{q}.weight"] + 0.5 * scale * adapters[f"{q}.lora_B.weight"] @ adapters[f"{q}.lora_A.weight"]
+    torch.testing.assert_close(merged[f"{q}.weight"], want, rtol=1e-6, atol=1e-6)
+    pairs = {f"{q}.bias": "blocks.0.self_attn.q.diff_b", "blocks.1.ffn.net.0.proj.bias": "blocks.1.ffn.0.diff_b",
+             "proj_out.bias": "head.head.diff_b", "blocks.0.attn1.norm_q.weight": "blocks.0.self_attn.norm_q.diff",
+             "blocks.1.norm2.weight": "blocks.1.norm3.diff", "blocks.1.norm2.bias": "blocks.1.norm3.diff_b",
+             "blocks.1.scale_shift_table": "blocks.1.diff_m", "scale_shift_table": "head.diff_m",
+             "patch_embedding.weight": "patch_embedding.diff"}
+    for ours, theirs in pairs.items():
+        torch.testing.assert_close(merged[ours], base[ours] + 0.5 * d(theirs), rtol=1e-6, atol=1e-6, msg=ours)
+    untouched = [k for k in base if k.startswith("blocks.1.attn2.norm_q") or k == "patch_embedding.bias"]
+    assert untouched and all(torch.equal(merged[k], base[k]) for k in untouched)
+
+    # diffusers reads the pairs and the .diff_b keys (as lora_B biases): the same model at strength 1
+    lightx2v_file(tmp_path / "diffusers" / "b.safetensors", adapters, scale, cfg, full=False)
+    role = configs.RoleConfig(path=str(world["model"]),
+                              lora=configs.LoraConfig(frozen=(str(tmp_path / "diffusers" / "b.safetensors"),)))
+    _, ours = roles.load_weights("teacher", role, wan.FAMILY, "cpu")
+    x, t, ctx = inputs(cfg)
+    # (peft makes the lora_B biases on the meta device unless low_cpu_mem_usage is off)
+    ref = forward(diffusers_with_lora(world["model"], tmp_path / "diffusers", "b.safetensors",
+                                      low_cpu_mem_usage=False), x, t, ctx)
+    assert rel(wan.apply(ours, cfg, x, t, ctx), ref) < 1e-5
+    assert rel(wan.apply(base, cfg, x, t, ctx), ref) > 1e-3
+
+    argv = ["finetune", "--roles.student.path", str(world["model"]), "--data.path", str(world["data"]),
+            "--training.output-dir", str(tmp_path / "run"), "--training.device", "cpu", "--roles.student.lora.rank",
+            str(RANK), "--roles.student.lora.init", str(f), "--tracking.wandb-mode", "disabled"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "roles.student.lora.init: " in err and "l.safetensors: holds full-tensor diffs" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------- training runs
@@ -134,14 +208,14 @@ def inputs(cfg, seed=1):
             torch.randn(2, 7, cfg.text_dim, generator=g))
 
 
-def diffusers_with_lora(model, folder, weight_name=None):
+def diffusers_with_lora(model, folder, weight_name=None, **more):
     """diffusers' own path: a WanPipeline around the source transformer, load_lora_weights(folder)."""
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=UniPCMultistepScheduler(),
                        transformer=WanTransformer3DModel.from_pretrained(model / "transformer"))
     kwargs = {} if weight_name is None else {"weight_name": weight_name}
-    pipe.load_lora_weights(str(folder), **kwargs)
+    pipe.load_lora_weights(str(folder), **kwargs, **more)
     return pipe.transformer
 
 

@@ -100,6 +100,10 @@ class Family(NamedTuple):
     """original_names(cfg) -> {param name of a linear layer (no `.weight`): its name in the model's
     original (non-diffusers) checkpoints}, for LoRA files in ComfyUI / kohya layout (fvfunc/lora.py);
     None: only diffusers / PEFT names are read and written."""
+    original_params: Callable[[Any], dict[str, str]] | None = None
+    """original_params(cfg) -> {param name: its name in the original checkpoints} of every param that has
+    one (weights and biases, norms, modulations), for the full-tensor diffs (.diff, .diff_b, .diff_m) of
+    LoRA files in the original layout (fvfunc/lora.py); None: diffs are read by the family's own names."""
     conditions: Callable[[Any], dict[str, bool]] = lambda cfg: {}
     """conditions(cfg) -> {name: required}: the conditions (FastVideo's i2v column names, e.g.
     "clip_feature") the model takes besides the text, in `embed`'s `cond` dict; a family that takes none

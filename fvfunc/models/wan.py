@@ -283,6 +283,41 @@ def original_names(cfg: WanConfig) -> dict[str, str]:
     return out
 
 
+_ORIGINAL_BLOCK_PARAMS = {"attn1.norm_q.weight": "self_attn.norm_q.weight",
+                          "attn1.norm_k.weight": "self_attn.norm_k.weight",
+                          "attn2.norm_q.weight": "cross_attn.norm_q.weight",
+                          "attn2.norm_k.weight": "cross_attn.norm_k.weight",
+                          "attn2.norm_added_k.weight": "cross_attn.norm_k_img.weight",
+                          "norm2.weight": "norm3.weight", "norm2.bias": "norm3.bias", "scale_shift_table": "modulation"}
+_ORIGINAL_OUTER_PARAMS = {"scale_shift_table": "head.modulation",
+                          "condition_embedder.image_embedder.norm1.weight": "img_emb.proj.0.weight",
+                          "condition_embedder.image_embedder.norm1.bias": "img_emb.proj.0.bias",
+                          "condition_embedder.image_embedder.norm2.weight": "img_emb.proj.4.weight",
+                          "condition_embedder.image_embedder.norm2.bias": "img_emb.proj.4.bias",
+                          "condition_embedder.image_embedder.pos_embed": "img_emb.emb_pos"}
+
+
+def original_params(cfg: WanConfig) -> dict[str, str]:
+    """{diffusers param name: its name in Wan's original checkpoints} of every param that has one (as
+    diffusers' conversion maps them): the linears' weights and biases, the norms, the modulations
+    (blocks.N.modulation, head.modulation: diffusers' scale_shift_table) and the patch embedding."""
+    linear = original_names(cfg)
+    out = {}
+    for name in param_shapes(cfg):
+        layer, _, leaf = name.rpartition(".")
+        if layer in linear and leaf in ("weight", "bias"):
+            out[name] = f"{linear[layer]}.{leaf}"
+        elif name.startswith("blocks."):
+            _, i, short = name.split(".", 2)
+            if short in _ORIGINAL_BLOCK_PARAMS:
+                out[name] = f"blocks.{i}.{_ORIGINAL_BLOCK_PARAMS[short]}"
+        elif name in _ORIGINAL_OUTER_PARAMS:
+            out[name] = _ORIGINAL_OUTER_PARAMS[name]
+        elif name.startswith("patch_embedding."):
+            out[name] = name
+    return out
+
+
 # ------------------------------------------------------------------------------------------ apply
 
 def _attention(params, p, x, context, rope, cfg, dtype, attend, image=None, grid=None, gate=None):
@@ -951,6 +986,7 @@ FAMILY = Family(name="wan", load_config=load_config, load=load, save=save, init=
                 load_vae=load_vae, decode=decode, pipeline=pipeline, components=COMPONENTS,
                 stored_dtypes=stored_dtypes, text_width=lambda cfg: cfg.text_dim,
                 weight_files=pair_weight_files, experts=experts, original_names=original_names,
+                original_params=original_params,
                 conditions=conditions, impose=impose, image_encoder=image_encoder, split=split,
                 last_image=lambda cfg: cfg.pos_embed_seq_len is not None,
                 heads=lambda cfg: cfg.num_attention_heads, vsa_gated=vsa_gated)
