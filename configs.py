@@ -494,6 +494,10 @@ class SampleRun:
     student, or the student's EMA when kept; the model config comes from the run's student folder)."""
     family: str = "wan"
     """Model family of a model folder."""
+    lora: tuple[str, ...] = ()
+    """LoRA files merged into the model before sampling, each FILE or FILE:STRENGTH, e.g. --lora
+    distill.safetensors:1.0; the layouts of roles.<role>.lora.frozen (diffusers / PEFT, ComfyUI with
+    LightX2V's diffs, kohya / musubi; for an expert pair a folder of one LoRA per expert)."""
     prompts: str = ""
     """The prompts, from a file: a parquet folder (text-only or T2V schema) of umT5 embeddings, a .txt
     file of one prompt a line (blank lines skipped) encoded with the pipeline's umT5 as diffusers'

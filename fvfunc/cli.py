@@ -315,9 +315,16 @@ def _sample_model(cfg: configs.SampleRun):
             m = checkpoint.read_meta(folder)
             folder, name = Path(m["roles"]["student"]), m["config"]["roles"]["student"].get("family", name)
         fam = family(name)
-        return fam, fam.load_config(folder)
+        mcfg = fam.load_config(folder)
     except (ModelError, KeyError, ValueError, checkpoint.CheckpointError) as e:
         raise ConfigError(f"model: {cfg.model}: {e}") from None
+    from fvfunc import roles
+
+    try:
+        roles.check_files(fam, folder, cfg.lora, "lora")
+    except roles.RoleError as e:
+        raise ConfigError(str(e)) from None
+    return fam, mcfg
 
 
 def _check_pair_guidance(scale_2, family_name: str, folder, where: str) -> None:

@@ -223,13 +223,11 @@ def check(run, spec, world_size: int = 1) -> None:
         if not (adapted or cfg.lora.frozen or cfg.lora.rank < 0):
             continue
         fam = family(cfg.family)
+        check_files(fam, cfg.path, cfg.lora.frozen, f"roles.{name}.lora.frozen")
         pair = fam.experts(cfg.path) if cfg.path else None
         for expert in [None] if pair is None else pair[0]:  # an expert pair: each expert with its own files
             mcfg = fam.load_config(cfg.path if expert is None else str(Path(cfg.path) / expert))
             shapes = fam.param_shapes(mcfg)
-            for entry in cfg.lora.frozen:
-                field = f"roles.{name}.lora.frozen"
-                _read(fam, mcfg, lora_source(lora.parse_frozen(entry)[0], expert, field, pair), field, diffs=True)
             if cfg.lora.rank != 0:
                 field = f"roles.{name}.lora"
                 try:
@@ -240,6 +238,30 @@ def check(run, spec, world_size: int = 1) -> None:
                                          source)
                 except lora.LoraError as e:
                     raise RoleError(str(e)) from None
+
+
+def check_files(fam: Family, path, entries, field: str) -> None:
+    """RoleError naming `field` for a frozen LoRA entry (FILE or FILE:STRENGTH; for an expert pair a folder
+    of one LoRA per expert, `lora_source`) that does not fit the model folder `path`; reads only the
+    files and the model's config."""
+    if not entries:
+        return
+    pair = fam.experts(path) if path else None
+    for expert in [None] if pair is None else pair[0]:
+        mcfg = fam.load_config(path if expert is None else str(Path(path) / expert))
+        for entry in entries:
+            _read(fam, mcfg, lora_source(lora.parse_frozen(entry)[0], expert, field, pair), field, diffs=True)
+
+
+def merge_files(fam: Family, mcfg, params: dict, entries, field: str, expert: str | None = None, rows=None) -> dict:
+    """`params` of one model (config `mcfg`; the pair's expert `expert`) with the frozen LoRA entries merged
+    in at their strengths, pairs and full-tensor diffs; `rows`: the params are those rows of a sharded
+    role's (fvfunc.distributed.rows_of)."""
+    for entry in entries:
+        file, strength = lora.parse_frozen(entry)
+        pairs, diffs = _read(fam, mcfg, lora_source(file, expert, field), field, diffs=True)
+        params = lora.merge_diffs(lora.merge_pairs(params, pairs, strength, rows), diffs, strength, rows)
+    return params
 
 
 def lora_source(path: str, expert: str | None, field: str, pair=None) -> str:
@@ -276,12 +298,7 @@ def load_weights(name: str, cfg, fam: Family, device, rows=None, path=None, expe
     expert its own, `lora_source`); rows: only this rank's rows of each tensor (a sharded role)."""
     mcfg, params = fam.load(path or cfg.path, dtype=DTYPES[cfg.dtype], device=device, rows=rows,
                             variant=cfg.variant)
-    for entry in cfg.lora.frozen:
-        file, strength = lora.parse_frozen(entry)
-        field = f"roles.{name}.lora.frozen"
-        pairs, diffs = _read(fam, mcfg, lora_source(file, expert, field), field, diffs=True)
-        params = lora.merge_diffs(lora.merge_pairs(params, pairs, strength, rows), diffs, strength, rows)
-    return mcfg, params
+    return mcfg, merge_files(fam, mcfg, params, cfg.lora.frozen, f"roles.{name}.lora.frozen", expert, rows)
 
 
 def adapt(role: Role, cfg, field: str, key, device, expert: str | None = None) -> Role:

@@ -21,7 +21,7 @@ import torch
 import configs
 from fvfunc import checkpoint, data, experts, lora, roles, runner, text
 from fvfunc.losses.spec import CONDITIONS, condition
-from fvfunc.models import family
+from fvfunc.models import ModelError, family
 from fvfunc.ops.linear import LORA_A
 from fvfunc.roles import DTYPES
 from fvfunc.trainer import resolve_device
@@ -141,7 +141,21 @@ def load_model(cfg, device):
     """(family, model config, expert pair or None, params, pipeline folder) of a model folder or a run's
     checkpoint (its student, or the student's EMA, on its folder's config; a LoRA student's adapters
     merged into its base, frozen LoRA files included, as the run had them; an expert pair's experts
-    each)."""
+    each), with the LoRA files of cfg.lora merged in."""
+    fam, mcfg, pair, params, folder = _load_model(cfg, device)
+    try:
+        if cfg.lora and pair is None:
+            params = roles.merge_files(fam, mcfg, params, cfg.lora, "lora")
+        elif cfg.lora:
+            parts = experts.split(params, pair.names)
+            params = experts.join({n: roles.merge_files(fam, c, parts[n], cfg.lora, "lora", expert=n)
+                                   for n, c in zip(pair.names, pair.configs, strict=True)})
+    except roles.RoleError as e:  # (checked before the model loaded; a file changed since)
+        raise ModelError(str(e)) from None
+    return fam, mcfg, pair, params, folder
+
+
+def _load_model(cfg, device):
     model = Path(cfg.model)
     if not (model / "meta.json").is_file():
         fam = family(cfg.family)

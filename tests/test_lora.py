@@ -175,6 +175,37 @@ def test_lightx2v_style_diffs_merge_as_comfyui_and_diffusers_apply_them(world, t
     assert not (tmp_path / "run").exists()
 
 
+def test_train_py_sample_merges_lora_files_into_the_model(world, tmp_path, capsys):
+    """sample --lora FILE:STRENGTH samples the model with the file merged in: the same latents as sampling a
+    folder of the merged weights; a missing file is one error before any model loads."""
+    from safetensors.torch import save_file as save
+
+    cfg, base = wan.load(world["model"])
+    f = lightx2v_file(tmp_path / "l.safetensors", random_adapters(cfg), ALPHA / RANK, cfg)
+    pairs, diffs = lora.read_all(f, wan.param_shapes(cfg), wan.original_names(cfg), wan.original_params(cfg))
+    merged = tiny.write_pipeline(tmp_path / "merged", cfg, params=lora.merge_diffs(lora.merge_pairs(base, pairs, 0.5),
+                                                                                    diffs, 0.5), vae=True)
+    g = torch.Generator().manual_seed(2)
+    save({"text": torch.randn(2, 5, cfg.text_dim, generator=g)}, str(tmp_path / "text.safetensors"))
+    save({"noise": torch.randn(2, cfg.out_channels, 2, 4, 4, generator=g)}, str(tmp_path / "noise.safetensors"))
+
+    def sample(model, out, *more):
+        return cli.main(["sample", "--model", str(model), "--prompts", str(tmp_path / "text.safetensors"), "--noise",
+                         str(tmp_path / "noise.safetensors"), "--sampler.num-steps", "3", "--output-dir", str(out),
+                         "--device", "cpu", "--precision", "float32", *more])
+
+    assert sample(world["model"], tmp_path / "a", "--lora", f"{f}:0.5") == 0
+    assert sample(merged, tmp_path / "b") == 0
+    assert sample(world["model"], tmp_path / "plain") == 0
+    for i in range(2):
+        a, b, plain = (load_file(tmp_path / d / f"sample-{i}.safetensors")["latents"] for d in ("a", "b", "plain"))
+        assert rel(a, b) < 1e-6 and rel(plain, b) > 1e-3
+    assert sample(world["model"], tmp_path / "c", "--lora", str(tmp_path / "none.safetensors")) == 2
+    err = capsys.readouterr().err
+    assert "lora: " in err and "none.safetensors: LoRA file does not exist" in err and err.count("error:") == 1
+    assert not (tmp_path / "c").exists()
+
+
 # ------------------------------------------------------------------------------- training runs
 
 
