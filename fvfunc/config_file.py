@@ -65,6 +65,11 @@ The FastVideo keys every method shares, and the fvfunc field each sets (same mea
     training.VSA_sparsity                        training.vsa_sparsity (FastVideo's default 0.0)
     training.VSA_decay_rate                      training.vsa_decay_rate (default 0.01)
     training.VSA_decay_interval_steps            training.vsa_decay_interval_steps (default 1: none)
+    training.lora_training + lora_rank,          roles.<role>.lora.rank / alpha / targets of every role the
+      lora_alpha, lora_target_modules              method trains (FastVideo's trainable transformers: the
+                                                   student, DMD2's critic); alpha defaults to the rank, the
+                                                   targets to FastVideo's: the attention projections (and
+                                                   VSA's gate); its module names (to_q, fc_in, ...) mapped
     roles.<role>.disable_custom_init_weights     unused: fvfunc loads weights as stored
 
 A method's own FastVideo keys (finetune's weighting and CFG-dropout keys, DMD2's critic, rollout and
@@ -146,6 +151,7 @@ _FASTVIDEO_TRAINING: dict[str, Any] = {
     "lr_num_cycles": int, "lr_power": float, "entity": str, "dit_precision": str, "model_path": str,
     "preprocessed_data_type": str, "moba_config": dict,
     "VSA_sparsity": float, "VSA_decay_rate": float, "VSA_decay_interval_steps": int, "VSA_cache_tile_buf": bool,
+    "lora_training": bool, "lora_rank": int | None, "lora_alpha": int | None, "lora_target_modules": list[str] | None,
 }
 _FASTVIDEO_METHOD: dict[str, Any] = {"attn_kind": str}
 _FASTVIDEO_PIPELINE: dict[str, Any] = {"flow_shift": float, "sampler_kind": str, "boundary_ratio": float}
@@ -508,6 +514,50 @@ def _vsa(t: dict, m: dict, out: _Assignments, fastvideo: bool) -> None:
             _put(out, f"training.{target}", value, f"FastVideo's default for training.{target}", weak=True)
 
 
+# FastVideo's Wan linears by its module names (fastvideo/models/dits/wanvideo.py: self-attention's projections
+# sit on the block, the FFN is fc_in / fc_out), as fvfunc's targets; FastVideo matches lora_target_modules as
+# substrings of a module's name, and its default list's other names (q_proj, ..., to_qkv) name no Wan module.
+_FASTVIDEO_LORA = {"to_q": ("attn1.to_q", "attn2.to_q"), "to_k": ("attn1.to_k", "attn2.to_k"),
+                   "to_v": ("attn1.to_v", "attn2.to_v"), "to_out": ("attn1.to_out.0", "attn2.to_out.0"),
+                   "to_gate_compress": ("to_gate_compress",), "add_k_proj": ("attn2.add_k_proj",),
+                   "add_v_proj": ("attn2.add_v_proj",), "fc_in": ("ffn.net.0.proj",), "fc_out": ("ffn.net.2",)}
+_FASTVIDEO_LORA_DEFAULT = ("q_proj", "k_proj", "v_proj", "o_proj", "to_q", "to_k", "to_v", "to_out", "to_qkv",
+                           "to_gate_compress")
+"""FastVideo's default lora_target_modules (fastvideo/pipelines/lora_pipeline.py)."""
+
+
+def _lora(t: dict, method: str, out: _Assignments) -> None:
+    """FastVideo's LoRA keys: training.lora_training makes every role it trains (its trainable transformers:
+    the student, and DMD2's critic) a LoRA of lora_rank, alpha lora_alpha (FastVideo's default: the rank), on
+    the linears lora_target_modules names (FastVideo's default: the attention projections, and VSA's gate
+    when training with VSA)."""
+    keys = [k for k in ("lora_rank", "lora_alpha", "lora_target_modules") if t.get(k) is not None]
+    if not t.get("lora_training", False):
+        if keys:
+            log.warning("note: training.%s without training.lora_training: FastVideo trains full weights then, and "
+                        "so does fvfunc", ", training.".join(keys))
+        return
+    rank = t.get("lora_rank")
+    if not isinstance(rank, int) or rank <= 0:
+        raise ConfigError(f"training.lora_training needs training.lora_rank, a positive int; got {rank!r}")
+    vsa = out.get("training.attention", (None,))[0] == "vsa"
+    targets = []
+    for name in t.get("lora_target_modules") or _FASTVIDEO_LORA_DEFAULT:
+        if name in _FASTVIDEO_LORA:
+            if name != "to_gate_compress" or vsa:  # the gate exists only in a VSA model
+                targets += [x for x in _FASTVIDEO_LORA[name] if x not in targets]
+        elif name not in _FASTVIDEO_LORA_DEFAULT:
+            raise ConfigError(f"training.lora_target_modules: {name!r} names no linear of FastVideo's Wan (its "
+                              f"modules: {', '.join(_FASTVIDEO_LORA)})")
+    if not targets:
+        raise ConfigError("training.lora_target_modules names no linear of FastVideo's Wan (its modules: "
+                          f"{', '.join(_FASTVIDEO_LORA)})")
+    for role in _spec(method).trainable:
+        _put(out, f"roles.{role}.lora.rank", rank, "training.lora_rank")
+        _put(out, f"roles.{role}.lora.alpha", float(t.get("lora_alpha") or rank), "training.lora_alpha")
+        _put(out, f"roles.{role}.lora.targets", tuple(targets), "training.lora_target_modules")
+
+
 def _from_pipeline(p: dict, method: str, out: _Assignments) -> None:
     """pipeline_config: FastVideo's shared keys (fvfunc keeps these in method_config / validation)."""
     own = {f.name for f in dataclasses.fields(typing.get_type_hints(_spec(method).run)["method"])}
@@ -657,6 +707,7 @@ def from_dict(raw: Any, method: str | None = None, where: str = "run file") -> t
         layout = "fastvideo"
     facts = FileFacts(out, spec.run, layout)
     _vsa(_given(f.training), _given(f.method_config), out, facts.fastvideo)
+    _lora(_given(f.training), method, out)
     if facts.fastvideo:
         _fastvideo_defaults(out)
         ignored += [f"training.{k}" for k in _given(f.training) if f"training.{k}" in IGNORED]

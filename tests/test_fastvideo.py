@@ -129,6 +129,32 @@ def test_keys_a_fastvideo_file_omits_take_fastvideos_defaults():
     assert config_file.from_dict(own, "finetune")[1].method.cfg_rate == 0.1
 
 
+def test_fastvideo_lora_keys_make_each_trained_role_a_lora_of_fastvideos_modules(caplog):
+    """FastVideo's lora_training: every trainable transformer (student; DMD2's critic too) gets adapters of
+    lora_rank with alpha lora_alpha or the rank, on FastVideo's default modules (to_q / to_k / to_v / to_out of
+    both attentions, to_gate_compress under VSA) or on lora_target_modules by FastVideo's module names."""
+    attention = ("attn1.to_q", "attn2.to_q", "attn1.to_k", "attn2.to_k", "attn1.to_v", "attn2.to_v", "attn1.to_out.0",
+                 "attn2.to_out.0")
+    _, d = config_file.from_dict({"training": {"lora_training": True, "lora_rank": 32, "data_path": "x"}}, "dmd2")
+    for role in (d.roles.student, d.roles.critic):
+        assert (role.lora.rank, role.lora.alpha, role.lora.targets) == (32, 32.0, attention)
+    assert d.roles.teacher.lora.rank == 0
+    _, v = config_file.from_dict({"training": {"lora_training": True, "lora_rank": 8, "lora_alpha": 16,
+                                               "VSA_sparsity": 0.9}}, "finetune")
+    assert (v.roles.student.lora.alpha, v.roles.student.lora.targets) == (16.0, (*attention, "to_gate_compress"))
+    _, f = config_file.from_dict({"training": {"lora_training": True, "lora_rank": 4,
+                                               "lora_target_modules": ["to_q", "fc_in", "q_proj"]}}, "finetune")
+    assert f.roles.student.lora.targets == ("attn1.to_q", "attn2.to_q", "ffn.net.0.proj")
+    with pytest.raises(config_file.ConfigError, match="training.lora_training needs training.lora_rank"):
+        config_file.from_dict({"training": {"lora_training": True}}, "finetune")
+    with pytest.raises(config_file.ConfigError, match="training.lora_target_modules: 'mlp' names no linear"):
+        config_file.from_dict({"training": {"lora_training": True, "lora_rank": 4, "lora_target_modules": ["mlp"]}},
+                              "finetune")
+    with caplog.at_level("WARNING", logger="fvfunc.config_file"):
+        _, n = config_file.from_dict({"training": {"lora_rank": 4}}, "finetune")
+    assert n.roles.student.lora.rank == 0 and "training.lora_rank without training.lora_training" in caplog.text
+
+
 def test_sampler_kind_and_rollout_mode_mean_fastvideos():
     d = {"pipeline_config": {"sampler_kind": "ode"}, "method_config": {"rollout_mode": "data_latent"}}
     _, cfg = config_file.from_dict(d, "dmd2")
