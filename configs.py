@@ -554,6 +554,22 @@ class SampleRun:
 
 
 @dataclass(frozen=True)
+class ExportRun:
+    """Export a run's checkpoint as a diffusers pipeline folder, as a run exports its last step."""
+
+    checkpoint: str = ""
+    """A run's checkpoint folder (RUN/checkpoint-N), checked against its checksums before it is read."""
+    output: str = ""
+    """The folder to write: the student (its EMA when kept) as a pipeline folder of its source's kind
+    (WanPipeline.from_pretrained loads it), a LoRA student merged with its adapters in lora/. A folder
+    already there is replaced only when it is an export (it holds transformer/)."""
+    use_ema: bool = True
+    """Export the student's EMA when the run kept one (--no-use-ema: the trained weights)."""
+    dtype: Literal["", "source", "float32", "bfloat16"] = ""
+    """The transformer's dtype: '' the run's training.export_dtype, 'source' the student folder's."""
+
+
+@dataclass(frozen=True)
 class PreprocessRun:
     """Encode clips and captions (or prompts) into FastVideo's parquet with a pipeline's own VAE and umT5."""
 

@@ -54,7 +54,7 @@ def parse(argv: list[str]) -> tuple[str, Any]:
     unknown command and SystemExit for --help and tyro's usage errors (code 2, with a did-you-mean)."""
     argv = list(argv)
     runs = config_file.runs()
-    known = [*runs, "sample", "preprocess"]
+    known = [*runs, "sample", "preprocess", "export"]
     if argv and not argv[0].startswith("-") and argv[0] not in known:
         close = difflib.get_close_matches(argv[0], known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -67,7 +67,7 @@ def parse(argv: list[str]) -> tuple[str, Any]:
         method, defaults[method] = config_file.load(path, method)
         if argv[0] != method:  # `train.py --config FILE`: the file names the method
             argv.insert(0, method)
-    commands = {**runs, "sample": configs.SampleRun, "preprocess": configs.PreprocessRun}
+    commands = {**runs, "sample": configs.SampleRun, "preprocess": configs.PreprocessRun, "export": configs.ExportRun}
     choices = tuple(
         Annotated[run, tyro.conf.subcommand(name, default=defaults.get(name, run()),
                                             description=run.__doc__)]
@@ -327,6 +327,28 @@ def _sample_model(cfg: configs.SampleRun):
     return fam, mcfg
 
 
+def _check_export(cfg: configs.ExportRun) -> None:
+    """A checkpoint whose student can be exported, and an output folder that is new or an old export."""
+    from fvfunc import checkpoint
+
+    _need(bool(cfg.checkpoint), "checkpoint: give a run's checkpoint folder (--checkpoint RUN/checkpoint-N)")
+    ckpt = Path(cfg.checkpoint)
+    _need((ckpt / "meta.json").is_file(), f"checkpoint: {ckpt} is not a checkpoint folder (no meta.json)")
+    try:
+        meta = checkpoint.read_meta(ckpt)
+        folder = meta["roles"]["student"]
+    except (checkpoint.CheckpointError, KeyError, TypeError) as e:
+        raise ConfigError(f"checkpoint: {ckpt}: unreadable meta.json ({e})") from None
+    _need(bool(folder) and Path(folder).is_dir(), f"checkpoint: {ckpt}'s student was trained from {folder!r}, which "
+          "is not a folder here (the export carries that pipeline's other components)")
+    _need(bool(cfg.output), "output: give the folder to write (--output DIR)")
+    out = Path(cfg.output)
+    _need(not out.exists() or out.is_dir(), f"output: {out} is a file")
+    _need(not out.is_dir() or not any(out.iterdir()) or (out / "transformer").is_dir(), f"output: {out} holds files "
+          "and is no export (no transformer/); give a new folder (an old export is replaced, nothing else)")
+    _check_writable(str(out.parent if out.parent != out else out), "output")
+
+
 def _check_pair_guidance(scale_2, family_name: str, folder, where: str) -> None:
     """A second CFG weight (guidance_scale_2) is an expert pair's: refuse it for one model."""
     if scale_2 is None or not folder:
@@ -355,6 +377,9 @@ def check(method: str, cfg) -> None:
         return
     if method == "preprocess":
         importlib.import_module("fvfunc.preprocess.inputs").check(cfg)
+        return
+    if method == "export":
+        _check_export(cfg)
         return
     _need(method in configs.RUNS, f"unknown method {method!r}; known: {', '.join(configs.RUNS)}")
     _check_training(cfg.training)  # plain config checks first: their errors come before torch is imported
@@ -401,6 +426,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     if method == "preprocess":  # no training: encoders, files and its own errors (fvfunc/preprocess/run.py)
         return importlib.import_module("fvfunc.preprocess.run").main(cfg)
+    if method == "export":
+        from fvfunc.checkpoint import CheckpointError
+
+        try:
+            importlib.import_module("fvfunc.export").export_checkpoint(cfg.checkpoint, cfg.output, cfg.use_ema,
+                                                                        cfg.dtype)
+        except (CheckpointError, ModelError, OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     seed = cfg.sampler.seed if method == "sample" else cfg.training.seed
     torch.manual_seed(seed)
 

@@ -36,11 +36,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
-from fvfunc import checkpoint, experts, lora
-from fvfunc.models import Family
+import configs
+from fvfunc import checkpoint, experts, lora, roles
+from fvfunc.models import Family, family
+from fvfunc.ops.linear import LORA_A
 from fvfunc.roles import DTYPES
 
 log = logging.getLogger("fvfunc")
@@ -190,3 +193,60 @@ def export(dest, fam: Family, cfg, params: dict, source, dtype: str = "source", 
         log.info("the student's folder %s is a bare transformer (no model_index.json around it): %s holds "
                  "the transformer only (%s/); load it into a pipeline as its transformer", source, dest, TRANSFORMER)
     return dest
+
+
+# ------------------------------------------------------------------------------- from a checkpoint
+
+
+class Trained(NamedTuple):
+    """A run checkpoint's student, as `export` takes it."""
+
+    family: Family
+    config: Any
+    pair: experts.Experts | None
+    params: dict
+    """Its weights; a LoRA student's base (frozen LoRA files merged in, as the run had it)."""
+    adapters: dict | None
+    """A LoRA student's adapters (None: params are the whole student)."""
+    lora_scale: float
+    folder: Path
+    """The folder the student was trained from (its pipeline's other components)."""
+    meta: dict
+
+
+def trained_student(ckpt, device="cpu", use_ema: bool = True, family_name: str = "wan") -> Trained:
+    """The student of a run's checkpoint (its EMA when kept and `use_ema`), checked against the
+    checkpoint's checksums, on its source folder's config; an expert pair's experts each."""
+    trees, meta = checkpoint.load(ckpt)
+    folder = Path(meta["roles"]["student"])
+    fam = family(meta["config"]["roles"]["student"].get("family", family_name))
+    ema = trees.get("student.ema")
+    params = {k: v.to(device) for k, v in (ema if use_ema and ema is not None else trees["student"]).items()}
+    found = fam.experts(folder)
+    pair = None if found is None else experts.Experts(found[0], found[1],
+                                                      tuple(fam.load_config(folder / n) for n in found[0]))
+    mcfg = fam.load_config(folder)
+    if not any(k.endswith(LORA_A) for k in params):
+        return Trained(fam, mcfg, pair, params, None, 1.0, folder, meta)
+    run, field = meta.get("run", {}), "roles.student."
+    scale = lora.scale_of(run.get(field + "lora.rank", 1), run.get(field + "lora.alpha", 0.0))
+    role = configs.RoleConfig(family=fam.name, path=str(folder), variant=run.get(field + "variant", ""),
+                              lora=configs.LoraConfig(frozen=tuple(run.get(field + "lora.frozen", ()))))
+    if pair is None:
+        mcfg, base = roles.load_weights("student", role, fam, device)
+    else:
+        base = experts.join({n: roles.load_weights("student", role, fam, device, path=str(folder / n), expert=n)[1]
+                             for n in pair.names})
+    return Trained(fam, mcfg, pair, base, params, scale, folder, meta)
+
+
+def export_checkpoint(ckpt, dest, use_ema: bool = True, dtype: str = "") -> Path:
+    """`train.py export`: a run's checkpoint as the pipeline folder `dest`, as the run exports its last
+    step (dtype '' is the run's training.export_dtype)."""
+    t = trained_student(ckpt, "cpu", use_ema)
+    student = t.meta["config"]["roles"]["student"]
+    dtype = dtype or t.meta["config"].get("training", {}).get("export_dtype", "source")
+    out = export(dest, t.family, t.config, t.params, t.folder, dtype, student.get("variant", ""), adapters=t.adapters,
+                 lora_scale=t.lora_scale, pair=t.pair)
+    log.info("exported the student of %s to %s", ckpt, out)
+    return out

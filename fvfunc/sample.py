@@ -18,11 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import configs
-from fvfunc import checkpoint, data, experts, lora, roles, runner, text
+from fvfunc import checkpoint, data, experts, export, lora, roles, runner, text
 from fvfunc.losses.spec import CONDITIONS, condition
 from fvfunc.models import ModelError, family
-from fvfunc.ops.linear import LORA_A
 from fvfunc.roles import DTYPES
 from fvfunc.trainer import resolve_device
 from fvfunc.validation import generate, to_frames, write_mp4
@@ -161,33 +159,14 @@ def _load_model(cfg, device):
         fam = family(cfg.family)
         mcfg, pair, params = roles.load_model(fam, model, device=device)
         return fam, mcfg, pair, params, model
-    trees, meta = checkpoint.load(model)
-    folder = meta["roles"]["student"]
-    fam = family(meta["config"]["roles"]["student"].get("family", cfg.family))
-    ema = trees.get("student.ema")
-    params = ema if (cfg.use_ema and ema is not None) else trees["student"]
-    params = {k: v.to(device) for k, v in params.items()}
-    found = fam.experts(folder)
-    pair = None
-    if found is not None:
-        pair = experts.Experts(found[0], found[1], tuple(fam.load_config(Path(folder) / n) for n in found[0]))
-    mcfg = fam.load_config(folder)
-    if not any(k.endswith(LORA_A) for k in params):
-        return fam, mcfg, pair, params, Path(folder)
-    run = meta.get("run", {})
-    field = "roles.student."
-    scale = lora.scale_of(run.get(field + "lora.rank", 1), run.get(field + "lora.alpha", 0.0))
-    frozen = tuple(run.get(field + "lora.frozen", ()))
-    role = configs.RoleConfig(family=fam.name, path=folder, variant=run.get(field + "variant", ""),
-                              lora=configs.LoraConfig(frozen=frozen))
-    if pair is None:
-        mcfg, base = roles.load_weights("student", role, fam, device)
-        return fam, mcfg, None, lora.merge(base, params, scale), Path(folder)
-    adapters, merged = experts.split(params, pair.names), {}
-    for n in pair.names:
-        _, base = roles.load_weights("student", role, fam, device, path=str(Path(folder) / n), expert=n)
-        merged[n] = lora.merge(base, adapters[n], scale)
-    return fam, mcfg, pair, experts.join(merged), Path(folder)
+    t = export.trained_student(model, device, cfg.use_ema, cfg.family)
+    if t.adapters is None:
+        return t.family, t.config, t.pair, t.params, t.folder
+    if t.pair is None:
+        return t.family, t.config, None, lora.merge(t.params, t.adapters, t.lora_scale), t.folder
+    bases, adapters = experts.split(t.params, t.pair.names), experts.split(t.adapters, t.pair.names)
+    merged = {n: lora.merge(bases[n], adapters[n], t.lora_scale) for n in t.pair.names}
+    return t.family, t.config, t.pair, experts.join(merged), t.folder
 
 
 def vsa_sparsity(cfg) -> float | None:

@@ -170,3 +170,50 @@ def test_missing_components_are_named_in_the_log(tmp_path, caplog):
         dest = export.export(tmp_path / "export", wan.FAMILY, cfg, params, source)
     assert sorted(p.name for p in dest.iterdir()) == ["model_index.json", "scheduler", "transformer", "vae"]
     assert "has no text_encoder, tokenizer:" in caplog.text
+
+
+def test_train_py_export_writes_any_checkpoint_as_the_run_exports_its_last(world, tmp_path, capsys):
+    """train.py export of a checkpoint: the folder the run itself exports at that step (EMA, source dtype),
+    --no-use-ema the trained weights, a LoRA student merged with its adapters in lora/; a folder that is
+    no export is never replaced, a non-checkpoint is one error."""
+    source = write_full_pipeline(tmp_path / "source")
+    w = dict(world, model=source)
+    run = trainer.run("finetune", make_cfg(w, "finetune", tmp_path / "run", max_steps=4, checkpoint_every=2,
+                                           ema_decay=0.9))
+    for step in (2, 4):
+        assert cli.main(["export", "--checkpoint", str(run / f"checkpoint-{step}"), "--output",
+                         str(tmp_path / f"e{step}")]) == 0, capsys.readouterr().err
+    trees, _ = final_trees(run, 2)
+    _, exported = wan.load(tmp_path / "e2")
+    assert tree.equal(exported, {k: v.to(torch.bfloat16) for k, v in trees["student.ema"].items()})
+    _, at_the_end = wan.load(run / "export")
+    assert tree.equal(wan.load(tmp_path / "e4")[1], at_the_end)  # = the run's own export
+    assert sorted(p.name for p in (tmp_path / "e2").iterdir()) == sorted(p.name for p in (run / "export").iterdir())
+    WanPipeline.from_pretrained(tmp_path / "e2")
+    assert cli.main(["export", "--checkpoint", str(run / "checkpoint-2"), "--output", str(tmp_path / "e2"),
+                     "--no-use-ema", "--dtype", "float32"]) == 0  # an old export is replaced
+    assert tree.equal(wan.load(tmp_path / "e2")[1], trees["student"])
+
+    # a LoRA student: merged transformer, adapters in lora/, as the run's own export
+    import dataclasses
+
+    import configs
+
+    lora_run = make_cfg(w, "finetune", tmp_path / "lora", max_steps=2)
+    student = dataclasses.replace(lora_run.roles.student, lora=configs.LoraConfig(rank=4))
+    out = trainer.run("finetune", dataclasses.replace(lora_run, roles=dataclasses.replace(lora_run.roles,
+                                                                                          student=student)))
+    assert cli.main(["export", "--checkpoint", str(out / "checkpoint-2"), "--output", str(tmp_path / "el")]) == 0
+    assert tree.equal(wan.load(tmp_path / "el")[1], wan.load(out / "export")[1])
+    assert (tmp_path / "el" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    cases = [(["--checkpoint", str(run), "--output", str(tmp_path / "x")], "is not a checkpoint folder (no meta.json)"),
+             (["--checkpoint", str(run / "checkpoint-2"), "--output", str(keep)], "holds files and is no export")]
+    for args, message in cases:
+        assert cli.main(["export", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1, err
+    assert (keep / "notes.txt").read_text() == "mine" and not (tmp_path / "x").exists()
