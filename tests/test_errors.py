@@ -267,7 +267,7 @@ def test_train_py_unknown_command_is_one_line_without_the_parser_box():
     r = train_py("dmd3")
     assert r.returncode == 2
     assert r.stderr == ("error: unknown command 'dmd3' (did you mean dmd2?); the commands are finetune, dmd2, kd, "
-                        "sample, preprocess (train.py --help)\n")
+                        "sample, preprocess, export (train.py --help)\n")
 
 
 def test_train_py_corrupted_checkpoint(base, tmp_path):
