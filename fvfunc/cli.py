@@ -346,7 +346,7 @@ def _check_export(cfg: configs.ExportRun) -> None:
     _need(not out.exists() or out.is_dir(), f"output: {out} is a file")
     _need(not out.is_dir() or not any(out.iterdir()) or (out / "transformer").is_dir(), f"output: {out} holds files "
           "and is no export (no transformer/); give a new folder (an old export is replaced, nothing else)")
-    _check_writable(str(out.parent if out.parent != out else out), "output")
+    _check_writable(cfg.output, "output")
 
 
 def _check_pair_guidance(scale_2, family_name: str, folder, where: str) -> None:

@@ -199,12 +199,13 @@ def test_train_py_export_writes_any_checkpoint_as_the_run_exports_its_last(world
 
     import configs
 
-    lora_run = make_cfg(w, "finetune", tmp_path / "lora", max_steps=2)
+    lora_run = make_cfg(w, "finetune", tmp_path / "lora", max_steps=2, export_dtype="float32")
     student = dataclasses.replace(lora_run.roles.student, lora=configs.LoraConfig(rank=4))
     out = trainer.run("finetune", dataclasses.replace(lora_run, roles=dataclasses.replace(lora_run.roles,
                                                                                           student=student)))
     assert cli.main(["export", "--checkpoint", str(out / "checkpoint-2"), "--output", str(tmp_path / "el")]) == 0
     assert tree.equal(wan.load(tmp_path / "el")[1], wan.load(out / "export")[1])
+    assert stored_dtypes(tmp_path / "el") == {"F32"}  # the run's training.export_dtype, not the source's bf16
     assert (tmp_path / "el" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
     keep = tmp_path / "mine"

@@ -114,7 +114,8 @@ def lightx2v_file(path, adapters, scale, cfg, seed=5, full=True):
     g = torch.Generator().manual_seed(seed)
     out = dict(load_file(lora.write_original(path, adapters, scale, wan.original_names(cfg))))
     D = cfg.num_attention_heads * cfg.attention_head_dim
-    diffs = {"blocks.0.self_attn.q.diff_b": (D,), "blocks.1.ffn.0.diff_b": (cfg.ffn_dim,), "head.head.diff_b": (64,)}
+    diffs = {"blocks.0.self_attn.q.diff_b": (D,), "blocks.1.ffn.0.diff_b": (cfg.ffn_dim,),
+             "head.head.diff_b": wan.param_shapes(cfg)["proj_out.bias"]}
     if full:
         diffs.update({"blocks.0.self_attn.norm_q.diff": (D,), "blocks.1.norm3.diff": (D,),
                       "blocks.1.norm3.diff_b": (D,), "blocks.1.diff_m": (1, 6, D), "head.diff_m": (1, 2, D),
